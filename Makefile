@@ -1,0 +1,26 @@
+# Herald. `make run` starts the broker on the embedded store; `make test` runs every test.
+CARGO ?= cargo
+
+.PHONY: run test lint fmt build release
+
+## Run the broker on 127.0.0.1:50051 with the embedded store in ./herald-data.
+run:
+	$(CARGO) run --release -- serve
+
+## Unit, conformance and end-to-end tests (real herald processes, real HTTP receivers).
+test:
+	$(CARGO) test --all-targets
+
+## Formatting and clippy, as CI runs them.
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+build:
+	$(CARGO) build --all-targets
+
+release:
+	$(CARGO) build --release

@@ -1,0 +1,130 @@
+//! Conversions between proto messages and domain types.
+
+use std::time::Duration;
+
+use crate::broker::{PublishInput, RetryPolicyInput, SubscribeInput};
+use crate::error::Error;
+use crate::model::{
+    OnExhausted, PendingDelivery, Published, RetryPolicy, Subscription, UnixMillis,
+};
+use crate::proto;
+
+pub fn publish_input(request: proto::PublishRequest) -> PublishInput {
+    PublishInput {
+        topic: request.topic,
+        payload: request.payload,
+        content_type: request.content_type,
+        idempotency_key: request.idempotency_key,
+        attributes: request.attributes.into_iter().collect(),
+    }
+}
+
+pub fn publish_response(published: Published) -> proto::PublishResponse {
+    proto::PublishResponse {
+        event_id: published.event_id,
+        sequence: published.sequence,
+        published_at: Some(timestamp(published.published_at)),
+        subscription_count: published.subscription_count,
+        duplicate: published.duplicate,
+    }
+}
+
+pub fn subscribe_input(request: proto::SubscribeRequest) -> Result<SubscribeInput, Error> {
+    let policy = request.retry_policy.unwrap_or_default();
+    let on_exhausted = match proto::OnExhausted::try_from(request.on_exhausted) {
+        Ok(proto::OnExhausted::Unspecified) => None,
+        Ok(proto::OnExhausted::DeadLetter) => Some(OnExhausted::DeadLetter),
+        Ok(proto::OnExhausted::Block) => Some(OnExhausted::Block),
+        Err(_) => {
+            return Err(Error::invalid(
+                "on_exhausted",
+                format!("unknown value {}", request.on_exhausted),
+            ));
+        }
+    };
+    Ok(SubscribeInput {
+        endpoint: request.endpoint,
+        topics: request.topics,
+        secret: request.secret,
+        retry_policy: RetryPolicyInput {
+            initial_backoff: duration("retry_policy.initial_backoff", policy.initial_backoff)?,
+            max_backoff: duration("retry_policy.max_backoff", policy.max_backoff)?,
+            max_attempts: Some(policy.max_attempts).filter(|attempts| *attempts != 0),
+            request_timeout: duration("retry_policy.request_timeout", policy.request_timeout)?,
+        },
+        on_exhausted,
+    })
+}
+
+pub fn subscription(subscription: Subscription, with_secret: bool) -> proto::Subscription {
+    let on_exhausted = match subscription.on_exhausted {
+        OnExhausted::DeadLetter => proto::OnExhausted::DeadLetter,
+        OnExhausted::Block => proto::OnExhausted::Block,
+    };
+    proto::Subscription {
+        id: subscription.id,
+        endpoint: subscription.endpoint,
+        topics: subscription.topics,
+        retry_policy: Some(retry_policy(&subscription.retry_policy)),
+        on_exhausted: on_exhausted as i32,
+        secret: if with_secret {
+            subscription.secret
+        } else {
+            String::new()
+        },
+        created_at: Some(timestamp(subscription.created_at)),
+    }
+}
+
+pub fn pending(delivery: PendingDelivery) -> proto::PendingDelivery {
+    proto::PendingDelivery {
+        event_id: delivery.event.id,
+        topic: delivery.event.topic,
+        sequence: delivery.event.sequence,
+        attempts: delivery.state.attempts,
+        next_attempt_at: (!delivery.state.dead_lettered)
+            .then(|| timestamp(delivery.state.next_attempt_at)),
+        last_error: delivery.last_error.unwrap_or_default(),
+        dead_lettered: delivery.state.dead_lettered,
+        published_at: Some(timestamp(delivery.event.published_at)),
+        attributes: delivery.event.attributes.into_iter().collect(),
+    }
+}
+
+fn retry_policy(policy: &RetryPolicy) -> proto::RetryPolicy {
+    proto::RetryPolicy {
+        initial_backoff: Some(proto_duration(policy.initial_backoff)),
+        max_backoff: Some(proto_duration(policy.max_backoff)),
+        max_attempts: policy.max_attempts,
+        request_timeout: Some(proto_duration(policy.request_timeout)),
+    }
+}
+
+fn timestamp(millis: UnixMillis) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: (millis / 1000) as i64,
+        nanos: ((millis % 1000) * 1_000_000) as i32,
+    }
+}
+
+fn proto_duration(duration: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: duration.as_secs() as i64,
+        nanos: duration.subsec_nanos() as i32,
+    }
+}
+
+/// A proto duration as a std one; unset (or zero) means "use the default".
+fn duration(
+    field: &'static str,
+    value: Option<prost_types::Duration>,
+) -> Result<Option<Duration>, Error> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    if value.seconds < 0 || value.nanos < 0 || value.nanos >= 1_000_000_000 {
+        return Err(Error::invalid(field, "must be a non-negative duration"));
+    }
+    let duration = Duration::new(value.seconds as u64, value.nanos as u32);
+    Ok(Some(duration).filter(|duration| !duration.is_zero()))
+}

@@ -1,0 +1,102 @@
+//! The gRPC adapter: each RPC converts its request, calls one [`Broker`] method, and converts
+//! the result back.
+
+mod convert;
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::broker::Broker;
+use crate::proto;
+use crate::proto::broker_server::Broker as BrokerApi;
+
+/// The `herald.v1.Broker` gRPC service.
+pub struct BrokerService {
+    broker: Arc<Broker>,
+}
+
+impl BrokerService {
+    /// Wraps the domain service.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        BrokerService { broker }
+    }
+}
+
+#[tonic::async_trait]
+impl BrokerApi for BrokerService {
+    async fn publish(
+        &self,
+        request: Request<proto::PublishRequest>,
+    ) -> Result<Response<proto::PublishResponse>, Status> {
+        let input = convert::publish_input(request.into_inner());
+        let published = self.broker.publish(input).await?;
+        Ok(Response::new(convert::publish_response(published)))
+    }
+
+    async fn subscribe(
+        &self,
+        request: Request<proto::SubscribeRequest>,
+    ) -> Result<Response<proto::Subscription>, Status> {
+        let input = convert::subscribe_input(request.into_inner())?;
+        let subscription = self.broker.subscribe(input).await?;
+        Ok(Response::new(convert::subscription(subscription, true)))
+    }
+
+    async fn get_subscription(
+        &self,
+        request: Request<proto::GetSubscriptionRequest>,
+    ) -> Result<Response<proto::Subscription>, Status> {
+        let subscription = self.broker.get_subscription(&request.get_ref().id).await?;
+        Ok(Response::new(convert::subscription(subscription, false)))
+    }
+
+    async fn list_subscriptions(
+        &self,
+        request: Request<proto::ListSubscriptionsRequest>,
+    ) -> Result<Response<proto::ListSubscriptionsResponse>, Status> {
+        let request = request.into_inner();
+        let page = self
+            .broker
+            .list_subscriptions(request.page_size, &request.page_token)
+            .await?;
+        Ok(Response::new(proto::ListSubscriptionsResponse {
+            subscriptions: page
+                .items
+                .into_iter()
+                .map(|subscription| convert::subscription(subscription, false))
+                .collect(),
+            next_page_token: page.next_token.unwrap_or_default(),
+        }))
+    }
+
+    async fn unsubscribe(
+        &self,
+        request: Request<proto::UnsubscribeRequest>,
+    ) -> Result<Response<proto::UnsubscribeResponse>, Status> {
+        let dropped_deliveries = self.broker.unsubscribe(&request.get_ref().id).await?;
+        Ok(Response::new(proto::UnsubscribeResponse {
+            dropped_deliveries,
+        }))
+    }
+
+    async fn list_pending(
+        &self,
+        request: Request<proto::ListPendingRequest>,
+    ) -> Result<Response<proto::ListPendingResponse>, Status> {
+        let request = request.into_inner();
+        let page = self
+            .broker
+            .list_pending(
+                &request.subscription_id,
+                &request.topic,
+                request.page_size,
+                &request.page_token,
+            )
+            .await?;
+        Ok(Response::new(proto::ListPendingResponse {
+            deliveries: page.items.into_iter().map(convert::pending).collect(),
+            next_page_token: page.next_token.unwrap_or_default(),
+        }))
+    }
+}

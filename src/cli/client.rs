@@ -1,0 +1,266 @@
+//! Client subcommands: one gRPC call each, printed for people.
+
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::config::parse_duration;
+use crate::proto;
+use crate::proto::broker_client::BrokerClient;
+
+/// Where the server is.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerArgs {
+    /// The server's gRPC address.
+    #[arg(long, env = "HERALD_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+}
+
+/// `herald publish`.
+#[derive(Debug, clap::Args)]
+pub struct PublishArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Topic to publish on.
+    #[arg(long)]
+    topic: String,
+    /// The payload, as text.
+    #[arg(long, default_value = "")]
+    data: String,
+    /// Content type of the payload.
+    #[arg(long, default_value = "application/json")]
+    content_type: String,
+    /// Idempotency key.
+    #[arg(long, default_value = "")]
+    idempotency_key: String,
+    /// An attribute `key=value`; repeatable.
+    #[arg(long = "attribute", value_parser = parse_attribute)]
+    attributes: Vec<(String, String)>,
+}
+
+/// `herald subscribe`.
+#[derive(Debug, clap::Args)]
+pub struct SubscribeArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Endpoint URL that receives the POSTs.
+    #[arg(long)]
+    endpoint: String,
+    /// Topic, `prefix*` pattern or `*`; repeatable.
+    #[arg(long = "topic", required = true)]
+    topics: Vec<String>,
+    /// Signing secret `whsec_...`; generated if omitted.
+    #[arg(long, default_value = "")]
+    secret: String,
+    /// First backoff cap (e.g. `500ms`); server default if omitted.
+    #[arg(long, value_parser = parse_duration)]
+    initial_backoff: Option<Duration>,
+    /// Largest backoff; server default if omitted.
+    #[arg(long, value_parser = parse_duration)]
+    max_backoff: Option<Duration>,
+    /// Attempts before an event is exhausted; server default if omitted.
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// Per-request timeout; server default if omitted.
+    #[arg(long, value_parser = parse_duration)]
+    request_timeout: Option<Duration>,
+    /// `dead-letter` (park and continue) or `block` (stop the partition).
+    #[arg(long, default_value = "dead-letter", value_parser = ["dead-letter", "block"])]
+    on_exhausted: String,
+}
+
+/// `herald unsubscribe`.
+#[derive(Debug, clap::Args)]
+pub struct UnsubscribeArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Subscription id.
+    id: String,
+}
+
+/// `herald pending`.
+#[derive(Debug, clap::Args)]
+pub struct PendingArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Subscription id.
+    subscription_id: String,
+    /// Only this topic.
+    #[arg(long, default_value = "")]
+    topic: String,
+    /// Entries per page.
+    #[arg(long, default_value_t = 50)]
+    page_size: i32,
+    /// Token of the page to show.
+    #[arg(long, default_value = "")]
+    page_token: String,
+}
+
+fn parse_attribute(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(key, value)| (key.to_string(), value.to_string()))
+        .ok_or_else(|| format!("`{text}` is not key=value"))
+}
+
+async fn connect(server: &ServerArgs) -> anyhow::Result<BrokerClient<tonic::transport::Channel>> {
+    BrokerClient::connect(server.server.clone())
+        .await
+        .with_context(|| format!("cannot connect to {}", server.server))
+}
+
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}
+
+fn to_proto_duration(duration: Option<Duration>) -> Option<prost_types::Duration> {
+    duration.map(|duration| prost_types::Duration {
+        seconds: duration.as_secs() as i64,
+        nanos: duration.subsec_nanos() as i32,
+    })
+}
+
+fn show_duration(duration: Option<prost_types::Duration>) -> String {
+    let duration = duration.unwrap_or_default();
+    format!(
+        "{}ms",
+        duration.seconds * 1000 + i64::from(duration.nanos) / 1_000_000
+    )
+}
+
+/// Publishes one event and prints its id and sequence.
+pub async fn publish(args: PublishArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.server).await?;
+    let response = client
+        .publish(proto::PublishRequest {
+            topic: args.topic,
+            payload: args.data.into_bytes(),
+            content_type: args.content_type,
+            idempotency_key: args.idempotency_key,
+            attributes: args.attributes.into_iter().collect(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!(
+        "event_id={} sequence={} subscriptions={}{}",
+        response.event_id,
+        response.sequence,
+        response.subscription_count,
+        if response.duplicate { " duplicate" } else { "" }
+    );
+    Ok(())
+}
+
+/// Creates a subscription and prints it with its secret.
+pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.server).await?;
+    let on_exhausted = match args.on_exhausted.as_str() {
+        "block" => proto::OnExhausted::Block,
+        _ => proto::OnExhausted::DeadLetter,
+    };
+    let subscription = client
+        .subscribe(proto::SubscribeRequest {
+            endpoint: args.endpoint,
+            topics: args.topics,
+            secret: args.secret,
+            retry_policy: Some(proto::RetryPolicy {
+                initial_backoff: to_proto_duration(args.initial_backoff),
+                max_backoff: to_proto_duration(args.max_backoff),
+                max_attempts: args.max_attempts.unwrap_or(0),
+                request_timeout: to_proto_duration(args.request_timeout),
+            }),
+            on_exhausted: on_exhausted as i32,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    print_subscription(&subscription);
+    println!("secret={}", subscription.secret);
+    Ok(())
+}
+
+fn print_subscription(subscription: &proto::Subscription) {
+    let policy = subscription.retry_policy.unwrap_or_default();
+    println!(
+        "{} endpoint={} topics={} initial_backoff={} max_backoff={} max_attempts={} request_timeout={} on_exhausted={:?}",
+        subscription.id,
+        subscription.endpoint,
+        subscription.topics.join(","),
+        show_duration(policy.initial_backoff),
+        show_duration(policy.max_backoff),
+        policy.max_attempts,
+        show_duration(policy.request_timeout),
+        proto::OnExhausted::try_from(subscription.on_exhausted).unwrap_or_default(),
+    );
+}
+
+/// Prints every subscription, following pages.
+pub async fn subscriptions(args: ServerArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args).await?;
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_subscriptions(proto::ListSubscriptionsRequest {
+                page_size: 100,
+                page_token,
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        page.subscriptions.iter().for_each(print_subscription);
+        if page.next_page_token.is_empty() {
+            return Ok(());
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// Deletes a subscription.
+pub async fn unsubscribe(args: UnsubscribeArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.server).await?;
+    let response = client
+        .unsubscribe(proto::UnsubscribeRequest { id: args.id })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!("dropped_deliveries={}", response.dropped_deliveries);
+    Ok(())
+}
+
+/// Prints one page of pending deliveries.
+pub async fn pending(args: PendingArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.server).await?;
+    let page = client
+        .list_pending(proto::ListPendingRequest {
+            subscription_id: args.subscription_id,
+            topic: args.topic,
+            page_size: args.page_size,
+            page_token: args.page_token,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    for delivery in &page.deliveries {
+        println!(
+            "{} topic={} sequence={} attempts={} {} last_error={:?}",
+            delivery.event_id,
+            delivery.topic,
+            delivery.sequence,
+            delivery.attempts,
+            if delivery.dead_lettered {
+                "dead_lettered".to_string()
+            } else {
+                let due = delivery.next_attempt_at.unwrap_or_default();
+                format!("next_attempt_at={}", due.seconds)
+            },
+            delivery.last_error,
+        );
+    }
+    if page.deliveries.is_empty() {
+        println!("no pending deliveries");
+    }
+    if !page.next_page_token.is_empty() {
+        println!("next_page_token={}", page.next_page_token);
+    }
+    Ok(())
+}

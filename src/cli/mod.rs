@@ -1,0 +1,52 @@
+//! The `herald` command line: the server, a client for each RPC, and a verifying sink.
+
+mod client;
+mod sink;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::ServeConfig;
+
+pub use client::{PendingArgs, PublishArgs, SubscribeArgs};
+pub use sink::SinkArgs;
+
+/// Herald: ordered, retried, signed webhook delivery over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "herald", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker.
+    Serve(ServeConfig),
+    /// Publish one event.
+    Publish(PublishArgs),
+    /// Create a subscription.
+    Subscribe(SubscribeArgs),
+    /// List subscriptions.
+    Subscriptions(client::ServerArgs),
+    /// Delete a subscription and drop its pending deliveries.
+    Unsubscribe(client::UnsubscribeArgs),
+    /// List the pending deliveries of a subscription.
+    Pending(PendingArgs),
+    /// Receive webhooks, verify their signatures and sequence chains, and print them.
+    Sink(SinkArgs),
+}
+
+/// Runs a client subcommand or the sink (`serve` is run by `main`).
+pub async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(_) => unreachable!("main runs serve"),
+        Command::Publish(args) => client::publish(args).await,
+        Command::Subscribe(args) => client::subscribe(args).await,
+        Command::Subscriptions(args) => client::subscriptions(args).await,
+        Command::Unsubscribe(args) => client::unsubscribe(args).await,
+        Command::Pending(args) => client::pending(args).await,
+        Command::Sink(args) => sink::run(args).await,
+    }
+}

@@ -1,0 +1,239 @@
+//! Partition scheduling. One task per partition with pending work delivers its events strictly
+//! in sequence order, one at a time; a shared semaphore bounds the HTTP requests in flight over
+//! all partitions. A publish wakes the tasks of the partitions it wrote to (no polling); a task
+//! with nothing left to deliver exits.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+
+use crate::delivery::{retry, webhook};
+use crate::model::{PartitionKey, now_millis};
+use crate::shutdown::Shutdown;
+use crate::store::{Store, StoreError};
+
+/// Deliveries read from the store per partition at a time.
+const BATCH_SIZE: usize = 64;
+/// Pause before retrying a store call that failed.
+const STORE_RETRY_DELAY: Duration = Duration::from_millis(500);
+
+/// Engine settings.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    /// Most HTTP deliveries in flight at once.
+    pub concurrency: usize,
+}
+
+/// Handle to the delivery engine; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    client: reqwest::Client,
+    permits: Semaphore,
+    /// Partitions with a running task, each with its "new work arrived" flag.
+    partitions: Mutex<HashMap<PartitionKey, Arc<AtomicBool>>>,
+    tasks: TaskTracker,
+    shutdown: Shutdown,
+}
+
+impl Engine {
+    /// Creates an engine; call [`Engine::resume`] to pick up work stored before a restart.
+    pub fn new(store: Arc<dyn Store>, config: EngineConfig, shutdown: Shutdown) -> Self {
+        Engine {
+            inner: Arc::new(Inner {
+                store,
+                client: webhook::client(),
+                permits: Semaphore::new(config.concurrency),
+                partitions: Mutex::new(HashMap::new()),
+                tasks: TaskTracker::new(),
+                shutdown,
+            }),
+        }
+    }
+
+    /// Starts a task for every partition that has pending deliveries in the store.
+    pub async fn resume(&self) -> Result<usize, StoreError> {
+        let partitions = self.inner.store.pending_partitions().await?;
+        let count = partitions.len();
+        self.notify(&partitions);
+        Ok(count)
+    }
+
+    /// Tells the engine that these partitions have new deliveries.
+    pub fn notify(&self, partitions: &[PartitionKey]) {
+        if self.inner.shutdown.is_fired() {
+            return;
+        }
+        let mut running = self.inner.partitions.lock().expect("partition map lock");
+        for partition in partitions {
+            match running.get(partition) {
+                Some(new_work) => new_work.store(true, Ordering::SeqCst),
+                None => {
+                    let new_work = Arc::new(AtomicBool::new(false));
+                    running.insert(partition.clone(), new_work.clone());
+                    let inner = self.inner.clone();
+                    let partition = partition.clone();
+                    self.inner
+                        .tasks
+                        .spawn(run_partition(inner, partition, new_work));
+                }
+            }
+        }
+    }
+
+    /// Number of partitions with a running task.
+    pub fn active_partitions(&self) -> usize {
+        self.inner
+            .partitions
+            .lock()
+            .expect("partition map lock")
+            .len()
+    }
+
+    /// Waits until every partition task has stopped (call after firing shutdown), at most
+    /// `grace`. Returns false if some were still running; their deliveries stay pending.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        self.inner.tasks.close();
+        tokio::time::timeout(grace, self.inner.tasks.wait())
+            .await
+            .is_ok()
+    }
+}
+
+impl Inner {
+    /// Removes a partition whose task found no work, unless new work arrived meanwhile.
+    /// Returns true if the task should exit.
+    fn retire(&self, partition: &PartitionKey, new_work: &AtomicBool) -> bool {
+        let mut running = self.partitions.lock().expect("partition map lock");
+        if new_work.swap(false, Ordering::SeqCst) && !self.shutdown.is_fired() {
+            return false;
+        }
+        running.remove(partition);
+        true
+    }
+
+    /// Waits `delay` unless shutdown fires first; returns false on shutdown.
+    async fn pause(&self, delay: Duration) -> bool {
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            _ = shutdown.fired() => false,
+        }
+    }
+}
+
+async fn run_partition(inner: Arc<Inner>, partition: PartitionKey, new_work: Arc<AtomicBool>) {
+    let mut rng = StdRng::from_os_rng();
+    'partition: loop {
+        if inner.shutdown.is_fired() {
+            break;
+        }
+        let subscription = match inner
+            .store
+            .get_subscription(&partition.subscription_id)
+            .await
+        {
+            Ok(subscription) => subscription,
+            Err(StoreError::NotFound(_)) => break,
+            Err(error) => {
+                tracing::warn!(%partition, %error, "cannot read subscription; retrying");
+                if inner.pause(STORE_RETRY_DELAY).await {
+                    continue;
+                }
+                break;
+            }
+        };
+        let key = match webhook::decode_secret(&subscription.secret) {
+            Ok(key) => key,
+            Err(error) => {
+                tracing::error!(%partition, %error, "subscription has an unusable secret");
+                break;
+            }
+        };
+        let batch = match inner.store.next_deliveries(&partition, BATCH_SIZE).await {
+            Ok(batch) => batch,
+            Err(error) => {
+                tracing::warn!(%partition, %error, "cannot read deliveries; retrying");
+                if inner.pause(STORE_RETRY_DELAY).await {
+                    continue;
+                }
+                break;
+            }
+        };
+        if batch.is_empty() {
+            if inner.retire(&partition, &new_work) {
+                return;
+            }
+            continue;
+        }
+        for delivery in batch {
+            let now = now_millis();
+            if delivery.state.next_attempt_at > now {
+                let wait = Duration::from_millis(delivery.state.next_attempt_at - now);
+                if !inner.pause(wait).await {
+                    break 'partition;
+                }
+            }
+            let permit = {
+                let mut shutdown = inner.shutdown.clone();
+                tokio::select! {
+                    permit = inner.permits.acquire() => permit.expect("semaphore never closes"),
+                    _ = shutdown.fired() => break 'partition,
+                }
+            };
+            // An attempt in flight is never cancelled: it completes (bounded by the request
+            // timeout) and its outcome is recorded, even during shutdown.
+            let attempt = webhook::send(&inner.client, &subscription, &key, &delivery).await;
+            drop(permit);
+            let sequence = delivery.event.sequence;
+            match attempt {
+                webhook::Attempt::Delivered => {
+                    if let Err(error) = inner.store.complete_delivery(&partition, sequence).await {
+                        // Left pending: it will be sent again (at-least-once).
+                        tracing::warn!(%partition, sequence, %error, "cannot record delivery");
+                        inner.pause(STORE_RETRY_DELAY).await;
+                        continue 'partition;
+                    }
+                }
+                webhook::Attempt::Failed { error, retry_after } => {
+                    let failures = delivery.state.attempts + 1;
+                    let outcome = retry::after_failure(
+                        &subscription.retry_policy,
+                        subscription.on_exhausted,
+                        failures,
+                        retry_after,
+                        now_millis(),
+                        &mut rng,
+                    );
+                    tracing::debug!(%partition, sequence, failures, %error, ?outcome, "delivery failed");
+                    if let Err(store_error) = inner
+                        .store
+                        .record_failure(&partition, sequence, &error, outcome)
+                        .await
+                    {
+                        tracing::warn!(%partition, sequence, %store_error, "cannot record failure");
+                        inner.pause(STORE_RETRY_DELAY).await;
+                    }
+                    // Re-read the head: the same event with its new schedule, or the next one
+                    // if this one was dead-lettered.
+                    continue 'partition;
+                }
+            }
+        }
+    }
+    inner
+        .partitions
+        .lock()
+        .expect("partition map lock")
+        .remove(&partition);
+}

@@ -1,0 +1,41 @@
+//! Herald: a gRPC event broker that delivers every event to every matching webhook
+//! subscription, in publish order per (topic, subscription), with retries, and never loses an
+//! event it has acknowledged.
+//!
+//! # Layout
+//! - [`config`]: `herald serve` settings (flags and `HERALD_*` variables).
+//! - [`app`]: composition root; [`app::run`] serves on a given listener until shutdown.
+//! - [`shutdown`]: the OS-signal future and the handle passed to background tasks.
+//! - [`api`]: the gRPC adapter over [`broker`].
+//! - [`broker`]: the operations (publish, subscribe, ...), validated by [`validate`].
+//! - [`model`]: domain types.
+//! - [`store`]: the [`store::Store`] trait and its backends.
+//! - [`delivery`]: partition workers, HTTP signing and sending, backoff.
+//! - [`error`]: the crate error and its mapping to gRPC status codes.
+//! - [`cli`]: the `herald` command-line client and test sink.
+//! - [`proto`]: generated gRPC types of `proto/herald/v1/broker.proto`.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod app;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod delivery;
+pub mod error;
+pub mod model;
+pub mod shutdown;
+pub mod store;
+pub mod validate;
+
+/// Generated types and client/server stubs of the `herald.v1` API.
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    tonic::include_proto!("herald.v1");
+
+    /// Encoded descriptor set of the API, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/herald_descriptor.bin"));
+}

@@ -1,0 +1,248 @@
+//! Domain types shared by the API, the stores and the delivery engine. No prost, no store types.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch.
+pub type UnixMillis = u64;
+
+/// The current wall-clock time in milliseconds since the Unix epoch.
+pub fn now_millis() -> UnixMillis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The current wall-clock time in microseconds since the Unix epoch.
+pub fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// What to do with an event once its delivery attempts are exhausted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OnExhausted {
+    /// Park the event as dead-lettered and go on with the next one of the partition.
+    DeadLetter,
+    /// Keep the partition at this event, retrying at the max backoff.
+    Block,
+}
+
+/// Retry settings of one subscription; every field is filled in (server defaults applied).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// Backoff cap before the second attempt; doubles with each further attempt.
+    pub initial_backoff: Duration,
+    /// Largest backoff, and the retry interval of a blocked partition.
+    pub max_backoff: Duration,
+    /// Attempts (the first included) before the event counts as exhausted.
+    pub max_attempts: u32,
+    /// Time allowed for one HTTP request, response included.
+    pub request_timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(600),
+            max_attempts: 12,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A registered receiver of events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscription {
+    /// Server-assigned id, `sub_...`; ids sort by creation time.
+    pub id: String,
+    /// The http(s) URL that receives a POST per event.
+    pub endpoint: String,
+    /// Exact topics, prefix patterns ending in `*`, or `*`.
+    pub topics: Vec<String>,
+    /// The Standard Webhooks secret, `whsec_<base64>`.
+    pub secret: String,
+    /// Retry settings.
+    pub retry_policy: RetryPolicy,
+    /// What happens after the last attempt.
+    pub on_exhausted: OnExhausted,
+    /// Creation time.
+    pub created_at: UnixMillis,
+}
+
+impl Subscription {
+    /// True if any of the subscription's patterns matches `topic`.
+    pub fn matches(&self, topic: &str) -> bool {
+        self.topics
+            .iter()
+            .any(|pattern| pattern_matches(pattern, topic))
+    }
+}
+
+/// True if a subscription pattern (`exact`, `prefix*` or `*`) matches `topic`.
+pub fn pattern_matches(pattern: &str, topic: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => topic.starts_with(prefix),
+        None => pattern == topic,
+    }
+}
+
+/// An event as a publisher hands it to Herald, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// Server-assigned id, `evt_...`.
+    pub id: String,
+    /// The topic published on.
+    pub topic: String,
+    /// The body, delivered byte for byte.
+    pub payload: Vec<u8>,
+    /// The `content-type` of every delivery.
+    pub content_type: String,
+    /// Optional idempotency key, unique per topic within the idempotency window.
+    pub idempotency_key: Option<String>,
+    /// Free-form attributes.
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// A stored event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Server-assigned id, `evt_...`.
+    pub id: String,
+    /// The topic published on.
+    pub topic: String,
+    /// Strictly increasing per topic in acknowledgement order.
+    pub sequence: u64,
+    /// The body, delivered byte for byte.
+    pub payload: Vec<u8>,
+    /// The `content-type` of every delivery.
+    pub content_type: String,
+    /// Free-form attributes.
+    pub attributes: BTreeMap<String, String>,
+    /// Acceptance time.
+    pub published_at: UnixMillis,
+}
+
+/// The outcome of a publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The event id (the original one for a duplicate).
+    pub event_id: String,
+    /// The event's sequence (the original one for a duplicate).
+    pub sequence: u64,
+    /// Acceptance time (the original one for a duplicate).
+    pub published_at: UnixMillis,
+    /// Number of subscriptions fanned out to (the original count for a duplicate).
+    pub subscription_count: u32,
+    /// True if the idempotency key matched an earlier publish.
+    pub duplicate: bool,
+    /// The partitions that received a new delivery, for waking the worker.
+    pub partitions: Vec<PartitionKey>,
+}
+
+/// One (topic, subscription) pair: the unit of ordering.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PartitionKey {
+    /// The topic.
+    pub topic: String,
+    /// The subscription id.
+    pub subscription_id: String,
+}
+
+impl PartitionKey {
+    /// Builds a key.
+    pub fn new(topic: impl Into<String>, subscription_id: impl Into<String>) -> Self {
+        PartitionKey {
+            topic: topic.into(),
+            subscription_id: subscription_id.into(),
+        }
+    }
+
+    /// The store key `{topic}#{subscription_id}`. Topics cannot contain `#`, so it is unambiguous.
+    pub fn encode(&self) -> String {
+        format!("{}#{}", self.topic, self.subscription_id)
+    }
+
+    /// Parses `{topic}#{subscription_id}`.
+    pub fn decode(encoded: &str) -> Option<Self> {
+        let (topic, subscription_id) = encoded.split_once('#')?;
+        Some(PartitionKey::new(topic, subscription_id))
+    }
+}
+
+impl std::fmt::Display for PartitionKey {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "{}#{}", self.topic, self.subscription_id)
+    }
+}
+
+/// Delivery progress of one event in one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryState {
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// When the next attempt is due.
+    pub next_attempt_at: UnixMillis,
+    /// True once attempts are exhausted under the DEAD_LETTER policy.
+    pub dead_lettered: bool,
+}
+
+/// A pending (undelivered or dead-lettered) delivery, with its event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingDelivery {
+    /// The partition it belongs to.
+    pub partition: PartitionKey,
+    /// The event.
+    pub event: Event,
+    /// Progress so far.
+    pub state: DeliveryState,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+    /// The sequence of the event before this one in the partition (0 for the first).
+    pub previous_sequence: u64,
+}
+
+/// The result of one failed attempt, as the worker records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailureOutcome {
+    /// Try again at the given time.
+    RetryAt(UnixMillis),
+    /// Attempts exhausted: park the event and go on with the partition.
+    DeadLetter,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page<T> {
+    /// The entries.
+    pub items: Vec<T>,
+    /// Opaque cursor for the next page; `None` on the last page.
+    pub next_token: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_exact_prefix_and_all() {
+        assert!(pattern_matches("user:new", "user:new"));
+        assert!(!pattern_matches("user:new", "user:newer"));
+        assert!(pattern_matches("user:*", "user:online"));
+        assert!(!pattern_matches("user:*", "fin:purchase"));
+        assert!(pattern_matches("*", "fin:purchase"));
+    }
+
+    #[test]
+    fn partition_keys_round_trip() {
+        let key = PartitionKey::new("fin:purchase", "sub_1");
+        assert_eq!(key.encode(), "fin:purchase#sub_1");
+        assert_eq!(PartitionKey::decode(&key.encode()), Some(key));
+    }
+}

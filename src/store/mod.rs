@@ -1,0 +1,131 @@
+//! The storage contract. Every backend implements [`Store`] and passes the conformance suite in
+//! `tests/it/store_conformance.rs`.
+//!
+//! Key shape, shared by every backend: a delivery lives under partition key
+//! `{topic}#{subscription_id}` with the event's sequence as sort key, so a partition is read in
+//! delivery order by a range read that starts at its head.
+
+pub mod embedded;
+pub mod records;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::model::{
+    FailureOutcome, NewEvent, Page, PartitionKey, PendingDelivery, Published, Subscription,
+};
+
+pub use embedded::EmbeddedStore;
+
+/// What went wrong in a store call, by meaning.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The named thing does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The write conflicts with the current state (for example an id that already exists).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// An argument the store interprets (such as a page token) is malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The store cannot be reached or cannot write now; nothing was written. Safe to retry.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A bug or corrupt data.
+    #[error("store internal error: {0}")]
+    Internal(String),
+}
+
+/// Durable state of the broker: subscriptions, events and per-partition delivery progress.
+///
+/// Every method is atomic: it either applies all of its effects or none. A method that returns
+/// `Ok` has made its effects durable unless its documentation says otherwise.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores a new subscription. From the moment this returns, every publish on a matching
+    /// topic fans out to it; earlier publishes never do.
+    ///
+    /// Returns `Conflict` if a subscription with the same id exists.
+    async fn create_subscription(&self, subscription: &Subscription) -> Result<(), StoreError>;
+
+    /// Returns the subscription with this id, or `NotFound`.
+    async fn get_subscription(&self, id: &str) -> Result<Subscription, StoreError>;
+
+    /// Lists subscriptions ordered by id, starting after `page_token` (a token returned by an
+    /// earlier call). At most `page_size` entries; `next_token` is `None` on the last page.
+    async fn list_subscriptions(
+        &self,
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<Page<Subscription>, StoreError>;
+
+    /// Deletes a subscription and all of its pending deliveries (dead-lettered included) and
+    /// returns how many deliveries were dropped. `NotFound` if the id is unknown.
+    async fn delete_subscription(&self, id: &str) -> Result<u64, StoreError>;
+
+    /// Assigns the event its sequence and stores it together with one pending delivery per
+    /// matching subscription, atomically and durably.
+    ///
+    /// The sequence is strictly greater than that of every event of the same topic whose
+    /// publish returned before this call began, and every partition receives its deliveries in
+    /// sequence order: once a delivery of sequence `n` is readable, no delivery with a smaller
+    /// sequence can appear in that partition later.
+    ///
+    /// If `event.idempotency_key` matches a publish on the same topic within
+    /// `idempotency_window`, nothing is written and the original outcome is returned with
+    /// `duplicate = true`.
+    async fn publish(
+        &self,
+        event: &NewEvent,
+        idempotency_window: Duration,
+    ) -> Result<Published, StoreError>;
+
+    /// Returns up to `limit` deliveries of the partition that are neither completed nor
+    /// dead-lettered, in sequence order, starting at the partition's head. Empty if there are
+    /// none (or the partition is unknown).
+    async fn next_deliveries(
+        &self,
+        partition: &PartitionKey,
+        limit: usize,
+    ) -> Result<Vec<PendingDelivery>, StoreError>;
+
+    /// Marks the delivery of `sequence` in `partition` as done and removes it. Completing a
+    /// delivery that is not pending is a no-op (`Ok`), so a retried call is harmless.
+    ///
+    /// May be made durable lazily: after a crash a completed delivery can reappear (it is then
+    /// sent again, which at-least-once allows); it is never lost.
+    async fn complete_delivery(
+        &self,
+        partition: &PartitionKey,
+        sequence: u64,
+    ) -> Result<(), StoreError>;
+
+    /// Records a failed attempt at the delivery of `sequence`: increments its attempt count,
+    /// stores `error`, and either schedules the next attempt or dead-letters it (which moves the
+    /// partition's head past it). A no-op if the delivery is not pending.
+    async fn record_failure(
+        &self,
+        partition: &PartitionKey,
+        sequence: u64,
+        error: &str,
+        outcome: FailureOutcome,
+    ) -> Result<(), StoreError>;
+
+    /// Lists the pending deliveries of a subscription (dead-lettered included), ordered by
+    /// topic then sequence, optionally only those of `topic`. At most `page_size` entries
+    /// starting after `page_token`; the cost of a page does not depend on the backlog size.
+    /// `NotFound` if the subscription does not exist.
+    async fn list_pending(
+        &self,
+        subscription_id: &str,
+        topic: Option<&str>,
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<Page<PendingDelivery>, StoreError>;
+
+    /// Every partition that has at least one pending delivery (dead-lettered included), so the
+    /// worker can resume after a restart.
+    async fn pending_partitions(&self) -> Result<Vec<PartitionKey>, StoreError>;
+}

@@ -1,0 +1,8 @@
+//! Integration tests: real servers on port 0, real HTTP receivers.
+
+mod support;
+
+mod api;
+mod crash;
+mod delivery;
+mod store_conformance;

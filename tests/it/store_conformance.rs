@@ -1,0 +1,519 @@
+//! One conformance suite for every `Store` backend. Each case takes a fresh store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald::model::{
+    FailureOutcome, NewEvent, OnExhausted, PartitionKey, RetryPolicy, Subscription, now_millis,
+};
+use herald::store::{EmbeddedStore, Store, StoreError};
+
+fn subscription(id: &str, topics: &[&str]) -> Subscription {
+    Subscription {
+        id: id.into(),
+        endpoint: "http://127.0.0.1:9/hook".into(),
+        topics: topics.iter().map(|topic| topic.to_string()).collect(),
+        secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+        retry_policy: RetryPolicy::default(),
+        on_exhausted: OnExhausted::DeadLetter,
+        created_at: now_millis(),
+    }
+}
+
+fn event(id: &str, topic: &str, key: Option<&str>) -> NewEvent {
+    NewEvent {
+        id: id.into(),
+        topic: topic.into(),
+        payload: format!("payload of {id}").into_bytes(),
+        content_type: "application/json".into(),
+        idempotency_key: key.map(str::to_string),
+        attributes: [("source".to_string(), "test".to_string())].into(),
+    }
+}
+
+const DAY: Duration = Duration::from_secs(86400);
+
+/// Generates one `#[tokio::test]` per case for a backend, given an async store factory.
+macro_rules! conformance_suite {
+    ($backend:ident, $factory:expr) => {
+        mod $backend {
+            use super::*;
+            conformance_suite!(@cases $factory,
+                subscriptions_are_created_listed_and_deleted,
+                publish_fans_out_to_matching_partitions_in_sequence_order,
+                sequences_increase_per_topic_under_concurrency,
+                completion_and_failure_move_the_partition_head,
+                list_pending_pages_over_topics_and_includes_dead_letters,
+                idempotency_returns_the_original_outcome,
+                deleting_a_subscription_drops_its_backlog,
+            );
+        }
+    };
+    (@cases $factory:expr, $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let (store, _guard) = $factory().await;
+                super::$case(store).await;
+            }
+        )*
+    };
+}
+
+async fn embedded() -> (Arc<dyn Store>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    (Arc::new(store), dir)
+}
+
+conformance_suite!(embedded_store, embedded);
+
+async fn subscriptions_are_created_listed_and_deleted(store: Arc<dyn Store>) {
+    for id in ["sub_a", "sub_b", "sub_c"] {
+        store
+            .create_subscription(&subscription(id, &["t"]))
+            .await
+            .unwrap();
+    }
+    assert!(matches!(
+        store
+            .create_subscription(&subscription("sub_b", &["t"]))
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        store.get_subscription("sub_b").await.unwrap(),
+        subscription_with_time(&store, "sub_b").await
+    );
+    assert!(matches!(
+        store.get_subscription("sub_x").await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    let first = store.list_subscriptions(2, None).await.unwrap();
+    let ids: Vec<&str> = first
+        .items
+        .iter()
+        .map(|subscription| subscription.id.as_str())
+        .collect();
+    assert_eq!(ids, ["sub_a", "sub_b"]);
+    let second = store
+        .list_subscriptions(2, first.next_token.as_deref())
+        .await
+        .unwrap();
+    let ids: Vec<&str> = second
+        .items
+        .iter()
+        .map(|subscription| subscription.id.as_str())
+        .collect();
+    assert_eq!(ids, ["sub_c"]);
+    assert_eq!(second.next_token, None);
+    assert!(matches!(
+        store.list_subscriptions(2, Some("not a token")).await,
+        Err(StoreError::InvalidArgument(_))
+    ));
+
+    assert_eq!(store.delete_subscription("sub_b").await.unwrap(), 0);
+    assert!(matches!(
+        store.delete_subscription("sub_b").await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        store
+            .list_subscriptions(10, None)
+            .await
+            .unwrap()
+            .items
+            .len(),
+        2
+    );
+}
+
+async fn subscription_with_time(store: &Arc<dyn Store>, id: &str) -> Subscription {
+    // created_at is set by the test helper; read it back to compare the rest.
+    let stored = store.get_subscription(id).await.unwrap();
+    Subscription {
+        created_at: stored.created_at,
+        ..subscription(id, &["t"])
+    }
+}
+
+async fn publish_fans_out_to_matching_partitions_in_sequence_order(store: Arc<dyn Store>) {
+    store
+        .create_subscription(&subscription("sub_exact", &["user:new"]))
+        .await
+        .unwrap();
+    store
+        .create_subscription(&subscription("sub_prefix", &["user:*", "user:new"]))
+        .await
+        .unwrap();
+    store
+        .create_subscription(&subscription("sub_all", &["*"]))
+        .await
+        .unwrap();
+    store
+        .create_subscription(&subscription("sub_other", &["fin:*"]))
+        .await
+        .unwrap();
+
+    let first = store
+        .publish(&event("evt_1", "user:new", None), DAY)
+        .await
+        .unwrap();
+    let second = store
+        .publish(&event("evt_2", "user:new", None), DAY)
+        .await
+        .unwrap();
+    let online = store
+        .publish(&event("evt_3", "user:online", None), DAY)
+        .await
+        .unwrap();
+    assert_eq!(
+        first.subscription_count, 3,
+        "each matching subscription once"
+    );
+    assert_eq!(online.subscription_count, 2);
+    assert!(second.sequence > first.sequence);
+    let mut partitions = first.partitions.clone();
+    partitions.sort();
+    assert_eq!(
+        partitions,
+        [
+            PartitionKey::new("user:new", "sub_all"),
+            PartitionKey::new("user:new", "sub_exact"),
+            PartitionKey::new("user:new", "sub_prefix"),
+        ]
+    );
+
+    let partition = PartitionKey::new("user:new", "sub_prefix");
+    let deliveries = store.next_deliveries(&partition, 10).await.unwrap();
+    let sequences: Vec<u64> = deliveries
+        .iter()
+        .map(|delivery| delivery.event.sequence)
+        .collect();
+    assert_eq!(sequences, [first.sequence, second.sequence]);
+    assert_eq!(deliveries[0].previous_sequence, 0);
+    assert_eq!(deliveries[1].previous_sequence, first.sequence);
+    assert_eq!(deliveries[0].event.id, "evt_1");
+    assert_eq!(deliveries[0].event.payload, b"payload of evt_1");
+    assert_eq!(deliveries[0].event.attributes["source"], "test");
+    assert_eq!(deliveries[0].state.attempts, 0);
+    assert_eq!(store.next_deliveries(&partition, 1).await.unwrap().len(), 1);
+    assert!(
+        store
+            .next_deliveries(&PartitionKey::new("fin:x", "sub_other"), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let mut pending = store.pending_partitions().await.unwrap();
+    pending.sort();
+    assert_eq!(pending.len(), 5, "{pending:?}");
+}
+
+async fn sequences_increase_per_topic_under_concurrency(store: Arc<dyn Store>) {
+    store
+        .create_subscription(&subscription("sub_1", &["*"]))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for writer in 0..8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut sequences = Vec::new();
+            for index in 0..50 {
+                let published = store
+                    .publish(&event(&format!("evt_{writer}_{index}"), "t", None), DAY)
+                    .await
+                    .unwrap();
+                sequences.push(published.sequence);
+            }
+            sequences
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        let sequences = task.await.unwrap();
+        assert!(
+            sequences.windows(2).all(|pair| pair[0] < pair[1]),
+            "one writer's publishes are ordered"
+        );
+        all.extend(sequences);
+    }
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 400);
+    let deliveries = store
+        .next_deliveries(&PartitionKey::new("t", "sub_1"), 1000)
+        .await
+        .unwrap();
+    let sequences: Vec<u64> = deliveries
+        .iter()
+        .map(|delivery| delivery.event.sequence)
+        .collect();
+    assert_eq!(
+        sequences, all,
+        "the partition holds every event in sequence order"
+    );
+    let mut previous = 0;
+    for delivery in &deliveries {
+        assert_eq!(delivery.previous_sequence, previous);
+        previous = delivery.event.sequence;
+    }
+}
+
+async fn completion_and_failure_move_the_partition_head(store: Arc<dyn Store>) {
+    store
+        .create_subscription(&subscription("sub_1", &["t"]))
+        .await
+        .unwrap();
+    let partition = PartitionKey::new("t", "sub_1");
+    let mut sequences = Vec::new();
+    for index in 0..3 {
+        sequences.push(
+            store
+                .publish(&event(&format!("evt_{index}"), "t", None), DAY)
+                .await
+                .unwrap()
+                .sequence,
+        );
+    }
+    store
+        .complete_delivery(&partition, sequences[0])
+        .await
+        .unwrap();
+    store
+        .complete_delivery(&partition, sequences[0])
+        .await
+        .unwrap(); // harmless repeat
+    let head = store.next_deliveries(&partition, 10).await.unwrap();
+    assert_eq!(head[0].event.sequence, sequences[1]);
+
+    let retry_at = now_millis() + 60_000;
+    store
+        .record_failure(
+            &partition,
+            sequences[1],
+            "HTTP 500",
+            FailureOutcome::RetryAt(retry_at),
+        )
+        .await
+        .unwrap();
+    let head = store.next_deliveries(&partition, 10).await.unwrap();
+    assert_eq!(
+        head[0].event.sequence, sequences[1],
+        "a retried event stays at the head"
+    );
+    assert_eq!(head[0].state.attempts, 1);
+    assert_eq!(head[0].state.next_attempt_at, retry_at);
+    assert_eq!(head[0].last_error.as_deref(), Some("HTTP 500"));
+
+    store
+        .record_failure(
+            &partition,
+            sequences[1],
+            "HTTP 502",
+            FailureOutcome::DeadLetter,
+        )
+        .await
+        .unwrap();
+    let head = store.next_deliveries(&partition, 10).await.unwrap();
+    let remaining: Vec<u64> = head
+        .iter()
+        .map(|delivery| delivery.event.sequence)
+        .collect();
+    assert_eq!(
+        remaining,
+        [sequences[2]],
+        "dead-lettered events leave the head"
+    );
+    assert_eq!(head[0].previous_sequence, sequences[1]);
+    // Failures of events that are not pending are ignored.
+    store
+        .record_failure(&partition, 12345, "x", FailureOutcome::DeadLetter)
+        .await
+        .unwrap();
+    store
+        .complete_delivery(&partition, sequences[2])
+        .await
+        .unwrap();
+    assert!(
+        store
+            .next_deliveries(&partition, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The dead letter still counts as pending.
+    assert_eq!(store.pending_partitions().await.unwrap(), [partition]);
+}
+
+async fn list_pending_pages_over_topics_and_includes_dead_letters(store: Arc<dyn Store>) {
+    store
+        .create_subscription(&subscription("sub_1", &["*"]))
+        .await
+        .unwrap();
+    let mut expected = Vec::new();
+    for topic in ["c", "a", "b"] {
+        for index in 0..3 {
+            let published = store
+                .publish(&event(&format!("evt_{topic}{index}"), topic, None), DAY)
+                .await
+                .unwrap();
+            expected.push((topic.to_string(), published.sequence));
+        }
+    }
+    expected.sort();
+    let dead = expected[1].clone();
+    store
+        .record_failure(
+            &PartitionKey::new(&dead.0, "sub_1"),
+            dead.1,
+            "gone",
+            FailureOutcome::DeadLetter,
+        )
+        .await
+        .unwrap_or_else(|error| panic!("{error}"));
+    // Dead-lettering is only ever done at the head; complete the head first for realism.
+    let mut listed = Vec::new();
+    let mut token = None;
+    loop {
+        let page = store
+            .list_pending("sub_1", None, 4, token.as_deref())
+            .await
+            .unwrap();
+        assert!(page.items.len() <= 4);
+        listed.extend(page.items.iter().map(|item| {
+            (
+                item.event.topic.clone(),
+                item.event.sequence,
+                item.state.dead_lettered,
+            )
+        }));
+        token = page.next_token;
+        if token.is_none() {
+            break;
+        }
+    }
+    let keys: Vec<(String, u64)> = listed
+        .iter()
+        .map(|(topic, sequence, _)| (topic.clone(), *sequence))
+        .collect();
+    assert_eq!(
+        keys, expected,
+        "every pending delivery once, in (topic, sequence) order"
+    );
+    assert!(
+        listed
+            .iter()
+            .any(|(topic, sequence, dead_lettered)| *dead_lettered
+                && (topic, sequence) == (&dead.0, &dead.1))
+    );
+
+    let only_b = store
+        .list_pending("sub_1", Some("b"), 10, None)
+        .await
+        .unwrap();
+    assert_eq!(only_b.items.len(), 3);
+    assert!(only_b.next_token.is_none());
+    assert!(matches!(
+        store.list_pending("sub_x", None, 10, None).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.list_pending("sub_1", None, 10, Some("@@")).await,
+        Err(StoreError::InvalidArgument(_))
+    ));
+}
+
+async fn idempotency_returns_the_original_outcome(store: Arc<dyn Store>) {
+    store
+        .create_subscription(&subscription("sub_1", &["t"]))
+        .await
+        .unwrap();
+    let original = store
+        .publish(&event("evt_1", "t", Some("key")), DAY)
+        .await
+        .unwrap();
+    let repeat = store
+        .publish(&event("evt_2", "t", Some("key")), DAY)
+        .await
+        .unwrap();
+    assert!(repeat.duplicate && !original.duplicate);
+    assert_eq!(
+        (repeat.event_id.as_str(), repeat.sequence),
+        ("evt_1", original.sequence)
+    );
+    assert_eq!(repeat.subscription_count, 1);
+    assert!(repeat.partitions.is_empty());
+    let other_topic = store
+        .publish(&event("evt_3", "u", Some("key")), DAY)
+        .await
+        .unwrap();
+    assert!(!other_topic.duplicate);
+    assert_eq!(
+        store
+            .next_deliveries(&PartitionKey::new("t", "sub_1"), 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // A zero window remembers nothing.
+    store
+        .publish(&event("evt_4", "t", Some("brief")), Duration::ZERO)
+        .await
+        .unwrap();
+    let again = store
+        .publish(&event("evt_5", "t", Some("brief")), Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(!again.duplicate);
+}
+
+async fn deleting_a_subscription_drops_its_backlog(store: Arc<dyn Store>) {
+    store
+        .create_subscription(&subscription("sub_1", &["a", "b"]))
+        .await
+        .unwrap();
+    store
+        .create_subscription(&subscription("sub_2", &["a"]))
+        .await
+        .unwrap();
+    for index in 0..4 {
+        store
+            .publish(&event(&format!("evt_a{index}"), "a", None), DAY)
+            .await
+            .unwrap();
+    }
+    store
+        .publish(&event("evt_b", "b", None), DAY)
+        .await
+        .unwrap();
+    assert_eq!(store.delete_subscription("sub_1").await.unwrap(), 5);
+    assert!(
+        store
+            .next_deliveries(&PartitionKey::new("a", "sub_1"), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The other subscription still has its copy of the shared events.
+    let kept = store
+        .next_deliveries(&PartitionKey::new("a", "sub_2"), 10)
+        .await
+        .unwrap();
+    assert_eq!(kept.len(), 4);
+    assert_eq!(kept[0].event.payload, b"payload of evt_a0");
+    assert_eq!(
+        store.pending_partitions().await.unwrap(),
+        [PartitionKey::new("a", "sub_2")]
+    );
+    // New publishes no longer fan out to the deleted subscription.
+    let published = store
+        .publish(&event("evt_a9", "a", None), DAY)
+        .await
+        .unwrap();
+    assert_eq!(published.subscription_count, 1);
+}

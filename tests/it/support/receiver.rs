@@ -1,0 +1,211 @@
+//! A real HTTP webhook receiver that records every request and answers as scripted.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use herald::delivery::webhook::{self, headers};
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+/// How the receiver answers one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// This HTTP status.
+    Status(u16),
+    /// This status with a `Retry-After` of the given seconds.
+    RetryAfter(u16, u64),
+    /// Never answer (the connection stays open).
+    Hang,
+    /// 200 after this many milliseconds.
+    Slow(u64),
+}
+
+/// One request as received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub at: Instant,
+    pub id: String,
+    pub timestamp: u64,
+    pub signature: String,
+    pub topic: String,
+    pub sequence: u64,
+    pub previous: u64,
+    pub content_type: String,
+    pub body: Bytes,
+    /// 1 for the first request with this event id, 2 for the second...
+    pub attempt: u32,
+    /// What the receiver answered.
+    pub reply: Reply,
+}
+
+impl Received {
+    /// True if the receiver answered 2xx.
+    pub fn succeeded(&self) -> bool {
+        match self.reply {
+            Reply::Status(status) => (200..300).contains(&status),
+            Reply::Slow(_) => true,
+            Reply::RetryAfter(..) | Reply::Hang => false,
+        }
+    }
+
+    /// True if the signature verifies with `secret`.
+    pub fn signature_valid(&self, secret: &str) -> bool {
+        let key = webhook::decode_secret(secret).expect("valid secret");
+        webhook::verify(&key, &self.id, self.timestamp, &self.body, &self.signature)
+    }
+}
+
+type Script = Arc<dyn Fn(&Received) -> Reply + Send + Sync>;
+
+struct State {
+    received: Mutex<Vec<Received>>,
+    attempts: Mutex<HashMap<String, u32>>,
+    script: Mutex<Script>,
+}
+
+/// A running receiver; stops when dropped with the test runtime.
+#[derive(Clone)]
+pub struct Receiver {
+    pub address: SocketAddr,
+    state: Arc<State>,
+}
+
+impl Receiver {
+    /// Starts a receiver that answers 204 to everything.
+    pub async fn start() -> Receiver {
+        Receiver::scripted(|_| Reply::Status(204)).await
+    }
+
+    /// Starts a receiver whose answer `script` decides per request.
+    pub async fn scripted(script: impl Fn(&Received) -> Reply + Send + Sync + 'static) -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
+        let address = listener.local_addr().expect("address");
+        let state = Arc::new(State {
+            received: Mutex::new(Vec::new()),
+            attempts: Mutex::new(HashMap::new()),
+            script: Mutex::new(Arc::new(script)),
+        });
+        let accept_state = state.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let state = accept_state.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| handle(state.clone(), request));
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Receiver { address, state }
+    }
+
+    /// The endpoint URL.
+    pub fn url(&self) -> String {
+        format!("http://{}/hook", self.address)
+    }
+
+    /// Replaces the script.
+    pub fn set_script(&self, script: impl Fn(&Received) -> Reply + Send + Sync + 'static) {
+        *self.state.script.lock().unwrap() = Arc::new(script);
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn received(&self) -> Vec<Received> {
+        self.state.received.lock().unwrap().clone()
+    }
+
+    /// The requests answered 2xx, in arrival order.
+    pub fn delivered(&self) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(Received::succeeded)
+            .collect()
+    }
+
+    /// Number of requests answered 2xx.
+    pub fn delivered_count(&self) -> usize {
+        self.state
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|received| received.succeeded())
+            .count()
+    }
+}
+
+async fn handle(
+    state: Arc<State>,
+    request: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let at = Instant::now();
+    let header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let id = header(headers::WEBHOOK_ID);
+    let timestamp = header(headers::WEBHOOK_TIMESTAMP).parse().unwrap_or(0);
+    let signature = header(headers::WEBHOOK_SIGNATURE);
+    let topic = header(headers::TOPIC);
+    let sequence = header(headers::SEQUENCE).parse().unwrap_or(0);
+    let previous = header(headers::PREVIOUS_SEQUENCE).parse().unwrap_or(0);
+    let content_type = header("content-type");
+    let body = request.into_body().collect().await?.to_bytes();
+    let attempt = {
+        let mut attempts = state.attempts.lock().unwrap();
+        let count = attempts.entry(id.clone()).or_insert(0);
+        *count += 1;
+        *count
+    };
+    let mut received = Received {
+        at,
+        id,
+        timestamp,
+        signature,
+        topic,
+        sequence,
+        previous,
+        content_type,
+        body,
+        attempt,
+        reply: Reply::Status(204),
+    };
+    let script = state.script.lock().unwrap().clone();
+    received.reply = script(&received);
+    let reply = received.reply;
+    state.received.lock().unwrap().push(received);
+    let (status, retry_after) = match reply {
+        Reply::Status(status) => (status, None),
+        Reply::RetryAfter(status, seconds) => (status, Some(seconds)),
+        Reply::Hang => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            (204, None)
+        }
+        Reply::Slow(delay) => {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            (200, None)
+        }
+    };
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = hyper::StatusCode::from_u16(status).expect("valid status");
+    if let Some(seconds) = retry_after {
+        response
+            .headers_mut()
+            .insert("retry-after", seconds.to_string().parse().unwrap());
+    }
+    Ok(response)
+}
