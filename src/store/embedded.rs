@@ -6,7 +6,6 @@
 //! writer also owns the in-memory topic index used for fan-out, and assigns sequences, so the
 //! order of sequences is the order of commits.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -27,6 +26,7 @@ use crate::store::records::{
     self, DeliveryRecord, IdempotencyRecord, PartitionRecord, decode_event, encode_event,
     from_json, to_json,
 };
+use crate::store::topic_index::TopicIndex;
 use crate::store::{Store, StoreError};
 
 /// Subscription id -> JSON subscription.
@@ -140,7 +140,7 @@ impl EmbeddedStore {
         transaction.commit().map_err(unavailable)?;
 
         let database = Arc::new(database);
-        let index = TopicIndex::load(&database)?;
+        let index = load_index(&database)?;
         let (commands, receiver) = mpsc::channel();
         let writer = Writer {
             database: database.clone(),
@@ -429,76 +429,16 @@ fn read_partition(
     Ok(result)
 }
 
-/// Which subscriptions each topic fans out to: exact names and prefix patterns (`*` is the
-/// empty prefix). A lookup costs one probe per prefix of the topic, never a pass over all
-/// subscriptions.
-#[derive(Default)]
-struct TopicIndex {
-    exact: HashMap<String, BTreeSet<String>>,
-    prefixes: BTreeMap<String, BTreeSet<String>>,
-}
-
-impl TopicIndex {
-    fn load(database: &Database) -> Result<Self, StoreError> {
-        let transaction = database.begin_read().map_err(unavailable)?;
-        let table = transaction.open_table(SUBSCRIPTIONS).map_err(unavailable)?;
-        let mut index = TopicIndex::default();
-        for entry in table.iter().map_err(unavailable)? {
-            let (_, value) = entry.map_err(unavailable)?;
-            index.add(&from_json::<Subscription>(value.value(), "subscription")?);
-        }
-        Ok(index)
+/// Builds the topic index from the stored subscriptions.
+fn load_index(database: &Database) -> Result<TopicIndex, StoreError> {
+    let transaction = database.begin_read().map_err(unavailable)?;
+    let table = transaction.open_table(SUBSCRIPTIONS).map_err(unavailable)?;
+    let mut index = TopicIndex::default();
+    for entry in table.iter().map_err(unavailable)? {
+        let (_, value) = entry.map_err(unavailable)?;
+        index.add(&from_json::<Subscription>(value.value(), "subscription")?);
     }
-
-    fn add(&mut self, subscription: &Subscription) {
-        for pattern in &subscription.topics {
-            let bucket = match pattern.strip_suffix('*') {
-                Some(prefix) => self.prefixes.entry(prefix.to_string()).or_default(),
-                None => self.exact.entry(pattern.clone()).or_default(),
-            };
-            bucket.insert(subscription.id.clone());
-        }
-    }
-
-    fn remove(&mut self, subscription: &Subscription) {
-        for pattern in &subscription.topics {
-            let (key, map_is_prefix) = match pattern.strip_suffix('*') {
-                Some(prefix) => (prefix, true),
-                None => (pattern.as_str(), false),
-            };
-            let bucket = if map_is_prefix {
-                self.prefixes.get_mut(key)
-            } else {
-                self.exact.get_mut(key)
-            };
-            if let Some(bucket) = bucket {
-                bucket.remove(&subscription.id);
-                if bucket.is_empty() {
-                    if map_is_prefix {
-                        self.prefixes.remove(key);
-                    } else {
-                        self.exact.remove(key);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Subscription ids matching `topic`, sorted and without duplicates.
-    fn matching(&self, topic: &str) -> BTreeSet<String> {
-        let mut matched = BTreeSet::new();
-        if let Some(ids) = self.exact.get(topic) {
-            matched.extend(ids.iter().cloned());
-        }
-        if !self.prefixes.is_empty() {
-            for end in (0..=topic.len()).filter(|end| topic.is_char_boundary(*end)) {
-                if let Some(ids) = self.prefixes.get(&topic[..end]) {
-                    matched.extend(ids.iter().cloned());
-                }
-            }
-        }
-        matched
-    }
+    Ok(index)
 }
 
 /// The single writer: owns the topic index and applies command batches.
@@ -532,7 +472,7 @@ impl Writer {
         let error = result.err();
         if error.is_some() && index_changed {
             // The transaction was rolled back: rebuild the index from what is stored.
-            match TopicIndex::load(&self.database) {
+            match load_index(&self.database) {
                 Ok(index) => self.index = index,
                 Err(load_error) => tracing::error!(%load_error, "cannot reload topic index"),
             }
@@ -960,38 +900,5 @@ impl<'transaction> Tables<'transaction> {
                 .map_err(unavailable)?;
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::{OnExhausted, RetryPolicy};
-
-    fn subscription(id: &str, topics: &[&str]) -> Subscription {
-        Subscription {
-            id: id.into(),
-            endpoint: "http://127.0.0.1:1/".into(),
-            topics: topics.iter().map(|topic| topic.to_string()).collect(),
-            secret: "whsec_x".into(),
-            retry_policy: RetryPolicy::default(),
-            on_exhausted: OnExhausted::DeadLetter,
-            created_at: 0,
-        }
-    }
-
-    #[test]
-    fn topic_index_matches_exact_prefix_and_wildcard_once_each() {
-        let mut index = TopicIndex::default();
-        index.add(&subscription("a", &["user:new"]));
-        index.add(&subscription("b", &["user:*", "user:new"]));
-        index.add(&subscription("c", &["*"]));
-        index.add(&subscription("d", &["fin:*"]));
-        let matched: Vec<_> = index.matching("user:new").into_iter().collect();
-        assert_eq!(matched, ["a", "b", "c"]);
-        index.remove(&subscription("b", &["user:*", "user:new"]));
-        let matched: Vec<_> = index.matching("user:new").into_iter().collect();
-        assert_eq!(matched, ["a", "c"]);
-        assert!(!index.prefixes.contains_key("user:"));
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod embedded;
 pub mod records;
+pub mod topic_index;
 
 use std::time::Duration;
 

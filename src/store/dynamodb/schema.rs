@@ -1,0 +1,259 @@
+//! The single-table layout: key builders and item encodings.
+//!
+//! Every item has a string partition key `pk` and a string sort key `sk`. Sequences in sort keys
+//! are zero-padded to 20 digits so that string order is numeric order. Topics are lowercase and
+//! contain no `#`, so the upper-case prefixes below never collide with a delivery's
+//! `{topic}#{subscription}` key.
+//!
+//! | item | pk | sk |
+//! | --- | --- | --- |
+//! | subscription | `SUBSCRIPTION` | subscription id |
+//! | subscription-set version | `META` | `SUBSCRIPTIONS` |
+//! | topic (sequence, open fan-outs) | `TOPIC#{topic}` | `TOPIC` |
+//! | topic directory entry | `TOPICS` | topic |
+//! | event | `EVENT#{topic}` | sequence |
+//! | delivery | `{topic}#{subscription}` | sequence |
+//! | dead letter | `DEAD#{topic}#{subscription}` | sequence |
+//! | idempotency key | `IDEMPOTENCY#{topic}` | key |
+//! | partition lease | `LEASE#{topic}#{subscription}` | `LEASE` |
+
+use std::collections::HashMap;
+
+use aws_sdk_dynamodb::primitives::Blob;
+use aws_sdk_dynamodb::types::AttributeValue;
+
+use crate::model::{DeliveryState, Event, PartitionKey, PendingDelivery};
+use crate::store::StoreError;
+
+/// Partition key attribute.
+pub const PK: &str = "pk";
+/// Sort key attribute.
+pub const SK: &str = "sk";
+/// The TTL attribute (Unix seconds); only idempotency keys carry it.
+pub const TTL: &str = "expires_at_ttl";
+
+/// An item as the SDK represents it.
+pub type Item = HashMap<String, AttributeValue>;
+
+/// Pads a sequence for use in a sort key.
+pub fn sequence_key(sequence: u64) -> String {
+    format!("{sequence:020}")
+}
+
+/// Key of a subscription item.
+pub fn subscription_key(id: &str) -> Item {
+    key("SUBSCRIPTION", id)
+}
+
+/// Key of the subscription-set version item.
+pub fn meta_key() -> Item {
+    key("META", "SUBSCRIPTIONS")
+}
+
+/// Key of a topic item.
+pub fn topic_key(topic: &str) -> Item {
+    key(&format!("TOPIC#{topic}"), "TOPIC")
+}
+
+/// Partition of the topic directory.
+pub const TOPICS_PK: &str = "TOPICS";
+
+/// Partition of the subscriptions.
+pub const SUBSCRIPTIONS_PK: &str = "SUBSCRIPTION";
+
+/// Partition key of a topic's events.
+pub fn event_pk(topic: &str) -> String {
+    format!("EVENT#{topic}")
+}
+
+/// Key of an event item.
+pub fn event_key(topic: &str, sequence: u64) -> Item {
+    key(&event_pk(topic), &sequence_key(sequence))
+}
+
+/// Partition key of a partition's dead letters.
+pub fn dead_pk(partition: &PartitionKey) -> String {
+    format!("DEAD#{}", partition.encode())
+}
+
+/// Key of a delivery item.
+pub fn delivery_key(partition: &PartitionKey, sequence: u64) -> Item {
+    key(&partition.encode(), &sequence_key(sequence))
+}
+
+/// Key of a dead-letter item.
+pub fn dead_key(partition: &PartitionKey, sequence: u64) -> Item {
+    key(&dead_pk(partition), &sequence_key(sequence))
+}
+
+/// Key of an idempotency item.
+pub fn idempotency_key(topic: &str, idempotency_key: &str) -> Item {
+    key(&format!("IDEMPOTENCY#{topic}"), idempotency_key)
+}
+
+/// Key of a partition's lease item.
+pub fn lease_key(partition: &PartitionKey) -> Item {
+    key(&format!("LEASE#{}", partition.encode()), "LEASE")
+}
+
+/// A key map with `pk` and `sk`.
+pub fn key(pk: &str, sk: &str) -> Item {
+    HashMap::from([
+        (PK.to_string(), AttributeValue::S(pk.to_string())),
+        (SK.to_string(), AttributeValue::S(sk.to_string())),
+    ])
+}
+
+/// A string attribute.
+pub fn s(value: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(value.into())
+}
+
+/// A number attribute.
+pub fn n(value: impl std::fmt::Display) -> AttributeValue {
+    AttributeValue::N(value.to_string())
+}
+
+/// Reads a string attribute.
+pub fn get_s<'a>(item: &'a Item, name: &str) -> Result<&'a str, StoreError> {
+    match item.get(name) {
+        Some(AttributeValue::S(value)) => Ok(value),
+        _ => Err(corrupt(name)),
+    }
+}
+
+/// Reads a number attribute, 0 if absent.
+pub fn get_n(item: &Item, name: &str) -> Result<u64, StoreError> {
+    match item.get(name) {
+        Some(AttributeValue::N(value)) => value.parse().map_err(|_| corrupt(name)),
+        None => Ok(0),
+        _ => Err(corrupt(name)),
+    }
+}
+
+/// Reads a sequence from a sort key.
+pub fn get_sequence(item: &Item) -> Result<u64, StoreError> {
+    get_s(item, SK)?.parse().map_err(|_| corrupt(SK))
+}
+
+fn corrupt(name: &str) -> StoreError {
+    StoreError::Internal(format!("DynamoDB item attribute `{name}` missing or malformed"))
+}
+
+/// The event item for `event` with `pending` deliveries referencing it.
+pub fn event_item(event: &Event, pending: usize, fanout: Option<&[String]>) -> Item {
+    let mut item = event_key(&event.topic, event.sequence);
+    item.insert("id".into(), s(&event.id));
+    item.insert("content_type".into(), s(&event.content_type));
+    item.insert(
+        "attributes".into(),
+        s(serde_json::to_string(&event.attributes).expect("attributes serialize")),
+    );
+    item.insert("published_at".into(), n(event.published_at));
+    item.insert("payload".into(), AttributeValue::B(Blob::new(event.payload.clone())));
+    item.insert("pending".into(), n(pending));
+    if let Some(fanout) = fanout {
+        // Kept so that any instance can finish a fan-out whose publisher died.
+        item.insert("fanout".into(), AttributeValue::Ss(fanout.to_vec()));
+    }
+    item
+}
+
+/// Decodes an event item.
+pub fn event_from_item(topic: &str, item: &Item) -> Result<Event, StoreError> {
+    let payload = match item.get("payload") {
+        Some(AttributeValue::B(blob)) => blob.as_ref().to_vec(),
+        _ => return Err(corrupt("payload")),
+    };
+    Ok(Event {
+        id: get_s(item, "id")?.to_string(),
+        topic: topic.to_string(),
+        sequence: get_sequence(item)?,
+        payload,
+        content_type: get_s(item, "content_type")?.to_string(),
+        attributes: serde_json::from_str(get_s(item, "attributes")?)
+            .map_err(|_| corrupt("attributes"))?,
+        published_at: get_n(item, "published_at")?,
+    })
+}
+
+/// A new delivery item.
+pub fn delivery_item(partition: &PartitionKey, sequence: u64, previous: u64, due: u64) -> Item {
+    let mut item = delivery_key(partition, sequence);
+    item.insert("attempts".into(), n(0));
+    item.insert("next_attempt_at".into(), n(due));
+    item.insert("previous".into(), n(previous));
+    item
+}
+
+/// The progress stored in a delivery or dead-letter item.
+pub struct DeliveryFields {
+    /// Sequence (from the sort key).
+    pub sequence: u64,
+    /// State.
+    pub state: DeliveryState,
+    /// Previous sequence in the partition.
+    pub previous: u64,
+    /// Last failure.
+    pub last_error: Option<String>,
+}
+
+/// Decodes a delivery or dead-letter item.
+pub fn delivery_fields(item: &Item, dead_lettered: bool) -> Result<DeliveryFields, StoreError> {
+    Ok(DeliveryFields {
+        sequence: get_sequence(item)?,
+        state: DeliveryState {
+            attempts: get_n(item, "attempts")? as u32,
+            next_attempt_at: get_n(item, "next_attempt_at")?,
+            dead_lettered,
+        },
+        previous: get_n(item, "previous")?,
+        last_error: item
+            .get("last_error")
+            .and_then(|value| value.as_s().ok())
+            .cloned(),
+    })
+}
+
+/// Joins delivery fields with their event.
+pub fn pending_delivery(
+    partition: &PartitionKey,
+    fields: DeliveryFields,
+    event: Event,
+) -> PendingDelivery {
+    PendingDelivery {
+        partition: partition.clone(),
+        event,
+        state: fields.state,
+        last_error: fields.last_error,
+        previous_sequence: fields.previous,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequence_keys_sort_numerically() {
+        assert!(sequence_key(9) < sequence_key(10));
+        assert!(sequence_key(1_795_850_993_106_281) < sequence_key(u64::MAX));
+        assert_eq!(sequence_key(u64::MAX).len(), 20);
+    }
+
+    #[test]
+    fn event_items_round_trip() {
+        let event = Event {
+            id: "evt_1".into(),
+            topic: "user:new".into(),
+            sequence: 42,
+            payload: vec![0, 1, 2],
+            content_type: "application/json".into(),
+            attributes: [("a".to_string(), "b".to_string())].into(),
+            published_at: 7,
+        };
+        let item = event_item(&event, 3, None);
+        assert_eq!(event_from_item("user:new", &item).unwrap(), event);
+        assert_eq!(get_n(&item, "pending").unwrap(), 3);
+    }
+}

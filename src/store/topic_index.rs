@@ -1,0 +1,102 @@
+//! In-memory index from topics to the subscriptions whose patterns match them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::model::Subscription;
+
+/// Which subscriptions each topic fans out to: exact names and prefix patterns (`*` is the
+/// empty prefix). A lookup costs one probe per prefix of the topic, never a pass over all
+/// subscriptions.
+#[derive(Default)]
+pub struct TopicIndex {
+    exact: HashMap<String, BTreeSet<String>>,
+    prefixes: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl TopicIndex {
+    /// Adds a subscription under each of its patterns.
+    pub fn add(&mut self, subscription: &Subscription) {
+        for pattern in &subscription.topics {
+            let bucket = match pattern.strip_suffix('*') {
+                Some(prefix) => self.prefixes.entry(prefix.to_string()).or_default(),
+                None => self.exact.entry(pattern.clone()).or_default(),
+            };
+            bucket.insert(subscription.id.clone());
+        }
+    }
+
+    /// Removes a subscription from each of its patterns.
+    pub fn remove(&mut self, subscription: &Subscription) {
+        for pattern in &subscription.topics {
+            let (key, map_is_prefix) = match pattern.strip_suffix('*') {
+                Some(prefix) => (prefix, true),
+                None => (pattern.as_str(), false),
+            };
+            let bucket = if map_is_prefix {
+                self.prefixes.get_mut(key)
+            } else {
+                self.exact.get_mut(key)
+            };
+            if let Some(bucket) = bucket {
+                bucket.remove(&subscription.id);
+                if bucket.is_empty() {
+                    if map_is_prefix {
+                        self.prefixes.remove(key);
+                    } else {
+                        self.exact.remove(key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Subscription ids matching `topic`, sorted and without duplicates.
+    pub fn matching(&self, topic: &str) -> BTreeSet<String> {
+        let mut matched = BTreeSet::new();
+        if let Some(ids) = self.exact.get(topic) {
+            matched.extend(ids.iter().cloned());
+        }
+        if !self.prefixes.is_empty() {
+            for end in (0..=topic.len()).filter(|end| topic.is_char_boundary(*end)) {
+                if let Some(ids) = self.prefixes.get(&topic[..end]) {
+                    matched.extend(ids.iter().cloned());
+                }
+            }
+        }
+        matched
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{OnExhausted, RetryPolicy};
+
+    fn subscription(id: &str, topics: &[&str]) -> Subscription {
+        Subscription {
+            id: id.into(),
+            endpoint: "http://127.0.0.1:1/".into(),
+            topics: topics.iter().map(|topic| topic.to_string()).collect(),
+            secret: "whsec_x".into(),
+            retry_policy: RetryPolicy::default(),
+            on_exhausted: OnExhausted::DeadLetter,
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn topic_index_matches_exact_prefix_and_wildcard_once_each() {
+        let mut index = TopicIndex::default();
+        index.add(&subscription("a", &["user:new"]));
+        index.add(&subscription("b", &["user:*", "user:new"]));
+        index.add(&subscription("c", &["*"]));
+        index.add(&subscription("d", &["fin:*"]));
+        let matched: Vec<_> = index.matching("user:new").into_iter().collect();
+        assert_eq!(matched, ["a", "b", "c"]);
+        index.remove(&subscription("b", &["user:*", "user:new"]));
+        let matched: Vec<_> = index.matching("user:new").into_iter().collect();
+        assert_eq!(matched, ["a", "c"]);
+        assert!(!index.prefixes.contains_key("user:"));
+    }
+}
