@@ -7,9 +7,10 @@ CARGO ?= cargo
 run:
 	$(CARGO) run --release -- serve
 
-## Unit, conformance and end-to-end tests (real herald processes, real HTTP receivers).
+## Every test, on both stores: installs (once, cached) and starts a local DynamoDB-compatible
+## server, then runs unit, conformance and end-to-end tests (real herald processes and receivers).
 test:
-	$(CARGO) test --all-targets
+	scripts/test.sh
 
 ## Formatting and clippy, as CI runs them.
 lint:

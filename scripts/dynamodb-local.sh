@@ -6,6 +6,7 @@
 #   scripts/dynamodb-local.sh start FILE     start it on a free loopback port; writes the
 #                                            endpoint URL to FILE and the pid to FILE.pid
 #   scripts/dynamodb-local.sh stop FILE      stop the server started with FILE
+#   scripts/dynamodb-local.sh path           print the binary's path (installing it first)
 #
 # The cache is $HERALD_TOOLS_DIR (default ~/.cache/herald-tools), outside the checkout, so a
 # fresh clone on the same machine does not rebuild it (a cold build takes ~5 minutes).
@@ -72,5 +73,6 @@ case "${1:-}" in
   install) install ;;
   start) start "${2:?usage: start FILE}" ;;
   stop) stop "${2:?usage: stop FILE}" ;;
-  *) echo "usage: $0 install|start FILE|stop FILE" >&2; exit 2 ;;
+  path) install && echo "$BIN" ;;
+  *) echo "usage: $0 install|start FILE|stop FILE|path" >&2; exit 2 ;;
 esac

@@ -9,17 +9,18 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::BrokerService;
 use crate::broker::{Broker, Limits};
-use crate::config::ServeConfig;
+use crate::config::{ServeConfig, StoreKind};
 use crate::delivery::{Engine, EngineConfig};
 use crate::error::Error;
 use crate::proto::broker_server::BrokerServer;
-use crate::store::{EmbeddedStore, Store};
+use crate::store::{DynamoStore, EmbeddedStore, Store, StoreError, dynamodb};
 
 /// Gap between the payload limit and the gRPC message limit, for the other request fields.
 const MESSAGE_OVERHEAD: usize = 1024 * 1024;
 
-/// Runs the server on `listener` until `shutdown` completes, then stops taking requests,
-/// lets in-flight deliveries finish (up to the configured grace) and returns.
+/// Runs the server on `listener` with the store the configuration names, until `shutdown`
+/// completes; then stops taking requests, lets in-flight deliveries finish (up to the
+/// configured grace) and returns.
 pub async fn run(
     config: ServeConfig,
     listener: TcpListener,
@@ -28,12 +29,47 @@ pub async fn run(
     config
         .validate()
         .map_err(|message| Error::invalid("config", message))?;
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&config.data_dir)?);
+    let store = open_store(&config).await?;
+    run_with_store(config, store, listener, shutdown).await
+}
+
+/// Opens the configured store: the embedded one, or the DynamoDB table (created first with
+/// `--create-table`), checked to answer.
+pub async fn open_store(config: &ServeConfig) -> Result<Arc<dyn Store>, Error> {
+    match config.store {
+        StoreKind::Embedded => Ok(Arc::new(EmbeddedStore::open(&config.data_dir)?)),
+        StoreKind::Dynamodb => {
+            let dynamo = config.dynamodb.to_config();
+            let client = dynamodb::client_from_env(&dynamo).await;
+            if config.create_table {
+                match dynamodb::create_table(&client, &dynamo.table).await {
+                    Ok(()) => tracing::info!(table = %dynamo.table, "created DynamoDB table"),
+                    Err(StoreError::Conflict(_)) => {}
+                    Err(error) => return Err(error.into()),
+                }
+            }
+            let store = DynamoStore::new(client, &dynamo.table)
+                .with_repair_after(config.fanout_repair_after);
+            store.check().await?;
+            Ok(Arc::new(store))
+        }
+    }
+}
+
+/// [`run`] on a store the caller opened.
+pub async fn run_with_store(
+    config: ServeConfig,
+    store: Arc<dyn Store>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
     let (trigger, shutdown_handle) = crate::shutdown::channel();
     let engine = Engine::new(
         store.clone(),
         EngineConfig {
             concurrency: config.delivery_concurrency,
+            lease: config.partition_lease,
+            rescan: (config.store == StoreKind::Dynamodb).then_some(config.rescan_interval),
         },
         shutdown_handle,
     );

@@ -7,6 +7,15 @@ use std::time::Duration;
 
 use crate::model::RetryPolicy;
 
+/// Which backend holds the broker's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    /// The embedded single-node store in `--data-dir`.
+    Embedded,
+    /// A DynamoDB table shared by any number of instances.
+    Dynamodb,
+}
+
 /// `herald serve` settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeConfig {
@@ -17,6 +26,31 @@ pub struct ServeConfig {
     /// Directory of the embedded store (created if missing).
     #[arg(long, env = "HERALD_DATA_DIR", default_value = "./herald-data")]
     pub data_dir: PathBuf,
+
+    /// Where state lives: `embedded` (default) or `dynamodb`.
+    #[arg(long, env = "HERALD_STORE", value_enum, default_value = "embedded")]
+    pub store: StoreKind,
+
+    /// DynamoDB connection settings.
+    #[command(flatten)]
+    pub dynamodb: DynamoArgs,
+
+    /// Create the DynamoDB table at start if it does not exist.
+    #[arg(long, env = "HERALD_CREATE_TABLE")]
+    pub create_table: bool,
+
+    /// How long an instance's claim on a partition lasts without renewal (DynamoDB: how soon
+    /// another instance takes over the partitions of one that died).
+    #[arg(long, env = "HERALD_PARTITION_LEASE", default_value = "30s", value_parser = parse_duration)]
+    pub partition_lease: Duration,
+
+    /// DynamoDB: how often to look for pending partitions this instance was not told about.
+    #[arg(long, env = "HERALD_RESCAN_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub rescan_interval: Duration,
+
+    /// DynamoDB: age after which another instance finishes a fan-out its publisher left.
+    #[arg(long, env = "HERALD_FANOUT_REPAIR_AFTER", default_value = "10s", value_parser = parse_duration)]
+    pub fanout_repair_after: Duration,
 
     /// Largest accepted event payload, in bytes.
     #[arg(long, env = "HERALD_MAX_PAYLOAD_BYTES", default_value_t = 256 * 1024)]
@@ -51,6 +85,38 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
 }
 
+/// How to reach DynamoDB.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DynamoArgs {
+    /// DynamoDB table name.
+    #[arg(
+        long = "table",
+        env = "HERALD_DYNAMODB_TABLE",
+        default_value = "herald"
+    )]
+    pub table: String,
+
+    /// AWS region (else the standard chain: `AWS_REGION`, profile, ...).
+    #[arg(long = "region", env = "HERALD_DYNAMODB_REGION")]
+    pub region: Option<String>,
+
+    /// Endpoint URL of a DynamoDB-compatible server (`AWS_ENDPOINT_URL_DYNAMODB` and
+    /// `AWS_ENDPOINT_URL` work too).
+    #[arg(long = "endpoint", env = "HERALD_DYNAMODB_ENDPOINT")]
+    pub endpoint: Option<String>,
+}
+
+impl DynamoArgs {
+    /// As the store's configuration.
+    pub fn to_config(&self) -> crate::store::dynamodb::DynamoConfig {
+        crate::store::dynamodb::DynamoConfig {
+            table: self.table.clone(),
+            region: self.region.clone(),
+            endpoint: self.endpoint.clone(),
+        }
+    }
+}
+
 impl ServeConfig {
     /// The configuration a test or embedding program starts from: every default, with the
     /// given data directory and listen address.
@@ -58,6 +124,16 @@ impl ServeConfig {
         ServeConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: data_dir.into(),
+            store: StoreKind::Embedded,
+            dynamodb: DynamoArgs {
+                table: "herald".into(),
+                region: None,
+                endpoint: None,
+            },
+            create_table: false,
+            partition_lease: Duration::from_secs(30),
+            rescan_interval: Duration::from_secs(30),
+            fanout_repair_after: Duration::from_secs(10),
             max_payload_bytes: 256 * 1024,
             idempotency_window: Duration::from_secs(24 * 3600),
             delivery_concurrency: 256,
@@ -86,6 +162,22 @@ impl ServeConfig {
         }
         if self.delivery_concurrency == 0 {
             return Err("--delivery-concurrency must be at least 1".into());
+        }
+        let table = &self.dynamodb.table;
+        if !(3..=255).contains(&table.len())
+            || !table
+                .chars()
+                .all(|character| character.is_ascii_alphanumeric() || "_.-".contains(character))
+        {
+            return Err(format!(
+                "--table `{table}`: DynamoDB table names are 3 to 255 characters of [a-zA-Z0-9_.-]"
+            ));
+        }
+        if self.partition_lease < Duration::from_secs(1) {
+            return Err("--partition-lease must be at least 1s".into());
+        }
+        if self.rescan_interval < Duration::from_millis(100) {
+            return Err("--rescan-interval must be at least 100ms".into());
         }
         crate::validate::retry_policy(&self.default_retry_policy())
             .map_err(|error| format!("default retry policy: {error}"))

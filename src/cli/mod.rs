@@ -36,6 +36,16 @@ pub enum Command {
     Pending(PendingArgs),
     /// Receive webhooks, verify their signatures and sequence chains, and print them.
     Sink(SinkArgs),
+    /// DynamoDB administration.
+    #[command(subcommand)]
+    Dynamodb(DynamodbCommand),
+}
+
+/// `herald dynamodb ...`.
+#[derive(Debug, Subcommand)]
+pub enum DynamodbCommand {
+    /// Create the table (PAY_PER_REQUEST, TTL on idempotency keys) and wait until it is active.
+    CreateTable(crate::config::DynamoArgs),
 }
 
 /// Runs a client subcommand or the sink (`serve` is run by `main`).
@@ -48,5 +58,12 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Unsubscribe(args) => client::unsubscribe(args).await,
         Command::Pending(args) => client::pending(args).await,
         Command::Sink(args) => sink::run(args).await,
+        Command::Dynamodb(DynamodbCommand::CreateTable(args)) => {
+            let config = args.to_config();
+            let client = crate::store::dynamodb::client_from_env(&config).await;
+            crate::store::dynamodb::create_table(&client, &config.table).await?;
+            println!("created table {}", config.table);
+            Ok(())
+        }
     }
 }

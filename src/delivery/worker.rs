@@ -28,6 +28,12 @@ const STORE_RETRY_DELAY: Duration = Duration::from_millis(500);
 pub struct EngineConfig {
     /// Most HTTP deliveries in flight at once.
     pub concurrency: usize,
+    /// How long a partition claim lasts; it is renewed every third of that while in use.
+    pub lease: Duration,
+    /// How often to look in the store for partitions with pending work that this instance
+    /// was not told about (left by another instance). `None` for a store only this process
+    /// writes.
+    pub rescan: Option<Duration>,
 }
 
 /// Handle to the delivery engine; cheap to clone.
@@ -38,6 +44,7 @@ pub struct Engine {
 
 struct Inner {
     store: Arc<dyn Store>,
+    config: EngineConfig,
     client: reqwest::Client,
     permits: Semaphore,
     /// Partitions with a running task, each with its "new work arrived" flag.
@@ -52,6 +59,7 @@ impl Engine {
         Engine {
             inner: Arc::new(Inner {
                 store,
+                config,
                 client: webhook::client(),
                 permits: Semaphore::new(config.concurrency),
                 partitions: Mutex::new(HashMap::new()),
@@ -61,8 +69,24 @@ impl Engine {
         }
     }
 
-    /// Starts a task for every partition that has pending deliveries in the store.
+    /// Starts a task for every partition that has pending deliveries in the store, and, if
+    /// configured, keeps looking for such partitions periodically.
     pub async fn resume(&self) -> Result<usize, StoreError> {
+        let count = self.rescan().await?;
+        if let Some(interval) = self.inner.config.rescan {
+            let engine = self.clone();
+            self.inner.tasks.spawn(async move {
+                while engine.inner.pause(interval).await {
+                    if let Err(error) = engine.rescan().await {
+                        tracing::warn!(%error, "cannot look for pending partitions");
+                    }
+                }
+            });
+        }
+        Ok(count)
+    }
+
+    async fn rescan(&self) -> Result<usize, StoreError> {
         let partitions = self.inner.store.pending_partitions().await?;
         let count = partitions.len();
         self.notify(&partitions);
@@ -132,11 +156,64 @@ impl Inner {
     }
 }
 
+/// Claims the partition, retrying briefly while another instance holds it (it may be about to
+/// let go). Returns false if the claim was not granted; the periodic rescan retries later.
+async fn claim(inner: &Inner, partition: &PartitionKey) -> bool {
+    let mut pause = Duration::from_millis(20);
+    let mut waited = Duration::ZERO;
+    while waited < inner.config.lease {
+        match inner
+            .store
+            .claim_partition(partition, inner.config.lease)
+            .await
+        {
+            Ok(true) => return true,
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%partition, %error, "cannot claim partition"),
+        }
+        if !inner.pause(pause).await {
+            return false;
+        }
+        waited += pause;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+    false
+}
+
 async fn run_partition(inner: Arc<Inner>, partition: PartitionKey, new_work: Arc<AtomicBool>) {
     let mut rng = StdRng::from_os_rng();
+    let renew_every = inner.config.lease / 3;
+    if !claim(&inner, &partition).await {
+        inner
+            .partitions
+            .lock()
+            .expect("partition map lock")
+            .remove(&partition);
+        return;
+    }
+    let mut claimed_at = tokio::time::Instant::now();
     'partition: loop {
         if inner.shutdown.is_fired() {
             break;
+        }
+        if claimed_at.elapsed() >= renew_every {
+            match inner
+                .store
+                .claim_partition(&partition, inner.config.lease)
+                .await
+            {
+                Ok(true) => claimed_at = tokio::time::Instant::now(),
+                Ok(false) => {
+                    tracing::warn!(%partition, "lost the partition claim to another instance");
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(%partition, %error, "cannot renew partition claim");
+                    if claimed_at.elapsed() >= inner.config.lease - renew_every {
+                        break;
+                    }
+                }
+            }
         }
         let subscription = match inner
             .store
@@ -172,6 +249,9 @@ async fn run_partition(inner: Arc<Inner>, partition: PartitionKey, new_work: Arc
         };
         if batch.is_empty() {
             if inner.retire(&partition, &new_work) {
+                if let Err(error) = inner.store.release_partition(&partition).await {
+                    tracing::warn!(%partition, %error, "cannot release partition claim");
+                }
                 return;
             }
             continue;
@@ -180,8 +260,13 @@ async fn run_partition(inner: Arc<Inner>, partition: PartitionKey, new_work: Arc
             let now = now_millis();
             if delivery.state.next_attempt_at > now {
                 let wait = Duration::from_millis(delivery.state.next_attempt_at - now);
-                if !inner.pause(wait).await {
+                // Wake in time to renew the claim; the head is read again after.
+                let renew_in = renew_every.saturating_sub(claimed_at.elapsed());
+                if !inner.pause(wait.min(renew_in)).await {
                     break 'partition;
+                }
+                if wait > renew_in {
+                    continue 'partition;
                 }
             }
             let permit = {
@@ -236,4 +321,7 @@ async fn run_partition(inner: Arc<Inner>, partition: PartitionKey, new_work: Arc
         .lock()
         .expect("partition map lock")
         .remove(&partition);
+    if let Err(error) = inner.store.release_partition(&partition).await {
+        tracing::warn!(%partition, %error, "cannot release partition claim");
+    }
 }

@@ -375,6 +375,19 @@ impl Store for EmbeddedStore {
         Ok(Page { items, next_token })
     }
 
+    /// One process owns the database file, so every claim is granted.
+    async fn claim_partition(
+        &self,
+        _partition: &PartitionKey,
+        _lease: Duration,
+    ) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
+    async fn release_partition(&self, _partition: &PartitionKey) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     async fn pending_partitions(&self) -> Result<Vec<PartitionKey>, StoreError> {
         let transaction = self.read()?;
         let table = transaction

@@ -5,6 +5,7 @@
 //! `{topic}#{subscription_id}` with the event's sequence as sort key, so a partition is read in
 //! delivery order by a range read that starts at its head.
 
+pub mod dynamodb;
 pub mod embedded;
 pub mod records;
 pub mod topic_index;
@@ -17,6 +18,7 @@ use crate::model::{
     FailureOutcome, NewEvent, Page, PartitionKey, PendingDelivery, Published, Subscription,
 };
 
+pub use dynamodb::DynamoStore;
 pub use embedded::EmbeddedStore;
 
 /// What went wrong in a store call, by meaning.
@@ -126,7 +128,20 @@ pub trait Store: Send + Sync + 'static {
         page_token: Option<&str>,
     ) -> Result<Page<PendingDelivery>, StoreError>;
 
-    /// Every partition that has at least one pending delivery (dead-lettered included), so the
-    /// worker can resume after a restart.
+    /// At least every partition that has a delivery that is neither completed nor
+    /// dead-lettered (it may list others), so the worker can resume after a restart and pick up
+    /// partitions that another instance left.
     async fn pending_partitions(&self) -> Result<Vec<PartitionKey>, StoreError>;
+
+    /// Claims the right to deliver `partition` for `lease`, or renews this instance's claim.
+    /// Returns false if another live instance holds it. Only the holder may deliver, which keeps
+    /// one partition's deliveries sequential across instances sharing a store.
+    async fn claim_partition(
+        &self,
+        partition: &PartitionKey,
+        lease: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// Gives up this instance's claim on `partition`, if it holds one.
+    async fn release_partition(&self, partition: &PartitionKey) -> Result<(), StoreError>;
 }

@@ -67,7 +67,6 @@ impl TopicIndex {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,12 +6,12 @@ use herald::proto;
 use tonic::Code;
 
 use crate::support::{
-    Receiver, Reply, all_pending, eventually, millis, publish_request, spawn_app, subscribe_request,
+    Backend, Receiver, Reply, all_pending, eventually, millis, publish_request, spawn_app,
+    subscribe_request,
 };
 
-#[tokio::test]
-async fn repeated_idempotency_key_returns_the_original_event() {
-    let app = spawn_app(|_| {}).await;
+async fn repeated_idempotency_key_returns_the_original_event(backend: Backend) {
+    let app = spawn_app(backend, |_| {}).await;
     let receiver = Receiver::start().await;
     let mut client = app.client().await;
     client
@@ -77,9 +77,11 @@ async fn repeated_idempotency_key_returns_the_original_event() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn idempotency_keys_expire_after_the_window() {
-    let app = spawn_app(|config| config.idempotency_window = Duration::from_millis(200)).await;
+async fn idempotency_keys_expire_after_the_window(backend: Backend) {
+    let app = spawn_app(backend, |config| {
+        config.idempotency_window = Duration::from_millis(200)
+    })
+    .await;
     let mut client = app.client().await;
     let request = proto::PublishRequest {
         idempotency_key: "k".into(),
@@ -112,9 +114,8 @@ fn assert_status<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Cod
     );
 }
 
-#[tokio::test]
-async fn invalid_input_gets_a_precise_status_and_stores_nothing() {
-    let app = spawn_app(|config| config.max_payload_bytes = 1024).await;
+async fn invalid_input_gets_a_precise_status_and_stores_nothing(backend: Backend) {
+    let app = spawn_app(backend, |config| config.max_payload_bytes = 1024).await;
     let receiver = Receiver::scripted(|_| Reply::Status(200)).await;
     let mut client = app.client().await;
     let subscription = client
@@ -345,9 +346,8 @@ async fn invalid_input_gets_a_precise_status_and_stores_nothing() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn subscriptions_are_listed_paged_and_deleted_with_their_backlog() {
-    let app = spawn_app(|_| {}).await;
+async fn subscriptions_are_listed_paged_and_deleted_with_their_backlog(backend: Backend) {
+    let app = spawn_app(backend, |_| {}).await;
     let mut client = app.client().await;
     let mut ids = Vec::new();
     for index in 0..5 {
@@ -457,9 +457,8 @@ async fn subscriptions_are_listed_paged_and_deleted_with_their_backlog() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_subscription_receives_only_events_published_after_it() {
-    let app = spawn_app(|_| {}).await;
+async fn a_subscription_receives_only_events_published_after_it(backend: Backend) {
+    let app = spawn_app(backend, |_| {}).await;
     let receiver = Receiver::start().await;
     let mut client = app.client().await;
     let before = client
@@ -489,8 +488,7 @@ async fn a_subscription_receives_only_events_published_after_it() {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn reflection_lists_the_services_and_health_reports_serving() {
+async fn reflection_lists_the_services_and_health_reports_serving(backend: Backend) {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
     use tonic_reflection::pb::v1::ServerReflectionRequest;
@@ -498,7 +496,7 @@ async fn reflection_lists_the_services_and_health_reports_serving() {
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
-    let app = spawn_app(|_| {}).await;
+    let app = spawn_app(backend, |_| {}).await;
     let url = format!("http://{}", app.address);
     let channel = tonic::transport::Channel::from_shared(url.clone())
         .unwrap()
@@ -580,3 +578,12 @@ async fn reflection_lists_the_services_and_health_reports_serving() {
     );
     app.stop().await;
 }
+
+crate::on_both_backends!(
+    repeated_idempotency_key_returns_the_original_event,
+    idempotency_keys_expire_after_the_window,
+    invalid_input_gets_a_precise_status_and_stores_nothing,
+    subscriptions_are_listed_paged_and_deleted_with_their_backlog,
+    a_subscription_receives_only_events_published_after_it,
+    reflection_lists_the_services_and_health_reports_serving,
+);

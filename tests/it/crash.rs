@@ -6,16 +6,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::support::{
-    HeraldProcess, Receiver, Reply, connect, data_dir, eventually, publish_request,
+    Backend, Deployment, HeraldProcess, Receiver, Reply, connect, eventually, publish_request,
     subscribe_request,
 };
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kill_9_under_load_loses_no_acknowledged_event_and_keeps_order() {
-    let (_dir, path) = data_dir();
+async fn kill_9_under_load_loses_no_acknowledged_event_and_keeps_order(backend: Backend) {
+    let deployment = Deployment::new(backend).await;
     // A slowish receiver, so a backlog is pending when the server dies.
     let receiver = Receiver::scripted(|_| Reply::Slow(2)).await;
-    let server = HeraldProcess::start(&path, &[]).await;
+    let server = HeraldProcess::start(&deployment).await;
     let mut client = connect(server.address).await;
     let subscription = client
         .subscribe(subscribe_request(&receiver.url(), &["orders:*"]))
@@ -70,7 +69,7 @@ async fn kill_9_under_load_loses_no_acknowledged_event_and_keeps_order() {
         acknowledged.len()
     );
 
-    let server = HeraldProcess::start(&path, &[]).await;
+    let server = HeraldProcess::start(&deployment).await;
     let acknowledged_ids: HashSet<String> = acknowledged
         .iter()
         .map(|(_, response)| response.event_id.clone())
@@ -135,11 +134,10 @@ async fn kill_9_under_load_loses_no_acknowledged_event_and_keeps_order() {
     server.kill_9().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn graceful_restart_keeps_subscriptions_and_pending_deliveries() {
-    let (_dir, path) = data_dir();
+async fn graceful_restart_keeps_subscriptions_and_pending_deliveries(backend: Backend) {
+    let deployment = Deployment::new(backend).await;
     let receiver = Receiver::scripted(|_| Reply::Status(503)).await;
-    let server = HeraldProcess::start(&path, &[]).await;
+    let server = HeraldProcess::start(&deployment).await;
     let mut client = connect(server.address).await;
     let subscription = client
         .subscribe(subscribe_request(&receiver.url(), &["t"]))
@@ -177,7 +175,7 @@ async fn graceful_restart_keeps_subscriptions_and_pending_deliveries() {
     assert!(exit.success(), "graceful exit: {exit:?}");
 
     receiver.set_script(|_| Reply::Status(200));
-    let server = HeraldProcess::start(&path, &[]).await;
+    let server = HeraldProcess::start(&deployment).await;
     let mut client = connect(server.address).await;
     let fetched = client
         .get_subscription(herald::proto::GetSubscriptionRequest {
@@ -201,3 +199,8 @@ async fn graceful_restart_keeps_subscriptions_and_pending_deliveries() {
     assert_eq!(delivered, sequences);
     server.kill_9().await;
 }
+
+crate::on_both_backends!(
+    kill_9_under_load_loses_no_acknowledged_event_and_keeps_order,
+    graceful_restart_keeps_subscriptions_and_pending_deliveries,
+);

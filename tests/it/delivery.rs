@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use herald::proto;
 
 use crate::support::{
-    Receiver, Reply, all_pending, eventually, millis, publish_request, spawn_app, subscribe_request,
+    Backend, Receiver, Reply, all_pending, eventually, millis, publish_request, spawn_app,
+    subscribe_request,
 };
 
 /// Asserts that, per topic, the successful deliveries arrived in increasing sequence order with
@@ -32,9 +33,8 @@ fn assert_ordered_chains(
     per_topic
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_publishers_deliver_every_event_in_order_to_every_subscriber() {
-    let app = spawn_app(|_| {}).await;
+async fn concurrent_publishers_deliver_every_event_in_order_to_every_subscriber(backend: Backend) {
+    let app = spawn_app(backend, |_| {}).await;
     let topics = ["fin:purchase", "user:new", "user:online"];
     let receivers = [
         Receiver::start().await,
@@ -155,9 +155,8 @@ async fn concurrent_publishers_deliver_every_event_in_order_to_every_subscriber(
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failing_receiver_gets_everything_in_order_with_exponential_gaps() {
-    let app = spawn_app(|_| {}).await;
+async fn failing_receiver_gets_everything_in_order_with_exponential_gaps(backend: Backend) {
+    let app = spawn_app(backend, |_| {}).await;
     // Every event fails its first 5 attempts.
     let receiver = Receiver::scripted(|received| {
         if received.attempt <= 5 {
@@ -238,9 +237,8 @@ async fn failing_receiver_gets_everything_in_order_with_exponential_gaps() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retry_after_is_honoured_up_to_the_max_backoff() {
-    let app = spawn_app(|_| {}).await;
+async fn retry_after_is_honoured_up_to_the_max_backoff(backend: Backend) {
+    let app = spawn_app(backend, |_| {}).await;
     let receiver = Receiver::scripted(|received| match received.attempt {
         1 => Reply::RetryAfter(429, 1),
         2 => Reply::RetryAfter(503, 60),
@@ -286,9 +284,8 @@ async fn retry_after_is_honoured_up_to_the_max_backoff() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hanging_and_failing_endpoints_do_not_slow_other_partitions() {
-    let app = spawn_app(|_| {}).await;
+async fn hanging_and_failing_endpoints_do_not_slow_other_partitions(backend: Backend) {
+    let app = spawn_app(backend, |_| {}).await;
     let healthy = Receiver::start().await;
     let hanging = Receiver::scripted(|_| Reply::Hang).await;
     let failing = Receiver::scripted(|_| Reply::Status(500)).await;
@@ -354,9 +351,8 @@ async fn hanging_and_failing_endpoints_do_not_slow_other_partitions() {
     assert_ordered_chains(&mixed.delivered());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_letter_parks_the_event_and_the_partition_continues() {
-    let app = spawn_app(|_| {}).await;
+async fn dead_letter_parks_the_event_and_the_partition_continues(backend: Backend) {
+    let app = spawn_app(backend, |_| {}).await;
     let receiver = Receiver::scripted(|received| {
         if received.body.as_ref() == b"poison" {
             Reply::Status(500)
@@ -427,9 +423,8 @@ async fn dead_letter_parks_the_event_and_the_partition_continues() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn block_holds_the_partition_until_the_event_succeeds() {
-    let app = spawn_app(|_| {}).await;
+async fn block_holds_the_partition_until_the_event_succeeds(backend: Backend) {
+    let app = spawn_app(backend, |_| {}).await;
     let receiver = Receiver::scripted(|received| {
         if received.body.as_ref() == b"poison" {
             Reply::Status(500)
@@ -529,3 +524,12 @@ async fn block_holds_the_partition_until_the_event_succeeds() {
     .await;
     app.stop().await;
 }
+
+crate::on_both_backends!(
+    concurrent_publishers_deliver_every_event_in_order_to_every_subscriber,
+    failing_receiver_gets_everything_in_order_with_exponential_gaps,
+    retry_after_is_honoured_up_to_the_max_backoff,
+    hanging_and_failing_endpoints_do_not_slow_other_partitions,
+    dead_letter_parks_the_event_and_the_partition_continues,
+    block_holds_the_partition_until_the_event_succeeds,
+);

@@ -5,4 +5,5 @@ mod support;
 mod api;
 mod crash;
 mod delivery;
+mod dynamodb;
 mod store_conformance;

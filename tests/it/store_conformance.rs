@@ -46,6 +46,7 @@ macro_rules! conformance_suite {
                 list_pending_pages_over_topics_and_includes_dead_letters,
                 idempotency_returns_the_original_outcome,
                 deleting_a_subscription_drops_its_backlog,
+                fan_out_reaches_a_thousand_subscriptions_in_order,
             );
         }
     };
@@ -66,7 +67,13 @@ async fn embedded() -> (Arc<dyn Store>, tempfile::TempDir) {
     (Arc::new(store), dir)
 }
 
+async fn dynamodb() -> (Arc<dyn Store>, String) {
+    let (store, table) = crate::support::dynamo::fresh_store().await;
+    (Arc::new(store), table)
+}
+
 conformance_suite!(embedded_store, embedded);
+conformance_suite!(dynamodb_store, dynamodb);
 
 async fn subscriptions_are_created_listed_and_deleted(store: Arc<dyn Store>) {
     for id in ["sub_a", "sub_b", "sub_c"] {
@@ -345,8 +352,12 @@ async fn completion_and_failure_move_the_partition_head(store: Arc<dyn Store>) {
             .unwrap()
             .is_empty()
     );
-    // The dead letter still counts as pending.
-    assert_eq!(store.pending_partitions().await.unwrap(), [partition]);
+    // The dead letter is still listed as pending.
+    let pending = store.list_pending("sub_1", None, 10, None).await.unwrap();
+    assert_eq!(pending.items.len(), 1);
+    assert_eq!(pending.items[0].event.sequence, sequences[1]);
+    assert!(pending.items[0].state.dead_lettered);
+    assert_eq!(pending.items[0].state.attempts, 2);
 }
 
 async fn list_pending_pages_over_topics_and_includes_dead_letters(store: Arc<dyn Store>) {
@@ -516,4 +527,49 @@ async fn deleting_a_subscription_drops_its_backlog(store: Arc<dyn Store>) {
         .await
         .unwrap();
     assert_eq!(published.subscription_count, 1);
+}
+
+async fn fan_out_reaches_a_thousand_subscriptions_in_order(store: Arc<dyn Store>) {
+    let ids: Vec<String> = (0..1000).map(|index| format!("sub_{index:04}")).collect();
+    for (index, id) in ids.iter().enumerate() {
+        // Half by exact name, half by pattern.
+        let pattern = if index % 2 == 0 {
+            "big:fanout"
+        } else {
+            "big:*"
+        };
+        store
+            .create_subscription(&subscription(id, &[pattern]))
+            .await
+            .unwrap();
+    }
+    let mut sequences = Vec::new();
+    for index in 0..3 {
+        let published = store
+            .publish(&event(&format!("evt_{index}"), "big:fanout", None), DAY)
+            .await
+            .unwrap();
+        assert_eq!(published.subscription_count, 1000);
+        assert_eq!(published.partitions.len(), 1000);
+        sequences.push(published.sequence);
+    }
+    for id in &ids {
+        let deliveries = store
+            .next_deliveries(&PartitionKey::new("big:fanout", id.as_str()), 10)
+            .await
+            .unwrap();
+        let got: Vec<(u64, u64)> = deliveries
+            .iter()
+            .map(|delivery| (delivery.event.sequence, delivery.previous_sequence))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (sequences[0], 0),
+                (sequences[1], sequences[0]),
+                (sequences[2], sequences[1])
+            ],
+            "partition of {id}"
+        );
+    }
 }

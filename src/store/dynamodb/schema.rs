@@ -137,11 +137,13 @@ pub fn get_sequence(item: &Item) -> Result<u64, StoreError> {
 }
 
 fn corrupt(name: &str) -> StoreError {
-    StoreError::Internal(format!("DynamoDB item attribute `{name}` missing or malformed"))
+    StoreError::Internal(format!(
+        "DynamoDB item attribute `{name}` missing or malformed"
+    ))
 }
 
 /// The event item for `event` with `pending` deliveries referencing it.
-pub fn event_item(event: &Event, pending: usize, fanout: Option<&[String]>) -> Item {
+pub fn event_item(event: &Event, pending: usize, fanout: Option<String>) -> Item {
     let mut item = event_key(&event.topic, event.sequence);
     item.insert("id".into(), s(&event.id));
     item.insert("content_type".into(), s(&event.content_type));
@@ -150,11 +152,15 @@ pub fn event_item(event: &Event, pending: usize, fanout: Option<&[String]>) -> I
         s(serde_json::to_string(&event.attributes).expect("attributes serialize")),
     );
     item.insert("published_at".into(), n(event.published_at));
-    item.insert("payload".into(), AttributeValue::B(Blob::new(event.payload.clone())));
+    item.insert(
+        "payload".into(),
+        AttributeValue::B(Blob::new(event.payload.clone())),
+    );
     item.insert("pending".into(), n(pending));
     if let Some(fanout) = fanout {
-        // Kept so that any instance can finish a fan-out whose publisher died.
-        item.insert("fanout".into(), AttributeValue::Ss(fanout.to_vec()));
+        // (subscription id, previous sequence) pairs, kept so that any instance can finish a
+        // fan-out whose publisher died.
+        item.insert("fanout".into(), AttributeValue::S(fanout));
     }
     item
 }

@@ -3,22 +3,48 @@
 
 #![allow(dead_code)]
 
+pub mod dynamo;
 pub mod receiver;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use herald::config::ServeConfig;
 use herald::proto;
 use herald::proto::broker_client::BrokerClient;
+use herald::store::Store;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
 pub use receiver::{Receiver, Reply};
+
+/// Runs each listed `async fn case(backend: Backend)` as one test per backend, in modules
+/// `embedded` and `dynamodb`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($case:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    super::$case($crate::support::Backend::Embedded).await;
+                }
+            )*
+        }
+        mod dynamodb {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    super::$case($crate::support::Backend::Dynamodb).await;
+                }
+            )*
+        }
+    };
+}
 
 /// Polls `condition` every 20 ms until it holds; panics with `what` after `timeout`.
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut condition: F)
@@ -38,39 +64,156 @@ where
     }
 }
 
+/// Which store a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded store in a temporary directory.
+    Embedded,
+    /// A fresh table on the DynamoDB-compatible test server.
+    Dynamodb,
+}
+
+/// Where a server keeps its state: a data directory or a table, reusable across restarts.
+pub struct Deployment {
+    pub backend: Backend,
+    pub data_dir: tempfile::TempDir,
+    pub endpoint: Option<String>,
+    pub table: Option<String>,
+}
+
+impl Deployment {
+    /// Fresh state on `backend`.
+    pub async fn new(backend: Backend) -> Deployment {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        match backend {
+            Backend::Embedded => Deployment {
+                backend,
+                data_dir,
+                endpoint: None,
+                table: None,
+            },
+            Backend::Dynamodb => {
+                let endpoint = dynamo::endpoint();
+                let table = dynamo::fresh_table(&endpoint).await;
+                Deployment {
+                    backend,
+                    data_dir,
+                    endpoint: Some(endpoint),
+                    table: Some(table),
+                }
+            }
+        }
+    }
+
+    /// The serve configuration for this state, with test-friendly timings.
+    pub fn config(&self) -> ServeConfig {
+        let mut config = ServeConfig::with_data_dir(self.data_dir.path());
+        config.shutdown_grace = Duration::from_secs(2);
+        if self.backend == Backend::Dynamodb {
+            config.store = herald::config::StoreKind::Dynamodb;
+            config.dynamodb.table = self.table.clone().expect("table");
+            config.dynamodb.endpoint = self.endpoint.clone();
+            config.dynamodb.region = Some("us-east-1".into());
+            config.partition_lease = Duration::from_secs(2);
+            config.rescan_interval = Duration::from_millis(500);
+            config.fanout_repair_after = Duration::from_secs(1);
+        }
+        config
+    }
+
+    /// `herald serve` arguments for this state.
+    pub fn serve_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--data-dir".to_string(),
+            self.data_dir.path().display().to_string(),
+        ];
+        if self.backend == Backend::Dynamodb {
+            args.extend(
+                [
+                    "--store",
+                    "dynamodb",
+                    "--table",
+                    self.table.as_deref().unwrap(),
+                    "--endpoint",
+                    self.endpoint.as_deref().unwrap(),
+                    "--partition-lease",
+                    "2s",
+                    "--rescan-interval",
+                    "500ms",
+                    "--fanout-repair-after",
+                    "1s",
+                ]
+                .map(str::to_string),
+            );
+        }
+        args
+    }
+
+    /// Opens the store this deployment names, as the server would.
+    pub async fn open_store(&self, config: &ServeConfig) -> Arc<dyn Store> {
+        match self.backend {
+            Backend::Embedded => herald::app::open_store(config).await.expect("open store"),
+            Backend::Dynamodb => {
+                let endpoint = self.endpoint.as_deref().unwrap();
+                Arc::new(
+                    herald::store::DynamoStore::new(
+                        dynamo::client(endpoint),
+                        self.table.as_deref().unwrap(),
+                    )
+                    .with_repair_after(config.fanout_repair_after),
+                )
+            }
+        }
+    }
+}
+
 /// A server running inside the test process.
 pub struct TestApp {
     pub address: SocketAddr,
     pub client: BrokerClient<Channel>,
-    pub data_dir: tempfile::TempDir,
+    pub deployment: Deployment,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), herald::error::Error>>>,
 }
 
-/// Starts a server on 127.0.0.1:0 with a fresh data directory; `configure` adjusts defaults.
-pub async fn spawn_app(configure: impl FnOnce(&mut ServeConfig)) -> TestApp {
-    spawn_app_in(tempfile::tempdir().expect("temp dir"), configure).await
+/// Starts a server on 127.0.0.1:0 with fresh state on `backend`; `configure` adjusts defaults.
+pub async fn spawn_app(backend: Backend, configure: impl FnOnce(&mut ServeConfig)) -> TestApp {
+    spawn_app_on(Deployment::new(backend).await, configure).await
 }
 
-/// Starts a server on an existing data directory.
-pub async fn spawn_app_in(
-    data_dir: tempfile::TempDir,
+/// Starts a server on existing state.
+pub async fn spawn_app_on(
+    deployment: Deployment,
     configure: impl FnOnce(&mut ServeConfig),
 ) -> TestApp {
-    let mut config = ServeConfig::with_data_dir(data_dir.path());
-    config.shutdown_grace = Duration::from_secs(2);
+    let mut config = deployment.config();
     configure(&mut config);
+    let store = deployment.open_store(&config).await;
+    spawn_app_with_store(deployment, config, store).await
+}
+
+/// Starts a server on a store the test opened itself.
+pub async fn spawn_app_with_store(
+    deployment: Deployment,
+    config: ServeConfig,
+    store: Arc<dyn Store>,
+) -> TestApp {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("address");
     let (shutdown, shutdown_receiver) = oneshot::channel::<()>();
-    let task = tokio::spawn(herald::app::run(config, listener, async move {
-        let _ = shutdown_receiver.await;
-    }));
+    let task = tokio::spawn(herald::app::run_with_store(
+        config,
+        store,
+        listener,
+        async move {
+            let _ = shutdown_receiver.await;
+        },
+    ));
     let client = connect(address).await;
     TestApp {
         address,
         client,
-        data_dir,
+        deployment,
         shutdown: Some(shutdown),
         task: Some(task),
     }
@@ -82,15 +225,15 @@ impl TestApp {
         connect(self.address).await
     }
 
-    /// Shuts down gracefully and returns the data directory for a restart.
-    pub async fn stop(mut self) -> tempfile::TempDir {
+    /// Shuts down gracefully and returns the state for a restart.
+    pub async fn stop(mut self) -> Deployment {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }
         if let Some(task) = self.task.take() {
             task.await.expect("server task").expect("server result");
         }
-        self.data_dir
+        self.deployment
     }
 }
 
@@ -114,16 +257,15 @@ pub struct HeraldProcess {
 }
 
 impl HeraldProcess {
-    /// Starts `herald serve --listen 127.0.0.1:0 --data-dir DIR` plus `extra` arguments and
-    /// waits for its "listening" line.
-    pub async fn start(data_dir: &Path, extra: &[&str]) -> HeraldProcess {
+    /// Starts `herald serve --listen 127.0.0.1:0` on the deployment's state and waits for its
+    /// "listening" line.
+    pub async fn start(deployment: &Deployment) -> HeraldProcess {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
             .arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(extra)
+            .args(deployment.serve_args())
+            .envs(dynamo::child_env())
             .env("HERALD_LOG", "warn")
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
@@ -149,13 +291,6 @@ impl HeraldProcess {
         self.child.start_kill().expect("kill");
         self.child.wait().await.expect("wait");
     }
-}
-
-/// A temp directory path that outlives a child process.
-pub fn data_dir() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().to_path_buf();
-    (dir, path)
 }
 
 /// Subscribe request with the given endpoint and topics and a fast retry policy.

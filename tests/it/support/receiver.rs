@@ -31,6 +31,8 @@ pub enum Reply {
 #[derive(Debug, Clone)]
 pub struct Received {
     pub at: Instant,
+    /// The request path, e.g. `/hook/3`.
+    pub path: String,
     pub id: String,
     pub timestamp: u64,
     pub signature: String,
@@ -149,6 +151,7 @@ async fn handle(
     request: Request<hyper::body::Incoming>,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let at = Instant::now();
+    let path = request.uri().path().to_string();
     let header = |name: &str| {
         request
             .headers()
@@ -173,6 +176,7 @@ async fn handle(
     };
     let mut received = Received {
         at,
+        path,
         id,
         timestamp,
         signature,

@@ -1,0 +1,442 @@
+//! Publishing on DynamoDB: sequence allocation, fan-out, idempotency, and finishing fan-outs
+//! whose publisher died.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Put, TransactWriteItem, Update};
+
+use super::schema::{self, Item, get_n, get_s, n, s};
+use super::{
+    DynamoStore, MAX_CONFLICT_RETRIES, TRANSACTION_LIMIT, TopicState, cancellation_reasons,
+    conflict_pause, sdk_error,
+};
+use crate::model::{Event, NewEvent, PartitionKey, Published, now_micros, now_millis};
+use crate::store::StoreError;
+
+/// What a worker may deliver of a topic.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Horizon {
+    /// The topic's last committed sequence.
+    pub last_sequence: u64,
+    /// The smallest sequence whose fan-out is unfinished.
+    pub oldest_open: Option<u64>,
+}
+
+impl Horizon {
+    /// The first sequence that may not be delivered yet.
+    pub fn limit(&self) -> u64 {
+        self.oldest_open
+            .unwrap_or(u64::MAX)
+            .min(self.last_sequence.saturating_add(1))
+    }
+}
+
+/// Position of the items every publish transaction starts with.
+const VERSION_ITEM: usize = 0;
+const TOPIC_ITEM: usize = 1;
+const IDEMPOTENCY_ITEM: usize = 2;
+
+impl DynamoStore {
+    pub(super) async fn publish_event(
+        &self,
+        event: &NewEvent,
+        window: Duration,
+    ) -> Result<Published, StoreError> {
+        let topic = event.topic.as_str();
+        let key = event
+            .idempotency_key
+            .as_deref()
+            .filter(|_| !window.is_zero());
+        for attempt in 0..MAX_CONFLICT_RETRIES {
+            let now = now_millis();
+            if let Some(key) = key
+                && let Some(original) = self.idempotent_original(topic, key, now).await?
+            {
+                return Ok(original);
+            }
+            let set = self.subscription_set().await?;
+            let state = self.topic_state(topic).await?;
+            let sequence = now_micros().max(state.last_sequence + 1);
+            let subscribers: Vec<String> = set.index.matching(topic).into_iter().collect();
+            let fanout: Vec<(String, u64)> = subscribers
+                .iter()
+                .map(|id| {
+                    let created = set.created.get(id).copied().unwrap_or(u64::MAX);
+                    // The previous event of the topic reached this subscription iff it was
+                    // published with a subscription set that already held it.
+                    let previous = if state.last_sequence > 0 && state.last_version >= created {
+                        state.last_sequence
+                    } else {
+                        0
+                    };
+                    (id.clone(), previous)
+                })
+                .collect();
+            let deliveries: Vec<Item> = fanout
+                .iter()
+                .map(|(id, previous)| {
+                    schema::delivery_item(
+                        &PartitionKey::new(topic, id.as_str()),
+                        sequence,
+                        *previous,
+                        now,
+                    )
+                })
+                .collect();
+
+            let fixed_items = 2
+                + usize::from(key.is_some())
+                + usize::from(!subscribers.is_empty())
+                + usize::from(state.last_sequence == 0);
+            let room = TRANSACTION_LIMIT - fixed_items;
+            let chunked = deliveries.len() > room;
+
+            let mut items = vec![
+                self.check_version(set.version),
+                self.advance_topic(topic, state, sequence, set.version, chunked),
+            ];
+            if let Some(key) = key {
+                items.push(self.remember_key(
+                    topic,
+                    key,
+                    &event.id,
+                    sequence,
+                    now,
+                    subscribers.len(),
+                    window,
+                ));
+            }
+            if !subscribers.is_empty() {
+                let stored = Event {
+                    id: event.id.clone(),
+                    topic: topic.to_string(),
+                    sequence,
+                    payload: event.payload.clone(),
+                    content_type: event.content_type.clone(),
+                    attributes: event.attributes.clone(),
+                    published_at: now,
+                };
+                let fanout_record =
+                    chunked.then(|| serde_json::to_string(&fanout).expect("fan-out serializes"));
+                items.push(self.put(schema::event_item(
+                    &stored,
+                    subscribers.len(),
+                    fanout_record,
+                )));
+            }
+            if state.last_sequence == 0 {
+                items.push(self.put(schema::key(schema::TOPICS_PK, topic)));
+            }
+            let first_chunk = deliveries.len().min(room);
+            items.extend(
+                deliveries[..first_chunk]
+                    .iter()
+                    .cloned()
+                    .map(|item| self.put(item)),
+            );
+
+            match self.transact(items).await {
+                Ok(()) => {}
+                Err(error) => {
+                    let Some(reasons) = cancellation_reasons(&error) else {
+                        return Err(sdk_error(error));
+                    };
+                    let failed = |index: usize| {
+                        reasons.get(index).map(String::as_str) == Some("ConditionalCheckFailed")
+                    };
+                    if failed(VERSION_ITEM) {
+                        self.forget_subscriptions();
+                    }
+                    if failed(TOPIC_ITEM) {
+                        self.forget_topic(topic);
+                    }
+                    if !(failed(VERSION_ITEM)
+                        || failed(TOPIC_ITEM)
+                        || (key.is_some() && failed(IDEMPOTENCY_ITEM)))
+                    {
+                        conflict_pause(attempt).await;
+                    }
+                    continue;
+                }
+            }
+            self.topics.lock().expect("cache lock").insert(
+                topic.to_string(),
+                TopicState {
+                    last_sequence: sequence,
+                    last_version: set.version,
+                },
+            );
+            if chunked {
+                if self.fail_next_fanout.swap(false, Ordering::SeqCst) {
+                    return Err(StoreError::Unavailable(
+                        "injected fault: publisher stopped after the first fan-out transaction"
+                            .into(),
+                    ));
+                }
+                self.write_open_fanout(topic, sequence, deliveries[first_chunk..].to_vec())
+                    .await?;
+            }
+            return Ok(Published {
+                event_id: event.id.clone(),
+                sequence,
+                published_at: now,
+                subscription_count: subscribers.len() as u32,
+                duplicate: false,
+                partitions: subscribers
+                    .into_iter()
+                    .map(|id| PartitionKey::new(topic, id))
+                    .collect(),
+            });
+        }
+        Err(StoreError::Unavailable(format!(
+            "too much contention publishing on {topic}; retry"
+        )))
+    }
+
+    /// The original outcome of a live idempotency key.
+    async fn idempotent_original(
+        &self,
+        topic: &str,
+        key: &str,
+        now: u64,
+    ) -> Result<Option<Published>, StoreError> {
+        let Some(item) = self.get_item(schema::idempotency_key(topic, key)).await? else {
+            return Ok(None);
+        };
+        if get_n(&item, "expires_at")? <= now {
+            return Ok(None);
+        }
+        Ok(Some(Published {
+            event_id: get_s(&item, "event_id")?.to_string(),
+            sequence: get_n(&item, "sequence")?,
+            published_at: get_n(&item, "published_at")?,
+            subscription_count: get_n(&item, "subscription_count")? as u32,
+            duplicate: true,
+            partitions: Vec::new(),
+        }))
+    }
+
+    fn put(&self, item: Item) -> TransactWriteItem {
+        TransactWriteItem::builder()
+            .put(
+                Put::builder()
+                    .table_name(&self.table)
+                    .set_item(Some(item))
+                    .build()
+                    .expect("complete put"),
+            )
+            .build()
+    }
+
+    /// Fails the transaction unless the subscription set is still at `version`.
+    fn check_version(&self, version: u64) -> TransactWriteItem {
+        let check = ConditionCheck::builder()
+            .table_name(&self.table)
+            .set_key(Some(schema::meta_key()));
+        let check = if version == 0 {
+            check.condition_expression("attribute_not_exists(pk)")
+        } else {
+            check
+                .condition_expression("version = :version")
+                .expression_attribute_values(":version", n(version))
+        };
+        TransactWriteItem::builder()
+            .condition_check(check.build().expect("complete condition check"))
+            .build()
+    }
+
+    /// Moves the topic's last sequence from what this instance read to `sequence`; with
+    /// `open_fanout`, also marks the fan-out of `sequence` as unfinished.
+    fn advance_topic(
+        &self,
+        topic: &str,
+        state: TopicState,
+        sequence: u64,
+        version: u64,
+        open_fanout: bool,
+    ) -> TransactWriteItem {
+        let mut expression = "SET last_seq = :sequence, last_version = :version".to_string();
+        if open_fanout {
+            expression.push_str(" ADD open_fanouts :open");
+        }
+        let update = Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(schema::topic_key(topic)))
+            .update_expression(expression)
+            .expression_attribute_values(":sequence", n(sequence))
+            .expression_attribute_values(":version", n(version));
+        let update = if open_fanout {
+            update.expression_attribute_values(
+                ":open",
+                AttributeValue::Ns(vec![sequence.to_string()]),
+            )
+        } else {
+            update
+        };
+        let update = if state.last_sequence == 0 {
+            update.condition_expression("attribute_not_exists(pk)")
+        } else {
+            update
+                .condition_expression("last_seq = :expected")
+                .expression_attribute_values(":expected", n(state.last_sequence))
+        };
+        TransactWriteItem::builder()
+            .update(update.build().expect("complete update"))
+            .build()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn remember_key(
+        &self,
+        topic: &str,
+        key: &str,
+        event_id: &str,
+        sequence: u64,
+        now: u64,
+        subscription_count: usize,
+        window: Duration,
+    ) -> TransactWriteItem {
+        let expires_at = now + window.as_millis() as u64;
+        let mut item = schema::idempotency_key(topic, key);
+        item.insert("event_id".into(), s(event_id));
+        item.insert("sequence".into(), n(sequence));
+        item.insert("published_at".into(), n(now));
+        item.insert("subscription_count".into(), n(subscription_count));
+        item.insert("expires_at".into(), n(expires_at));
+        item.insert(schema::TTL.into(), n(expires_at / 1000 + 1));
+        TransactWriteItem::builder()
+            .put(
+                Put::builder()
+                    .table_name(&self.table)
+                    .set_item(Some(item))
+                    .condition_expression("attribute_not_exists(pk) OR expires_at < :now")
+                    .expression_attribute_values(":now", n(now))
+                    .build()
+                    .expect("complete put"),
+            )
+            .build()
+    }
+
+    /// Writes the remaining deliveries of an open fan-out, then closes it. Every write is
+    /// conditional on the fan-out still being open, so a publisher that resumes after another
+    /// instance finished its fan-out cannot bring back deliveries that were already made.
+    async fn write_open_fanout(
+        &self,
+        topic: &str,
+        sequence: u64,
+        deliveries: Vec<Item>,
+    ) -> Result<(), StoreError> {
+        for chunk in deliveries.chunks(TRANSACTION_LIMIT - 1) {
+            let check = ConditionCheck::builder()
+                .table_name(&self.table)
+                .set_key(Some(schema::topic_key(topic)))
+                .condition_expression("contains(open_fanouts, :sequence)")
+                .expression_attribute_values(":sequence", n(sequence))
+                .build()
+                .expect("complete condition check");
+            let mut items = vec![TransactWriteItem::builder().condition_check(check).build()];
+            items.extend(chunk.iter().cloned().map(|item| self.put(item)));
+            if let Err(error) = self.transact(items).await {
+                return match cancellation_reasons(&error) {
+                    // Someone else finished it.
+                    Some(reasons)
+                        if reasons.first().map(String::as_str)
+                            == Some("ConditionalCheckFailed") =>
+                    {
+                        Ok(())
+                    }
+                    _ => Err(sdk_error(error)),
+                };
+            }
+        }
+        self.counts.add("UpdateItem");
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(schema::topic_key(topic)))
+            .update_expression("DELETE open_fanouts :open")
+            .expression_attribute_values(":open", AttributeValue::Ns(vec![sequence.to_string()]))
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        Ok(())
+    }
+
+    /// The first sequence of `topic` that a worker may not deliver yet: one past the last
+    /// sequence committed, or the smallest sequence whose fan-out is unfinished if lower.
+    /// Finishes an unfinished fan-out older than the repair delay first. `None` if the topic
+    /// has never been published.
+    ///
+    /// Read this before the deliveries: every event at or below the returned last sequence is
+    /// then either fully fanned out before the read of the deliveries, or still open here.
+    pub(super) async fn delivery_horizon(
+        &self,
+        topic: &str,
+    ) -> Result<Option<Horizon>, StoreError> {
+        for _ in 0..3 {
+            let Some(item) = self.get_item(schema::topic_key(topic)).await? else {
+                return Ok(None);
+            };
+            let last_sequence = get_n(&item, "last_seq")?;
+            let oldest_open = match item.get("open_fanouts") {
+                Some(AttributeValue::Ns(open)) => open
+                    .iter()
+                    .filter_map(|sequence| sequence.parse::<u64>().ok())
+                    .min(),
+                _ => None,
+            };
+            match oldest_open {
+                Some(oldest)
+                    if Duration::from_micros(now_micros().saturating_sub(oldest))
+                        >= self.repair_after =>
+                {
+                    self.finish_fanout(topic, oldest).await?;
+                }
+                _ => {
+                    return Ok(Some(Horizon {
+                        last_sequence,
+                        oldest_open,
+                    }));
+                }
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "cannot finish the fan-outs of {topic}"
+        )))
+    }
+
+    /// Rewrites every delivery of an unfinished fan-out from the list its event item keeps,
+    /// then closes it.
+    async fn finish_fanout(&self, topic: &str, sequence: u64) -> Result<(), StoreError> {
+        tracing::warn!(
+            topic,
+            sequence,
+            "finishing a fan-out left unfinished by its publisher"
+        );
+        let deliveries = match self.get_item(schema::event_key(topic, sequence)).await? {
+            Some(event) => {
+                let fanout: Vec<(String, u64)> = serde_json::from_str(get_s(&event, "fanout")?)
+                    .map_err(|_| {
+                        StoreError::Internal(format!("corrupt fan-out of {topic}/{sequence}"))
+                    })?;
+                let due = get_n(&event, "published_at")?;
+                fanout
+                    .into_iter()
+                    .map(|(id, previous)| {
+                        schema::delivery_item(
+                            &PartitionKey::new(topic, id),
+                            sequence,
+                            previous,
+                            due,
+                        )
+                    })
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        self.write_open_fanout(topic, sequence, deliveries).await?;
+        self.fanouts_repaired.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}

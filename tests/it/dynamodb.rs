@@ -1,0 +1,333 @@
+//! DynamoDB only: several instances on one table, a publisher failing halfway through a large
+//! fan-out, an outage, and the request cost per event.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald::model::{NewEvent, PartitionKey, now_millis};
+use herald::proto;
+use herald::store::{DynamoStore, Store};
+use tonic::Code;
+
+use crate::support::dynamo::{self, PrivateServer};
+use crate::support::receiver::Received;
+use crate::support::{
+    Backend, Deployment, HeraldProcess, Receiver, all_pending, connect, eventually,
+    publish_request, spawn_app_with_store, subscribe_request,
+};
+
+/// Asserts per topic: first deliveries in increasing sequence order, chain without holes.
+fn assert_chain(delivered: &[Received]) -> BTreeMap<String, Vec<u64>> {
+    let mut seen = HashSet::new();
+    let mut chains: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for received in delivered {
+        if !seen.insert((received.path.clone(), received.id.clone())) {
+            continue;
+        }
+        let chain = chains
+            .entry(format!("{} {}", received.path, received.topic))
+            .or_default();
+        let last = chain.last().copied().unwrap_or(0);
+        assert_eq!(
+            received.previous, last,
+            "hole before {} on {}",
+            received.sequence, received.path
+        );
+        assert!(received.sequence > last);
+        chain.push(received.sequence);
+    }
+    chains
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_publishing_to_one_topic_keep_every_subscriber_in_order() {
+    let deployment = Deployment::new(Backend::Dynamodb).await;
+    let first = HeraldProcess::start(&deployment).await;
+    let second = HeraldProcess::start(&deployment).await;
+    let receivers = [Receiver::start().await, Receiver::start().await];
+    let mut client = connect(first.address).await;
+    for receiver in &receivers {
+        client
+            .subscribe(subscribe_request(&receiver.url(), &["orders:*"]))
+            .await
+            .unwrap();
+    }
+    // 4 publishers on each instance, all on the same two topics at once.
+    let mut publishers = Vec::new();
+    for publisher in 0..8 {
+        let address = if publisher % 2 == 0 {
+            first.address
+        } else {
+            second.address
+        };
+        let mut client = connect(address).await;
+        publishers.push(tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            for index in 0..40 {
+                let topic = if index % 2 == 0 {
+                    "orders:eu"
+                } else {
+                    "orders:us"
+                };
+                let response = client
+                    .publish(publish_request(topic, format!("{publisher}-{index}")))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                acknowledged.push((topic, response.sequence, response.event_id));
+            }
+            acknowledged
+        }));
+    }
+    let mut acknowledged = Vec::new();
+    for publisher in publishers {
+        acknowledged.extend(publisher.await.unwrap());
+    }
+    let unique: HashSet<(&str, u64)> = acknowledged
+        .iter()
+        .map(|(topic, sequence, _)| (*topic, *sequence))
+        .collect();
+    assert_eq!(
+        unique.len(),
+        320,
+        "sequences are unique per topic across instances"
+    );
+    let wanted: HashSet<String> = acknowledged.iter().map(|(_, _, id)| id.clone()).collect();
+    for receiver in &receivers {
+        eventually(
+            Duration::from_secs(60),
+            "every event at every subscriber",
+            || async {
+                let got: HashSet<String> = receiver
+                    .delivered()
+                    .into_iter()
+                    .map(|received| received.id)
+                    .collect();
+                wanted.is_subset(&got)
+            },
+        )
+        .await;
+        let chains = assert_chain(&receiver.delivered());
+        let total: usize = chains.values().map(Vec::len).sum();
+        assert_eq!(total, 320);
+    }
+    first.kill_9().await;
+    second.kill_9().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_publisher_failing_halfway_through_a_large_fan_out_breaks_no_order() {
+    let deployment = Deployment::new(Backend::Dynamodb).await;
+    let config = deployment.config();
+    let store = Arc::new(
+        DynamoStore::new(
+            dynamo::client(deployment.endpoint.as_deref().unwrap()),
+            deployment.table.as_deref().unwrap(),
+        )
+        .with_repair_after(Duration::from_secs(1)),
+    );
+    let app = spawn_app_with_store(deployment, config, store.clone() as Arc<dyn Store>).await;
+    let receiver = Receiver::start().await;
+    let mut client = app.client().await;
+    // More subscriptions than one transaction can hold.
+    for index in 0..150 {
+        let url = format!("http://{}/hook/{index}", receiver.address);
+        client
+            .subscribe(subscribe_request(&url, &["big"]))
+            .await
+            .unwrap();
+    }
+    let first = client
+        .publish(publish_request("big", "one"))
+        .await
+        .unwrap()
+        .into_inner();
+    store.inject_fanout_failure();
+    let status = client
+        .publish(publish_request("big", "two"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let third = client
+        .publish(publish_request("big", "three"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(third.sequence > first.sequence);
+
+    // The half-written event is finished by the store (roll-forward) and every subscriber
+    // gets all three, in order: nothing after it overtook it.
+    eventually(
+        Duration::from_secs(30),
+        "all three events at all 150 subscribers",
+        || async { receiver.delivered_count() >= 450 },
+    )
+    .await;
+    assert!(store.fanouts_repaired() >= 1);
+    let chains = assert_chain(&receiver.delivered());
+    assert_eq!(chains.len(), 150);
+    let bodies: BTreeMap<String, Vec<String>> =
+        receiver
+            .delivered()
+            .iter()
+            .fold(BTreeMap::new(), |mut bodies, received| {
+                bodies
+                    .entry(received.path.clone())
+                    .or_default()
+                    .push(String::from_utf8(received.body.to_vec()).unwrap());
+                bodies
+            });
+    for (path, bodies) in bodies {
+        assert_eq!(bodies, ["one", "two", "three"], "{path}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outage_fails_publishes_with_unavailable_and_delivery_resumes_after_it() {
+    let mut server = PrivateServer::start();
+    let endpoint = server.endpoint();
+    let table = dynamo::fresh_table(&endpoint).await;
+    let deployment = Deployment {
+        backend: Backend::Dynamodb,
+        data_dir: tempfile::tempdir().unwrap(),
+        endpoint: Some(endpoint.clone()),
+        table: Some(table.clone()),
+    };
+    let config = deployment.config();
+    let store: Arc<dyn Store> = Arc::new(DynamoStore::new(dynamo::client(&endpoint), &table));
+    let app = spawn_app_with_store(deployment, config, store).await;
+    let receiver = Receiver::start().await;
+    let mut client = app.client().await;
+    let subscription = client
+        .subscribe(subscribe_request(&receiver.url(), &["t"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let before = client
+        .publish(publish_request("t", "before"))
+        .await
+        .unwrap()
+        .into_inner();
+    eventually(
+        Duration::from_secs(10),
+        "first event delivered and recorded",
+        || {
+            let mut client = client.clone();
+            let id = subscription.id.clone();
+            let receiver = receiver.clone();
+            async move {
+                receiver.delivered_count() == 1 && all_pending(&mut client, &id).await.is_empty()
+            }
+        },
+    )
+    .await;
+
+    server.stop();
+    let status = client
+        .publish(publish_request("t", "during"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("store unavailable"),
+        "{}",
+        status.message()
+    );
+    let status = client
+        .list_pending(proto::ListPendingRequest {
+            subscription_id: "sub_x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+
+    server.resume();
+    let after = client
+        .publish(publish_request("t", "after"))
+        .await
+        .unwrap()
+        .into_inner();
+    eventually(Duration::from_secs(20), "delivery resumes", || async {
+        receiver.delivered_count() >= 2
+    })
+    .await;
+    let delivered = receiver.delivered();
+    assert_eq!(delivered[1].sequence, after.sequence);
+    // The failed publish left nothing behind: the chain goes straight from before to after.
+    assert_eq!(delivered[1].previous, before.sequence);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_per_publish_and_per_delivery_do_not_grow_with_the_table() {
+    let (store, _table) = dynamo::fresh_store().await;
+    let counts = store.request_counts();
+    for index in 0..10 {
+        let subscription = herald::model::Subscription {
+            id: format!("sub_{index}"),
+            endpoint: "http://127.0.0.1:9/".into(),
+            topics: vec!["t".into()],
+            secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+            retry_policy: Default::default(),
+            on_exhausted: herald::model::OnExhausted::DeadLetter,
+            created_at: now_millis(),
+        };
+        store.create_subscription(&subscription).await.unwrap();
+    }
+    let event = |index: usize| NewEvent {
+        id: format!("evt_{index}"),
+        topic: "t".into(),
+        payload: vec![b'x'; 1024],
+        content_type: "application/json".into(),
+        idempotency_key: None,
+        attributes: Default::default(),
+    };
+    let day = Duration::from_secs(86400);
+    store.publish(&event(0), day).await.unwrap();
+
+    let mut per_publish = Vec::new();
+    for round in 0..3 {
+        // The table grows by 1,000 deliveries a round; the cost per publish must not.
+        let before = counts.total();
+        for index in 0..100 {
+            store
+                .publish(&event(1 + round * 100 + index), day)
+                .await
+                .unwrap();
+        }
+        per_publish.push((counts.total() - before) as f64 / 100.0);
+    }
+    println!(
+        "DynamoDB requests per publish (fan-out 10), by round: {per_publish:?}; {:?}",
+        counts.snapshot()
+    );
+    assert!(
+        per_publish.iter().all(|cost| *cost == 1.0),
+        "one transaction per publish: {per_publish:?}"
+    );
+
+    // Drain one partition as the worker does: a page read, then one write per delivery.
+    let partition = PartitionKey::new("t", "sub_3");
+    let before = counts.total();
+    let mut delivered = 0;
+    loop {
+        let page = store.next_deliveries(&partition, 64).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        for delivery in page {
+            store
+                .complete_delivery(&partition, delivery.event.sequence)
+                .await
+                .unwrap();
+            delivered += 1;
+        }
+    }
+    assert_eq!(delivered, 301);
+    let per_delivery = (counts.total() - before) as f64 / delivered as f64;
+    println!("DynamoDB requests per delivered event (store calls, pages of 64): {per_delivery:.3}");
+    assert!(per_delivery <= 1.1, "{per_delivery}");
+}
