@@ -1,7 +1,7 @@
 # Herald. `make run` starts the broker on the embedded store; `make test` runs every test.
 CARGO ?= cargo
 
-.PHONY: run test lint fmt build release
+.PHONY: run test bench lint fmt build release
 
 ## Run the broker on 127.0.0.1:50051 with the embedded store in ./herald-data.
 run:
@@ -11,6 +11,10 @@ run:
 ## server, then runs unit, conformance and end-to-end tests (real herald processes and receivers).
 test:
 	scripts/test.sh
+
+## The load benchmark; e.g. make bench ARGS='--store dynamodb --events-per-topic 10'.
+bench:
+	scripts/bench.sh $(ARGS)
 
 ## Formatting and clippy, as CI runs them.
 lint:

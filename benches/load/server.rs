@@ -1,0 +1,251 @@
+//! The servers under test: Herald (a child process on the embedded store, so its RSS is its
+//! own; in-process on DynamoDB, so its request counters can be read) and the empty handler.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald::proto;
+use herald::proto::broker_server::{Broker as BrokerApi, BrokerServer};
+use herald::store::dynamodb::RequestCounts;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::oneshot;
+use tonic::{Request, Response, Status};
+
+/// The store to benchmark.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum StoreChoice {
+    Embedded,
+    Dynamodb,
+}
+
+/// A running Herald.
+pub struct Herald {
+    pub address: SocketAddr,
+    child: Option<tokio::process::Child>,
+    delivery_concurrency: usize,
+    data_dir: tempfile::TempDir,
+    counts: Option<Arc<RequestCounts>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Herald {
+    pub async fn start(store: StoreChoice, delivery_concurrency: usize) -> Herald {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        match store {
+            StoreChoice::Embedded => {
+                let (child, address) = spawn_child(data_dir.path(), delivery_concurrency).await;
+                Herald {
+                    address,
+                    child: Some(child),
+                    delivery_concurrency,
+                    data_dir,
+                    counts: None,
+                    stop: None,
+                    task: None,
+                }
+            }
+            StoreChoice::Dynamodb => {
+                let endpoint = std::env::var("HERALD_BENCH_DYNAMODB_ENDPOINT").expect(
+                    "HERALD_BENCH_DYNAMODB_ENDPOINT is not set: run `make bench ARGS='--store dynamodb'`",
+                );
+                let config = aws_sdk_dynamodb::Config::builder()
+                    .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
+                    .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
+                    .endpoint_url(&endpoint)
+                    .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+                        "bench",
+                        "bench",
+                        None,
+                        None,
+                        "herald-bench",
+                    ))
+                    .build();
+                let client = aws_sdk_dynamodb::Client::from_conf(config);
+                let table = herald::broker::new_id("herald-bench").replace('_', "-");
+                herald::store::dynamodb::create_table(&client, &table)
+                    .await
+                    .expect("create table");
+                let store = herald::store::DynamoStore::new(client, &table);
+                let counts = store.request_counts();
+                let mut config = herald::config::ServeConfig::with_data_dir(data_dir.path());
+                config.store = herald::config::StoreKind::Dynamodb;
+                config.dynamodb.table = table;
+                config.delivery_concurrency = delivery_concurrency;
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let address = listener.local_addr().unwrap();
+                let (stop, stopped) = oneshot::channel::<()>();
+                let task = tokio::spawn(async move {
+                    herald::app::run_with_store(config, Arc::new(store), listener, async move {
+                        let _ = stopped.await;
+                    })
+                    .await
+                    .expect("herald");
+                });
+                Herald {
+                    address,
+                    child: None,
+                    delivery_concurrency,
+                    data_dir,
+                    counts: Some(counts),
+                    stop: Some(stop),
+                    task: Some(task),
+                }
+            }
+        }
+    }
+
+    /// Peak resident set of the server process, in MiB (child process only).
+    pub fn peak_rss_mib(&self) -> Option<f64> {
+        self.status_mib("VmHWM:")
+    }
+
+    /// Current resident set of the server process, in MiB (child process only).
+    pub fn rss_mib(&self) -> Option<f64> {
+        self.status_mib("VmRSS:")
+    }
+
+    fn status_mib(&self, field: &str) -> Option<f64> {
+        let pid = self.child.as_ref()?.id()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|line| line.starts_with(field))?;
+        let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib / 1024.0)
+    }
+
+    /// SIGKILLs the child and starts it again on the same data (embedded store only).
+    pub async fn kill_and_restart(&mut self) {
+        let mut child = self.child.take().expect("a child process");
+        child.start_kill().expect("kill");
+        child.wait().await.expect("wait");
+        let (child, address) = spawn_child(self.data_dir.path(), self.delivery_concurrency).await;
+        self.child = Some(child);
+        self.address = address;
+    }
+
+    /// DynamoDB requests sent so far (0 on the embedded store).
+    pub fn dynamodb_requests(&self) -> u64 {
+        self.counts.as_ref().map_or(0, |counts| counts.total())
+    }
+
+    /// Requests per operation, as text.
+    pub fn dynamodb_breakdown(&self) -> Option<String> {
+        let counts = self.counts.as_ref()?.snapshot();
+        Some(
+            counts
+                .iter()
+                .map(|(operation, count)| format!("{operation} {count}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+        }
+    }
+}
+
+async fn spawn_child(
+    data_dir: &std::path::Path,
+    delivery_concurrency: usize,
+) -> (tokio::process::Child, SocketAddr) {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(["--delivery-concurrency", &delivery_concurrency.to_string()])
+        .env("HERALD_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start herald");
+    let stdout = child.stdout.take().unwrap();
+    let line = BufReader::new(stdout)
+        .lines()
+        .next_line()
+        .await
+        .unwrap()
+        .expect("herald printed its address");
+    let address = line
+        .strip_prefix("herald listening on ")
+        .expect("listening line")
+        .parse()
+        .unwrap();
+    (child, address)
+}
+
+/// A Broker whose Publish does nothing: the ceiling of the gRPC stack and the load tool.
+struct EmptyBroker;
+
+#[tonic::async_trait]
+impl BrokerApi for EmptyBroker {
+    async fn publish(
+        &self,
+        _request: Request<proto::PublishRequest>,
+    ) -> Result<Response<proto::PublishResponse>, Status> {
+        Ok(Response::new(proto::PublishResponse {
+            event_id: "evt_empty".into(),
+            sequence: 1,
+            ..Default::default()
+        }))
+    }
+    async fn subscribe(
+        &self,
+        _request: Request<proto::SubscribeRequest>,
+    ) -> Result<Response<proto::Subscription>, Status> {
+        Err(Status::unimplemented("empty broker"))
+    }
+    async fn get_subscription(
+        &self,
+        _request: Request<proto::GetSubscriptionRequest>,
+    ) -> Result<Response<proto::Subscription>, Status> {
+        Err(Status::unimplemented("empty broker"))
+    }
+    async fn list_subscriptions(
+        &self,
+        _request: Request<proto::ListSubscriptionsRequest>,
+    ) -> Result<Response<proto::ListSubscriptionsResponse>, Status> {
+        Err(Status::unimplemented("empty broker"))
+    }
+    async fn unsubscribe(
+        &self,
+        _request: Request<proto::UnsubscribeRequest>,
+    ) -> Result<Response<proto::UnsubscribeResponse>, Status> {
+        Err(Status::unimplemented("empty broker"))
+    }
+    async fn list_pending(
+        &self,
+        _request: Request<proto::ListPendingRequest>,
+    ) -> Result<Response<proto::ListPendingResponse>, Status> {
+        Err(Status::unimplemented("empty broker"))
+    }
+}
+
+/// Starts the empty broker in this process on a free port.
+pub async fn start_empty_broker() -> (SocketAddr, oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(BrokerServer::new(EmptyBroker))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async move {
+                    let _ = stopped.await;
+                },
+            )
+            .await
+            .expect("empty broker");
+    });
+    (address, stop)
+}

@@ -1,0 +1,124 @@
+//! Criterion micro-benchmarks of the hot paths: signing, key and record encoding, and the
+//! embedded store's append (durable publish) and drain (reading a partition's head).
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use herald::delivery::webhook;
+use herald::model::{Event, NewEvent, OnExhausted, PartitionKey, RetryPolicy, Subscription};
+use herald::store::records;
+use herald::store::{EmbeddedStore, Store};
+
+fn signing(criterion: &mut Criterion) {
+    let key = webhook::decode_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+    let body = vec![b'x'; 1024];
+    let mut group = criterion.benchmark_group("signing");
+    group.throughput(Throughput::Bytes(body.len() as u64));
+    group.bench_function("sign 1 KiB", |bencher| {
+        bencher.iter(|| {
+            webhook::sign(
+                &key,
+                black_box("evt_01a2210f7dd2760f377bcaca7d4f"),
+                1_795_850_993,
+                black_box(&body),
+            )
+        })
+    });
+    group.finish();
+}
+
+fn encoding(criterion: &mut Criterion) {
+    let partition = PartitionKey::new("fin:purchase", "sub_01a2210f7dc640c5644924600a0e");
+    criterion.bench_function("partition key encode", |bencher| {
+        bencher.iter(|| black_box(&partition).encode())
+    });
+    let event = Event {
+        id: "evt_01a2210f7dd2760f377bcaca7d4f".into(),
+        topic: "fin:purchase".into(),
+        sequence: 1_795_850_993_106_281,
+        payload: vec![b'x'; 1024],
+        content_type: "application/json".into(),
+        attributes: BTreeMap::from([("source".to_string(), "checkout".to_string())]),
+        published_at: 1_795_850_993_106,
+    };
+    criterion.bench_function("event record encode 1 KiB", |bencher| {
+        bencher.iter(|| records::encode_event(black_box(&event)))
+    });
+    let encoded = records::encode_event(&event);
+    criterion.bench_function("event record decode 1 KiB", |bencher| {
+        bencher.iter(|| records::decode_event("fin:purchase", 1, black_box(&encoded)).unwrap())
+    });
+}
+
+fn store(criterion: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let subscription = Subscription {
+        id: "sub_1".into(),
+        endpoint: "http://127.0.0.1:9/".into(),
+        topics: vec!["t".into()],
+        secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+        retry_policy: RetryPolicy::default(),
+        on_exhausted: OnExhausted::DeadLetter,
+        created_at: 0,
+    };
+    runtime
+        .block_on(store.create_subscription(&subscription))
+        .unwrap();
+    let event = NewEvent {
+        id: "evt_1".into(),
+        topic: "t".into(),
+        payload: vec![b'x'; 1024],
+        content_type: "application/json".into(),
+        idempotency_key: None,
+        attributes: BTreeMap::new(),
+    };
+    let day = Duration::from_secs(86400);
+    let mut group = criterion.benchmark_group("embedded store");
+    group.sample_size(20);
+    group.bench_function("append: one durable publish, fan-out 1", |bencher| {
+        bencher.iter(|| runtime.block_on(store.publish(&event, day)).unwrap())
+    });
+    group.throughput(Throughput::Elements(64));
+    group.bench_function(
+        "append: 64 concurrent durable publishes (group commit)",
+        |bencher| {
+            bencher.iter(|| {
+                runtime.block_on(async {
+                    let tasks: Vec<_> = (0..64)
+                        .map(|_| {
+                            let store = store.clone();
+                            let event = event.clone();
+                            tokio::spawn(async move { store.publish(&event, day).await.unwrap() })
+                        })
+                        .collect();
+                    for task in tasks {
+                        task.await.unwrap();
+                    }
+                })
+            })
+        },
+    );
+    let partition = PartitionKey::new("t", "sub_1");
+    group.bench_function(
+        "drain: read a page of 64 from the partition head",
+        |bencher| {
+            bencher.iter(|| {
+                runtime
+                    .block_on(store.next_deliveries(&partition, 64))
+                    .unwrap()
+            })
+        },
+    );
+    group.finish();
+}
+
+criterion_group!(benches, signing, encoding, store);
+criterion_main!(benches);
