@@ -37,7 +37,10 @@ pub async fn run(
 /// `--create-table`), checked to answer.
 pub async fn open_store(config: &ServeConfig) -> Result<Arc<dyn Store>, Error> {
     match config.store {
-        StoreKind::Embedded => Ok(Arc::new(EmbeddedStore::open(&config.data_dir)?)),
+        StoreKind::Embedded => Ok(Arc::new(EmbeddedStore::open_with_cache(
+            &config.data_dir,
+            config.store_cache_mib * 1024 * 1024,
+        )?)),
         StoreKind::Dynamodb => {
             let dynamo = config.dynamodb.to_config();
             let client = dynamodb::client_from_env(&dynamo).await;

@@ -27,6 +27,10 @@ pub struct ServeConfig {
     #[arg(long, env = "HERALD_DATA_DIR", default_value = "./herald-data")]
     pub data_dir: PathBuf,
 
+    /// Page cache of the embedded store, in MiB.
+    #[arg(long, env = "HERALD_STORE_CACHE_MIB", default_value_t = 64)]
+    pub store_cache_mib: usize,
+
     /// Where state lives: `embedded` (default) or `dynamodb`.
     #[arg(long, env = "HERALD_STORE", value_enum, default_value = "embedded")]
     pub store: StoreKind,
@@ -124,6 +128,7 @@ impl ServeConfig {
         ServeConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: data_dir.into(),
+            store_cache_mib: 64,
             store: StoreKind::Embedded,
             dynamodb: DynamoArgs {
                 table: "herald".into(),

@@ -297,22 +297,18 @@ async fn clients(address: std::net::SocketAddr, count: usize) -> Vec<BrokerClien
     clients
 }
 
-/// Creates `per_topic` subscriptions on each topic; the ones with `index % 10 == 9` go to
-/// failing paths when `with_failing` is set.
+/// Creates `per_topic` subscriptions on each topic, the `index`-th one at the receiver path
+/// `/{kind(index)}/...` (`ok`, `fail` or `hold`).
 async fn subscribe_all(
     client: &mut BrokerClient<Channel>,
     receiver: &Receiver,
     topics: &[String],
     per_topic: usize,
-    with_failing: bool,
+    kind: impl Fn(usize) -> &'static str,
 ) {
     for topic in topics {
         for index in 0..per_topic {
-            let kind = if with_failing && index % 10 == 9 {
-                "fail"
-            } else {
-                "ok"
-            };
+            let kind = kind(index);
             client
                 .subscribe(proto::SubscribeRequest {
                     endpoint: format!("http://{}/{kind}/{topic}/{index}", receiver.address),
@@ -400,9 +396,11 @@ async fn main() {
     let herald_clients = clients(herald.address, 8).await;
     let mut admin = herald_clients[0].clone();
 
-    // 1. Publish rate, durable, fan-out 1.
+    // 1. Publish rate, durable, fan-out 1. The endpoints hold their first request, so no
+    // delivery competes with the publishes; they are drained afterwards.
     let publish_topics = topics("p", args.topics);
-    subscribe_all(&mut admin, &receiver, &publish_topics, 1, false).await;
+    receiver.set_hold(true);
+    subscribe_all(&mut admin, &receiver, &publish_topics, 1, |_| "hold").await;
     let requests_before = herald.dynamodb_requests();
     let publish = publish_load(
         &herald_clients,
@@ -415,6 +413,7 @@ async fn main() {
     )
     .await;
     let publish_requests = herald.dynamodb_requests().saturating_sub(requests_before);
+    receiver.set_hold(false);
     wait_for(
         &receiver.delivered,
         publish.published as u64,
@@ -430,7 +429,7 @@ async fn main() {
         &receiver,
         &delivery_topics,
         args.subscriptions_per_topic,
-        false,
+        |_| "ok",
     )
     .await;
     let events = args.topics * args.events_per_topic;
@@ -471,6 +470,16 @@ async fn main() {
     )
     .await;
     let mut latencies = std::mem::take(&mut *receiver.latencies.lock().unwrap());
+    for slow in receiver
+        .slow
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|slow| slow.2.starts_with('d'))
+        .take(20)
+    {
+        eprintln!("slow delivery: {slow:?}");
+    }
     latencies.sort_unstable();
     receiver.reset();
 
@@ -482,7 +491,7 @@ async fn main() {
         &receiver,
         &failure_topics,
         args.subscriptions_per_topic,
-        true,
+        |index| if index % 10 == 9 { "fail" } else { "ok" },
     )
     .await;
     let healthy_per_topic = (0..args.subscriptions_per_topic)
@@ -543,7 +552,7 @@ async fn main() {
         ms(&empty, 99.0)
     );
     println!(
-        "| Herald publishes/s (durable, fan-out 1) | {:.0} = {:.0}% of (a) |",
+        "| Herald publishes/s (durable, fan-out 1, deliveries held) | {:.0} = {:.0}% of (a) |",
         publish.rate(),
         100.0 * publish.rate() / empty.rate()
     );

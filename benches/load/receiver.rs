@@ -30,6 +30,8 @@ pub struct Receiver {
     pub order_violations: AtomicU64,
     /// Micros from publish start to arrival, of deliveries carrying a timestamp.
     pub latencies: Mutex<Vec<u32>>,
+    /// Deliveries slower than a second: (latency micros, path, topic, sequence).
+    pub slow: Mutex<Vec<(u64, String, String, u64)>>,
     last: Mutex<HashMap<(String, String), u64>>,
     /// Share of requests failed on failing paths, in parts per million.
     failure_ppm: AtomicU64,
@@ -52,6 +54,7 @@ impl Receiver {
             failed: AtomicU64::new(0),
             order_violations: AtomicU64::new(0),
             latencies: Mutex::new(Vec::new()),
+            slow: Mutex::new(Vec::new()),
             last: Mutex::new(HashMap::new()),
             failure_ppm: AtomicU64::new(0),
             hold: std::sync::atomic::AtomicBool::new(false),
@@ -133,6 +136,17 @@ async fn handle(
         return Ok(response);
     }
     if let (Some(topic), Some(sequence), Some(previous)) = (topic, sequence, previous) {
+        if body.len() >= 8 {
+            let sent = u64::from_le_bytes(body[..8].try_into().unwrap());
+            let latency = clock::micros().saturating_sub(sent);
+            if sent > 0 && latency > 1_000_000 && std::env::var_os("HERALD_BENCH_SLOW").is_some() {
+                state
+                    .slow
+                    .lock()
+                    .unwrap()
+                    .push((latency, path.clone(), topic.clone(), sequence));
+            }
+        }
         let mut last = state.last.lock().unwrap();
         let seen = last.entry((path, topic)).or_insert(0);
         if sequence > *seen {

@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use crate::delivery::{retry, webhook};
-use crate::model::{PartitionKey, now_millis};
+use crate::model::{PartitionKey, Subscription, now_millis};
 use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError};
 
@@ -36,6 +36,19 @@ pub struct EngineConfig {
     pub rescan: Option<Duration>,
 }
 
+/// How long a partition task with nothing to deliver waits for new work before it exits. A
+/// steady trickle of events then costs no task start and no subscription read per event.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Tells a partition task that new deliveries were stored.
+#[derive(Default)]
+struct Signal {
+    /// Set on every notification; cleared by the task when it decides to exit.
+    new_work: AtomicBool,
+    /// Wakes a lingering task (keeps one permit if it is not waiting yet).
+    wake: tokio::sync::Notify,
+}
+
 /// Handle to the delivery engine; cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
@@ -47,8 +60,8 @@ struct Inner {
     config: EngineConfig,
     client: reqwest::Client,
     permits: Semaphore,
-    /// Partitions with a running task, each with its "new work arrived" flag.
-    partitions: Mutex<HashMap<PartitionKey, Arc<AtomicBool>>>,
+    /// Partitions with a running task, each with its wake-up signal.
+    partitions: Mutex<HashMap<PartitionKey, Arc<Signal>>>,
     tasks: TaskTracker,
     shutdown: Shutdown,
 }
@@ -101,9 +114,12 @@ impl Engine {
         let mut running = self.inner.partitions.lock().expect("partition map lock");
         for partition in partitions {
             match running.get(partition) {
-                Some(new_work) => new_work.store(true, Ordering::SeqCst),
+                Some(signal) => {
+                    signal.new_work.store(true, Ordering::SeqCst);
+                    signal.wake.notify_one();
+                }
                 None => {
-                    let new_work = Arc::new(AtomicBool::new(false));
+                    let new_work = Arc::new(Signal::default());
                     running.insert(partition.clone(), new_work.clone());
                     let inner = self.inner.clone();
                     let partition = partition.clone();
@@ -137,9 +153,9 @@ impl Engine {
 impl Inner {
     /// Removes a partition whose task found no work, unless new work arrived meanwhile.
     /// Returns true if the task should exit.
-    fn retire(&self, partition: &PartitionKey, new_work: &AtomicBool) -> bool {
+    fn retire(&self, partition: &PartitionKey, signal: &Signal) -> bool {
         let mut running = self.partitions.lock().expect("partition map lock");
-        if new_work.swap(false, Ordering::SeqCst) && !self.shutdown.is_fired() {
+        if signal.new_work.swap(false, Ordering::SeqCst) && !self.shutdown.is_fired() {
             return false;
         }
         running.remove(partition);
@@ -180,79 +196,120 @@ async fn claim(inner: &Inner, partition: &PartitionKey) -> bool {
     false
 }
 
-async fn run_partition(inner: Arc<Inner>, partition: PartitionKey, new_work: Arc<AtomicBool>) {
-    let mut rng = StdRng::from_os_rng();
-    let renew_every = inner.config.lease / 3;
-    if !claim(&inner, &partition).await {
-        inner
-            .partitions
-            .lock()
-            .expect("partition map lock")
-            .remove(&partition);
+/// Reads the partition's subscription and signing key; `None` if it is gone or unusable, or
+/// on shutdown. Subscriptions never change, so this is done once per task.
+async fn load_subscription(
+    inner: &Inner,
+    partition: &PartitionKey,
+) -> Option<(Subscription, Vec<u8>)> {
+    loop {
+        match inner
+            .store
+            .get_subscription(&partition.subscription_id)
+            .await
+        {
+            Ok(subscription) => {
+                return match webhook::decode_secret(&subscription.secret) {
+                    Ok(key) => Some((subscription, key)),
+                    Err(error) => {
+                        tracing::error!(%partition, %error, "subscription has an unusable secret");
+                        None
+                    }
+                };
+            }
+            Err(StoreError::NotFound(_)) => return None,
+            Err(error) => {
+                tracing::warn!(%partition, %error, "cannot read subscription; retrying");
+                if !inner.pause(STORE_RETRY_DELAY).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// How a partition's delivery loop ended.
+enum Ending {
+    /// Nothing left: the task already left the partition map and released its claim.
+    Retired,
+    /// Shutdown, a lost claim, or a deleted subscription.
+    Stopped,
+}
+
+async fn run_partition(inner: Arc<Inner>, partition: PartitionKey, new_work: Arc<Signal>) {
+    if claim(&inner, &partition).await
+        && let Some((subscription, key)) = load_subscription(&inner, &partition).await
+        && let Ending::Retired = deliver(&inner, &partition, &new_work, &subscription, &key).await
+    {
         return;
     }
+    inner
+        .partitions
+        .lock()
+        .expect("partition map lock")
+        .remove(&partition);
+    if let Err(error) = inner.store.release_partition(&partition).await {
+        tracing::warn!(%partition, %error, "cannot release partition claim");
+    }
+}
+
+/// Delivers the partition's events in order until none is left (or the task must stop).
+async fn deliver(
+    inner: &Inner,
+    partition: &PartitionKey,
+    signal: &Signal,
+    subscription: &Subscription,
+    key: &[u8],
+) -> Ending {
+    let mut rng = StdRng::from_os_rng();
+    let renew_every = inner.config.lease / 3;
     let mut claimed_at = tokio::time::Instant::now();
     'partition: loop {
         if inner.shutdown.is_fired() {
-            break;
+            return Ending::Stopped;
         }
         if claimed_at.elapsed() >= renew_every {
             match inner
                 .store
-                .claim_partition(&partition, inner.config.lease)
+                .claim_partition(partition, inner.config.lease)
                 .await
             {
                 Ok(true) => claimed_at = tokio::time::Instant::now(),
                 Ok(false) => {
                     tracing::warn!(%partition, "lost the partition claim to another instance");
-                    break;
+                    return Ending::Stopped;
                 }
                 Err(error) => {
                     tracing::warn!(%partition, %error, "cannot renew partition claim");
                     if claimed_at.elapsed() >= inner.config.lease - renew_every {
-                        break;
+                        return Ending::Stopped;
                     }
                 }
             }
         }
-        let subscription = match inner
-            .store
-            .get_subscription(&partition.subscription_id)
-            .await
-        {
-            Ok(subscription) => subscription,
-            Err(StoreError::NotFound(_)) => break,
-            Err(error) => {
-                tracing::warn!(%partition, %error, "cannot read subscription; retrying");
-                if inner.pause(STORE_RETRY_DELAY).await {
-                    continue;
-                }
-                break;
-            }
-        };
-        let key = match webhook::decode_secret(&subscription.secret) {
-            Ok(key) => key,
-            Err(error) => {
-                tracing::error!(%partition, %error, "subscription has an unusable secret");
-                break;
-            }
-        };
-        let batch = match inner.store.next_deliveries(&partition, BATCH_SIZE).await {
+        let batch = match inner.store.next_deliveries(partition, BATCH_SIZE).await {
             Ok(batch) => batch,
             Err(error) => {
                 tracing::warn!(%partition, %error, "cannot read deliveries; retrying");
                 if inner.pause(STORE_RETRY_DELAY).await {
                     continue;
                 }
-                break;
+                return Ending::Stopped;
             }
         };
         if batch.is_empty() {
-            if inner.retire(&partition, &new_work) {
-                if let Err(error) = inner.store.release_partition(&partition).await {
+            // Linger: most partitions that just drained get more work soon.
+            let mut shutdown = inner.shutdown.clone();
+            tokio::select! {
+                _ = signal.wake.notified() => continue,
+                _ = tokio::time::sleep(LINGER) => {}
+                _ = shutdown.fired() => return Ending::Stopped,
+            }
+            if inner.retire(partition, signal) {
+                if let Err(error) = inner.store.release_partition(partition).await {
                     tracing::warn!(%partition, %error, "cannot release partition claim");
                 }
-                return;
+                return Ending::Retired;
             }
             continue;
         }
@@ -263,7 +320,7 @@ async fn run_partition(inner: Arc<Inner>, partition: PartitionKey, new_work: Arc
                 // Wake in time to renew the claim; the head is read again after.
                 let renew_in = renew_every.saturating_sub(claimed_at.elapsed());
                 if !inner.pause(wait.min(renew_in)).await {
-                    break 'partition;
+                    return Ending::Stopped;
                 }
                 if wait > renew_in {
                     continue 'partition;
@@ -273,17 +330,17 @@ async fn run_partition(inner: Arc<Inner>, partition: PartitionKey, new_work: Arc
                 let mut shutdown = inner.shutdown.clone();
                 tokio::select! {
                     permit = inner.permits.acquire() => permit.expect("semaphore never closes"),
-                    _ = shutdown.fired() => break 'partition,
+                    _ = shutdown.fired() => return Ending::Stopped,
                 }
             };
             // An attempt in flight is never cancelled: it completes (bounded by the request
             // timeout) and its outcome is recorded, even during shutdown.
-            let attempt = webhook::send(&inner.client, &subscription, &key, &delivery).await;
+            let attempt = webhook::send(&inner.client, subscription, key, &delivery).await;
             drop(permit);
             let sequence = delivery.event.sequence;
             match attempt {
                 webhook::Attempt::Delivered => {
-                    if let Err(error) = inner.store.complete_delivery(&partition, sequence).await {
+                    if let Err(error) = inner.store.complete_delivery(partition, sequence).await {
                         // Left pending: it will be sent again (at-least-once).
                         tracing::warn!(%partition, sequence, %error, "cannot record delivery");
                         inner.pause(STORE_RETRY_DELAY).await;
@@ -303,7 +360,7 @@ async fn run_partition(inner: Arc<Inner>, partition: PartitionKey, new_work: Arc
                     tracing::debug!(%partition, sequence, failures, %error, ?outcome, "delivery failed");
                     if let Err(store_error) = inner
                         .store
-                        .record_failure(&partition, sequence, &error, outcome)
+                        .record_failure(partition, sequence, &error, outcome)
                         .await
                     {
                         tracing::warn!(%partition, sequence, %store_error, "cannot record failure");
@@ -315,13 +372,5 @@ async fn run_partition(inner: Arc<Inner>, partition: PartitionKey, new_work: Arc
                 }
             }
         }
-    }
-    inner
-        .partitions
-        .lock()
-        .expect("partition map lock")
-        .remove(&partition);
-    if let Err(error) = inner.store.release_partition(&partition).await {
-        tracing::warn!(%partition, %error, "cannot release partition claim");
     }
 }

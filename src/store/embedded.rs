@@ -50,6 +50,8 @@ const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("
 const IDEMPOTENCY_EXPIRY: TableDefinition<(u64, &str, &str), ()> =
     TableDefinition::new("idempotency_expiry");
 
+/// Default page cache: enough for the hot part of a large backlog, far below redb's 1 GiB.
+pub const DEFAULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
 /// Most commands applied in one transaction.
 const MAX_BATCH: usize = 2048;
 /// Batches of lazily durable commands are made durable at least this often.
@@ -124,17 +126,25 @@ fn unavailable(error: impl Into<redb::Error>) -> StoreError {
 }
 
 impl EmbeddedStore {
-    /// Opens (creating if needed) the store in `data_dir` and starts its writer thread.
-    /// Returns `Unavailable` if the directory or file cannot be opened (for example when another
-    /// process holds it).
+    /// Opens (creating if needed) the store in `data_dir` with the default page cache.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(data_dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens (creating if needed) the store in `data_dir`, with a page cache of at most
+    /// `cache_bytes`, and starts its writer thread. Returns `Unavailable` if the directory or
+    /// file cannot be opened (for example when another process holds it).
+    pub fn open_with_cache(data_dir: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|error| {
             StoreError::Unavailable(format!("cannot create {}: {error}", data_dir.display()))
         })?;
         let path = data_dir.join("herald.redb");
-        let database = Database::create(&path).map_err(|error| {
-            StoreError::Unavailable(format!("cannot open {}: {error}", path.display()))
-        })?;
+        let database = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(&path)
+            .map_err(|error| {
+                StoreError::Unavailable(format!("cannot open {}: {error}", path.display()))
+            })?;
         let transaction = database.begin_write().map_err(unavailable)?;
         create_tables(&transaction).map_err(unavailable)?;
         transaction.commit().map_err(unavailable)?;
