@@ -391,6 +391,7 @@ async fn main() {
 
     // (b) The receiver hit directly.
     let raw_rate = raw_post_rate(&receiver, post_concurrency, args.payload, args.duration).await;
+    receiver.reset();
 
     let herald = Herald::start(args.store, args.delivery_concurrency).await;
     let herald_clients = clients(herald.address, 8).await;
@@ -626,6 +627,10 @@ async fn main() {
     }
     let violations = receiver.order_violations.load(Ordering::SeqCst);
     println!("| order violations seen by the receiver | {violations} |");
+    println!(
+        "| repeated deliveries (at-least-once) | {} |",
+        receiver.repeats.load(Ordering::SeqCst)
+    );
     if violations > 0 {
         eprintln!("ORDER BROKEN: this run is void");
         std::process::exit(1);

@@ -28,6 +28,8 @@ pub struct Receiver {
     /// Deliveries that broke order (a sequence at or below the last one delivered, whose
     /// previous-sequence did not match).
     pub order_violations: AtomicU64,
+    /// Deliveries of an event the path had already received (at-least-once repeats).
+    pub repeats: AtomicU64,
     /// Micros from publish start to arrival, of deliveries carrying a timestamp.
     pub latencies: Mutex<Vec<u32>>,
     /// Deliveries slower than a second: (latency micros, path, topic, sequence).
@@ -53,6 +55,7 @@ impl Receiver {
             delivered_healthy: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             order_violations: AtomicU64::new(0),
+            repeats: AtomicU64::new(0),
             latencies: Mutex::new(Vec::new()),
             slow: Mutex::new(Vec::new()),
             last: Mutex::new(HashMap::new()),
@@ -155,6 +158,8 @@ async fn handle(
                 state.order_violations.fetch_add(1, Ordering::Relaxed);
             }
             *seen = sequence;
+        } else if sequence == *seen {
+            state.repeats.fetch_add(1, Ordering::Relaxed);
         } else if sequence < *seen {
             // Redeliveries of the last event are allowed (at-least-once); older ones are not.
             state.order_violations.fetch_add(1, Ordering::Relaxed);
