@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::api::BrokerService;
 use crate::broker::{Broker, Limits};
@@ -108,12 +108,15 @@ pub async fn run_with_store(
         .build_v1alpha()
         .map_err(|error| Error::Internal(format!("reflection: {error}")))?;
 
+    // Without TCP_NODELAY a response that leaves in more than one write waits for the
+    // client's delayed ACK: ~40 ms at the tail.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let served = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(broker_service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             health_reporter
                 .set_not_serving::<BrokerServer<BrokerService>>()

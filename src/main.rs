@@ -3,6 +3,11 @@
 #![forbid(unsafe_code)]
 
 use clap::Parser;
+
+// glibc malloc cost a fifth of the CPU of a delivery-heavy profile; mimalloc's thread-local
+// caches suit tokio's many short allocations.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use herald::cli::{Cli, Command};
 
 fn main() -> std::process::ExitCode {
