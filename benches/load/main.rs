@@ -49,7 +49,7 @@ struct Args {
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     duration: Duration,
     /// Events per topic in the delivery phases.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 100)]
     events_per_topic: usize,
     /// Share of requests failed by the failing endpoints (one subscription in ten) in the
     /// failure phase.

@@ -108,10 +108,11 @@ pub enum Attempt {
 }
 
 /// Builds the HTTP client shared by all deliveries: pooled connections, no redirects (a 3xx
-/// is a failure, as it is for every webhook sender that signs its requests).
+/// is a failure, as it is for every webhook sender that signs its requests), no proxy.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(64)
         .tcp_nodelay(true)

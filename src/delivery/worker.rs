@@ -19,7 +19,7 @@ use crate::shutdown::Shutdown;
 use crate::store::{Store, StoreError};
 
 /// Deliveries read from the store per partition at a time.
-const BATCH_SIZE: usize = 64;
+const BATCH_SIZE: usize = 16;
 /// Pause before retrying a store call that failed.
 const STORE_RETRY_DELAY: Duration = Duration::from_millis(500);
 
