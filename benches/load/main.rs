@@ -68,6 +68,9 @@ struct Args {
     /// Set by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
+    /// Test-name filters that `cargo test`/`cargo bench` pass through; ignored.
+    #[arg(hide = true)]
+    filters: Vec<String>,
 }
 
 /// One publish phase's figures.

@@ -54,7 +54,7 @@ const IDEMPOTENCY_EXPIRY: TableDefinition<(u64, &str, &str), ()> =
 pub const DEFAULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
 /// Most commands applied in one transaction.
 const MAX_BATCH: usize = 2048;
-/// Batches of lazily durable commands are made durable at least this often.
+/// Lazily durable commits are followed by a synced one within this interval.
 const MAX_LAZY_INTERVAL: Duration = Duration::from_millis(500);
 /// How often expired idempotency keys are swept, and how many at most per sweep.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
@@ -156,6 +156,7 @@ impl EmbeddedStore {
             database: database.clone(),
             index,
             last_sync: Instant::now(),
+            unsynced: false,
             last_sweep: Instant::now(),
         };
         let writer = std::thread::Builder::new()
@@ -469,12 +470,25 @@ struct Writer {
     database: Arc<Database>,
     index: TopicIndex,
     last_sync: Instant,
+    /// True while a commit made with `Durability::None` awaits a synced one.
+    unsynced: bool,
     last_sweep: Instant,
 }
 
 impl Writer {
     fn run(mut self, receiver: mpsc::Receiver<Command>) {
-        while let Ok(first) = receiver.recv() {
+        loop {
+            let first = match receiver.recv_timeout(MAX_LAZY_INTERVAL) {
+                Ok(command) => command,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // Idle: make lazily recorded completions durable too.
+                    if self.unsynced {
+                        self.apply_batch(Vec::new());
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match receiver.try_recv() {
@@ -487,8 +501,9 @@ impl Writer {
     }
 
     fn apply_batch(&mut self, batch: Vec<Command>) {
-        let sync =
-            batch.iter().any(Command::needs_sync) || self.last_sync.elapsed() >= MAX_LAZY_INTERVAL;
+        let sync = batch.is_empty()
+            || batch.iter().any(Command::needs_sync)
+            || self.last_sync.elapsed() >= MAX_LAZY_INTERVAL;
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut index_changed = false;
         let result = self.write_batch(batch, sync, &mut outcomes, &mut index_changed);
@@ -504,6 +519,9 @@ impl Writer {
             tracing::error!(%error, "store batch failed; nothing in it was written");
         } else if sync {
             self.last_sync = Instant::now();
+            self.unsynced = false;
+        } else {
+            self.unsynced = true;
         }
         for outcome in outcomes {
             outcome.send(error.as_ref());
