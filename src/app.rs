@@ -15,6 +15,9 @@ use crate::error::Error;
 use crate::proto::broker_server::BrokerServer;
 use crate::store::{DynamoStore, EmbeddedStore, Store, StoreError, dynamodb};
 
+/// How often the DynamoDB request counters are logged.
+const REQUEST_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Gap between the payload limit and the gRPC message limit, for the other request fields.
 const MESSAGE_OVERHEAD: usize = 1024 * 1024;
 
@@ -59,6 +62,23 @@ pub async fn open_store(config: &ServeConfig) -> Result<Arc<dyn Store>, Error> {
     }
 }
 
+/// Logs the store's request counters every minute and once at shutdown.
+async fn report_requests(store: Arc<dyn Store>, mut shutdown: crate::shutdown::Shutdown) {
+    loop {
+        let stop = tokio::select! {
+            _ = tokio::time::sleep(REQUEST_REPORT_INTERVAL) => false,
+            _ = shutdown.fired() => true,
+        };
+        if let Some(counts) = store.request_counts() {
+            let total: u64 = counts.values().sum();
+            tracing::info!(total, ?counts, "DynamoDB requests sent since start");
+        }
+        if stop {
+            return;
+        }
+    }
+}
+
 /// [`run`] on a store the caller opened.
 pub async fn run_with_store(
     config: ServeConfig,
@@ -78,6 +98,9 @@ pub async fn run_with_store(
     );
     let resumed = engine.resume().await?;
     tracing::info!(partitions = resumed, "resumed pending deliveries");
+    if store.request_counts().is_some() {
+        tokio::spawn(report_requests(store.clone(), trigger.handle()));
+    }
 
     let broker = Arc::new(Broker::new(
         store,

@@ -8,6 +8,13 @@ pub struct ShutdownTrigger {
 }
 
 impl ShutdownTrigger {
+    /// A new handle.
+    pub fn handle(&self) -> Shutdown {
+        Shutdown {
+            receiver: self.sender.subscribe(),
+        }
+    }
+
     /// Tells every handle to stop. Idempotent.
     pub fn fire(&self) {
         self.sender.send_replace(true);

@@ -68,7 +68,7 @@ impl Herald {
                     .await
                     .expect("create table");
                 let store = herald::store::DynamoStore::new(client, &table);
-                let counts = store.request_counts();
+                let counts = store.request_counters();
                 let mut config = herald::config::ServeConfig::with_data_dir(data_dir.path());
                 config.store = herald::config::StoreKind::Dynamodb;
                 config.dynamodb.table = table;

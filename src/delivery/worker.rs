@@ -1,7 +1,8 @@
 //! Partition scheduling. One task per partition with pending work delivers its events strictly
 //! in sequence order, one at a time; a shared semaphore bounds the HTTP requests in flight over
 //! all partitions. A publish wakes the tasks of the partitions it wrote to (no polling); a task
-//! with nothing left to deliver exits.
+//! with nothing left to deliver waits a moment for more, then exits. On a shared store a task
+//! first claims its partition, so one instance at a time delivers it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

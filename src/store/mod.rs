@@ -10,6 +10,7 @@ pub mod embedded;
 pub mod records;
 pub mod topic_index;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -144,4 +145,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Gives up this instance's claim on `partition`, if it holds one.
     async fn release_partition(&self, partition: &PartitionKey) -> Result<(), StoreError>;
+
+    /// Requests sent to a remote database so far, per operation; `None` for a local store.
+    fn request_counts(&self) -> Option<BTreeMap<&'static str, u64>> {
+        None
+    }
 }

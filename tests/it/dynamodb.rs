@@ -264,7 +264,7 @@ async fn an_outage_fails_publishes_with_unavailable_and_delivery_resumes_after_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_per_publish_and_per_delivery_do_not_grow_with_the_table() {
     let (store, _table) = dynamo::fresh_store().await;
-    let counts = store.request_counts();
+    let counts = store.request_counters();
     for index in 0..10 {
         let subscription = herald::model::Subscription {
             id: format!("sub_{index}"),

@@ -297,7 +297,7 @@ impl DynamoStore {
     }
 
     /// Requests sent so far, per operation.
-    pub fn request_counts(&self) -> Arc<RequestCounts> {
+    pub fn request_counters(&self) -> Arc<RequestCounts> {
         self.counts.clone()
     }
 
@@ -1015,6 +1015,10 @@ impl Store for DynamoStore {
             Err(error) if is_condition_failure(&error) => Ok(false),
             Err(error) => Err(sdk_error(error)),
         }
+    }
+
+    fn request_counts(&self) -> Option<BTreeMap<&'static str, u64>> {
+        Some(self.counts.snapshot())
     }
 
     async fn release_partition(&self, partition: &PartitionKey) -> Result<(), StoreError> {
