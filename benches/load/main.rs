@@ -209,36 +209,16 @@ async fn backlog_phase(args: &Args, receiver: &Receiver, herald: &mut Herald) ->
     let herald_clients = clients(herald.address, 8).await;
     let mut admin = herald_clients[0].clone();
     let backlog_topics = topics("b", args.topics);
-    let mut first_subscription = None;
-    for topic in &backlog_topics {
-        for index in 0..args.subscriptions_per_topic {
-            let subscription = admin
-                .subscribe(proto::SubscribeRequest {
-                    endpoint: format!("http://{}/hold/{topic}/{index}", receiver.address),
-                    topics: vec![topic.clone()],
-                    retry_policy: Some(proto::RetryPolicy {
-                        initial_backoff: Some(prost_types::Duration {
-                            seconds: 0,
-                            nanos: 10_000_000,
-                        }),
-                        max_backoff: Some(prost_types::Duration {
-                            seconds: 0,
-                            nanos: 200_000_000,
-                        }),
-                        max_attempts: 1000,
-                        request_timeout: Some(prost_types::Duration {
-                            seconds: 300,
-                            nanos: 0,
-                        }),
-                    }),
-                    ..Default::default()
-                })
-                .await
-                .expect("subscribe")
-                .into_inner();
-            first_subscription.get_or_insert(subscription.id);
-        }
-    }
+    // Held requests outlast the publishing: a 5-minute request timeout.
+    let subscriptions = subscribe_all(
+        &mut admin,
+        receiver,
+        &backlog_topics,
+        args.subscriptions_per_topic,
+        |_| "hold",
+        300,
+    )
+    .await;
     let events = (args.backlog as usize).div_ceil(args.subscriptions_per_topic);
     let pending = (events * args.subscriptions_per_topic) as u64;
     let published = publish_load(
@@ -257,7 +237,7 @@ async fn backlog_phase(args: &Args, receiver: &Receiver, herald: &mut Herald) ->
         let started = clock::micros();
         let page = admin
             .list_pending(proto::ListPendingRequest {
-                subscription_id: first_subscription.clone().unwrap(),
+                subscription_id: subscriptions[0].clone(),
                 page_size: 50,
                 ..Default::default()
             })
@@ -301,18 +281,20 @@ async fn clients(address: std::net::SocketAddr, count: usize) -> Vec<BrokerClien
 }
 
 /// Creates `per_topic` subscriptions on each topic, the `index`-th one at the receiver path
-/// `/{kind(index)}/...` (`ok`, `fail` or `hold`).
+/// `/{kind(index)}/...` (`ok`, `fail` or `hold`), and returns their ids.
 async fn subscribe_all(
     client: &mut BrokerClient<Channel>,
     receiver: &Receiver,
     topics: &[String],
     per_topic: usize,
     kind: impl Fn(usize) -> &'static str,
-) {
+    request_timeout_seconds: i64,
+) -> Vec<String> {
+    let mut ids = Vec::new();
     for topic in topics {
         for index in 0..per_topic {
             let kind = kind(index);
-            client
+            let subscription = client
                 .subscribe(proto::SubscribeRequest {
                     endpoint: format!("http://{}/{kind}/{topic}/{index}", receiver.address),
                     topics: vec![topic.clone()],
@@ -327,7 +309,7 @@ async fn subscribe_all(
                         }),
                         max_attempts: 1000,
                         request_timeout: Some(prost_types::Duration {
-                            seconds: 10,
+                            seconds: request_timeout_seconds,
                             nanos: 0,
                         }),
                     }),
@@ -335,8 +317,10 @@ async fn subscribe_all(
                 })
                 .await
                 .expect("subscribe");
+            ids.push(subscription.into_inner().id);
         }
     }
+    ids
 }
 
 /// Waits until `counter` reaches `target` (or `limit` passes); returns when it got there.
@@ -404,7 +388,7 @@ async fn main() {
     // delivery competes with the publishes; they are drained afterwards.
     let publish_topics = topics("p", args.topics);
     receiver.set_hold(true);
-    subscribe_all(&mut admin, &receiver, &publish_topics, 1, |_| "hold").await;
+    subscribe_all(&mut admin, &receiver, &publish_topics, 1, |_| "hold", 10).await;
     let requests_before = herald.dynamodb_requests();
     let publish = publish_load(
         &herald_clients,
@@ -434,6 +418,7 @@ async fn main() {
         &delivery_topics,
         args.subscriptions_per_topic,
         |_| "ok",
+        10,
     )
     .await;
     let events = args.topics * args.events_per_topic;
@@ -496,6 +481,7 @@ async fn main() {
         &failure_topics,
         args.subscriptions_per_topic,
         |index| if index % 10 == 9 { "fail" } else { "ok" },
+        10,
     )
     .await;
     let healthy_per_topic = (0..args.subscriptions_per_topic)
