@@ -168,6 +168,13 @@ impl ServeConfig {
         if self.delivery_concurrency == 0 {
             return Err("--delivery-concurrency must be at least 1".into());
         }
+        // A DynamoDB item holds at most 400 KB; keep room for the event's other attributes.
+        if self.store == StoreKind::Dynamodb && self.max_payload_bytes > 350 * 1024 {
+            return Err(
+                "--max-payload-bytes must be at most 358400 with --store dynamodb (400 KB items)"
+                    .into(),
+            );
+        }
         let table = &self.dynamodb.table;
         if !(3..=255).contains(&table.len())
             || !table
@@ -252,5 +259,12 @@ mod tests {
         let mut config = ServeConfig::with_data_dir("x");
         config.delivery_concurrency = 0;
         assert!(config.validate().is_err());
+        let mut config = ServeConfig::with_data_dir("x");
+        config.store = StoreKind::Dynamodb;
+        config.max_payload_bytes = 400 * 1024;
+        assert!(config.validate().unwrap_err().contains("400 KB items"));
+        config.dynamodb.table = "x".into();
+        config.max_payload_bytes = 1024;
+        assert!(config.validate().unwrap_err().contains("--table"));
     }
 }

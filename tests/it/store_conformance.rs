@@ -47,6 +47,7 @@ macro_rules! conformance_suite {
                 idempotency_returns_the_original_outcome,
                 deleting_a_subscription_drops_its_backlog,
                 fan_out_reaches_a_thousand_subscriptions_in_order,
+                the_largest_payload_round_trips,
             );
         }
     };
@@ -572,4 +573,22 @@ async fn fan_out_reaches_a_thousand_subscriptions_in_order(store: Arc<dyn Store>
             "partition of {id}"
         );
     }
+}
+
+async fn the_largest_payload_round_trips(store: Arc<dyn Store>) {
+    store
+        .create_subscription(&subscription("sub_1", &["big"]))
+        .await
+        .unwrap();
+    // The default limit, 256 KiB, of bytes that are not UTF-8.
+    let payload: Vec<u8> = (0..256 * 1024).map(|index| (index % 251) as u8).collect();
+    let mut large = event("evt_large", "big", None);
+    large.payload = payload.clone();
+    store.publish(&large, DAY).await.unwrap();
+    let deliveries = store
+        .next_deliveries(&PartitionKey::new("big", "sub_1"), 10)
+        .await
+        .unwrap();
+    assert_eq!(deliveries.len(), 1);
+    assert_eq!(deliveries[0].event.payload, payload);
 }
