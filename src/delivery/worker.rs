@@ -335,9 +335,37 @@ async fn deliver(
                 }
             };
             // An attempt in flight is never cancelled: it completes (bounded by the request
-            // timeout) and its outcome is recorded, even during shutdown.
-            let attempt = webhook::send(&inner.client, subscription, key, &delivery).await;
+            // timeout) and its outcome is recorded, even during shutdown. The claim is renewed
+            // while it runs, so a request slower than the lease cannot let another instance
+            // start on the next event.
+            let send = webhook::send(&inner.client, subscription, key, &delivery);
+            tokio::pin!(send);
+            let mut claim_lost = false;
+            let mut next_renewal = claimed_at + renew_every;
+            let attempt = loop {
+                tokio::select! {
+                    attempt = &mut send => break attempt,
+                    _ = tokio::time::sleep_until(next_renewal), if !claim_lost => {
+                        match inner.store.claim_partition(partition, inner.config.lease).await {
+                            Ok(true) => {
+                                claimed_at = tokio::time::Instant::now();
+                                next_renewal = claimed_at + renew_every;
+                            }
+                            Ok(false) => claim_lost = true,
+                            Err(error) => {
+                                tracing::warn!(%partition, %error, "cannot renew partition claim");
+                                next_renewal = tokio::time::Instant::now()
+                                    + Duration::from_millis(500).min(renew_every);
+                            }
+                        }
+                    }
+                }
+            };
             drop(permit);
+            if claim_lost {
+                tracing::warn!(%partition, "lost the partition claim during a delivery");
+                return Ending::Stopped;
+            }
             let sequence = delivery.event.sequence;
             match attempt {
                 webhook::Attempt::Delivered => {

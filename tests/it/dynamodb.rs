@@ -13,7 +13,7 @@ use tonic::Code;
 use crate::support::dynamo::{self, PrivateServer};
 use crate::support::receiver::Received;
 use crate::support::{
-    Backend, Deployment, HeraldProcess, Receiver, all_pending, connect, eventually,
+    Backend, Deployment, HeraldProcess, Receiver, Reply, all_pending, connect, eventually,
     publish_request, spawn_app_with_store, subscribe_request,
 };
 
@@ -330,4 +330,64 @@ async fn requests_per_publish_and_per_delivery_do_not_grow_with_the_table() {
     let per_delivery = (counts.total() - before) as f64 / delivered as f64;
     println!("DynamoDB requests per delivered event (store calls, pages of 64): {per_delivery:.3}");
     assert!(per_delivery <= 1.1, "{per_delivery}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delivery_slower_than_the_lease_keeps_its_partition() {
+    // The test deployment's lease is 2 s; the first attempt of "slow" takes 3 s to answer.
+    let deployment = Deployment::new(Backend::Dynamodb).await;
+    let first = HeraldProcess::start(&deployment).await;
+    let second = HeraldProcess::start(&deployment).await;
+    let receiver = Receiver::scripted(|received| {
+        if received.body.as_ref() == b"slow" && received.attempt == 1 {
+            Reply::Slow(3000)
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    let mut client = connect(first.address).await;
+    let mut request = subscribe_request(&receiver.url(), &["t"]);
+    request.retry_policy.as_mut().unwrap().request_timeout = Some(crate::support::millis(10_000));
+    client.subscribe(request).await.unwrap();
+    client.publish(publish_request("t", "slow")).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the slow delivery is in flight",
+        || async { !receiver.received().is_empty() },
+    )
+    .await;
+    // Publishing through the other instance wakes its worker on the same partition.
+    let mut other = connect(second.address).await;
+    for index in 0..3 {
+        other
+            .publish(publish_request("t", format!("{index}")))
+            .await
+            .unwrap();
+    }
+    eventually(Duration::from_secs(30), "all four delivered", || async {
+        receiver.delivered_count() >= 4
+    })
+    .await;
+    let received = receiver.received();
+    let slow = &received[0];
+    assert_eq!(slow.body.as_ref(), b"slow");
+    let answered = slow.at + Duration::from_millis(3000);
+    for later in &received[1..] {
+        assert!(
+            later.at + Duration::from_millis(50) >= answered,
+            "{:?} was sent {:?} before the slow delivery was answered",
+            String::from_utf8_lossy(&later.body),
+            answered - later.at
+        );
+    }
+    let bodies: Vec<String> = receiver
+        .delivered()
+        .iter()
+        .map(|received| String::from_utf8(received.body.to_vec()).unwrap())
+        .collect();
+    assert_eq!(bodies, ["slow", "0", "1", "2"]);
+    assert_chain(&receiver.delivered());
+    first.kill_9().await;
+    second.kill_9().await;
 }
