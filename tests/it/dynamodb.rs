@@ -391,3 +391,61 @@ async fn a_delivery_slower_than_the_lease_keeps_its_partition() {
     first.kill_9().await;
     second.kill_9().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rescan_probes_changed_topics_and_partitions_whose_lease_ran_out() {
+    let endpoint = dynamo::endpoint();
+    let table = dynamo::fresh_table(&endpoint).await;
+    let holder = DynamoStore::new(dynamo::client(&endpoint), &table);
+    let scanner = DynamoStore::new(dynamo::client(&endpoint), &table);
+    let subscription = herald::model::Subscription {
+        id: "sub_1".into(),
+        endpoint: "http://127.0.0.1:9/".into(),
+        topics: vec!["quiet".into(), "busy".into()],
+        secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+        retry_policy: Default::default(),
+        on_exhausted: herald::model::OnExhausted::DeadLetter,
+        created_at: now_millis(),
+    };
+    holder.create_subscription(&subscription).await.unwrap();
+    let event = |id: &str, topic: &str| NewEvent {
+        id: id.into(),
+        topic: topic.into(),
+        payload: b"{}".to_vec(),
+        content_type: "application/json".into(),
+        idempotency_key: None,
+        attributes: Default::default(),
+    };
+    let day = Duration::from_secs(86400);
+    let quiet = PartitionKey::new("quiet", "sub_1");
+    let busy = PartitionKey::new("busy", "sub_1");
+    holder.publish(&event("evt_1", "quiet"), day).await.unwrap();
+
+    // The first rescan probes everything.
+    assert_eq!(
+        scanner.pending_partitions().await.unwrap(),
+        std::slice::from_ref(&quiet)
+    );
+    // An instance claims the quiet partition (and, say, dies without releasing it).
+    let lease = Duration::from_secs(3);
+    assert!(holder.claim_partition(&quiet, lease).await.unwrap());
+    let claimed = std::time::Instant::now();
+    assert!(!scanner.claim_partition(&quiet, lease).await.unwrap());
+    // Nothing changed and the lease is live: nothing to take over.
+    assert!(scanner.pending_partitions().await.unwrap().is_empty());
+    // A publish is found through its topic's new sequence.
+    holder.publish(&event("evt_2", "busy"), day).await.unwrap();
+    assert_eq!(
+        scanner.pending_partitions().await.unwrap(),
+        std::slice::from_ref(&busy)
+    );
+    // Once the lease runs out, the quiet partition is found again, without any publish.
+    eventually(
+        Duration::from_secs(15),
+        "the expired lease is found",
+        || async { scanner.pending_partitions().await.unwrap().contains(&quiet) },
+    )
+    .await;
+    assert!(claimed.elapsed() >= lease);
+    assert!(scanner.claim_partition(&quiet, lease).await.unwrap());
+}

@@ -259,6 +259,8 @@ pub struct DynamoStore {
     subscriptions: Mutex<Option<Arc<SubscriptionSet>>>,
     topics: Mutex<HashMap<String, TopicState>>,
     repair_after: Duration,
+    /// Each topic's last sequence at the previous `pending_partitions` call.
+    rescanned: Mutex<Option<HashMap<String, u64>>>,
     fail_next_fanout: AtomicBool,
     fanouts_repaired: AtomicU64,
 }
@@ -274,6 +276,7 @@ impl DynamoStore {
             subscriptions: Mutex::new(None),
             topics: Mutex::new(HashMap::new()),
             repair_after: Duration::from_secs(10),
+            rescanned: Mutex::new(None),
             fail_next_fanout: AtomicBool::new(false),
             fanouts_repaired: AtomicU64::new(0),
         }
@@ -379,12 +382,24 @@ impl DynamoStore {
         topic: &str,
         sequences: &[u64],
     ) -> Result<HashMap<u64, Event>, StoreError> {
+        let keys = sequences
+            .iter()
+            .map(|sequence| schema::event_key(topic, *sequence))
+            .collect();
         let mut events = HashMap::new();
-        for chunk in sequences.chunks(BATCH_GET_LIMIT) {
-            let mut keys: Vec<Item> = chunk
-                .iter()
-                .map(|sequence| schema::event_key(topic, *sequence))
-                .collect();
+        for item in self.batch_get(keys).await? {
+            let event = schema::event_from_item(topic, &item)?;
+            events.insert(event.sequence, event);
+        }
+        Ok(events)
+    }
+
+    /// Reads items by key (consistently), in batches of 100, retrying what DynamoDB leaves
+    /// unprocessed. Missing items are left out.
+    async fn batch_get(&self, keys: Vec<Item>) -> Result<Vec<Item>, StoreError> {
+        let mut items = Vec::new();
+        for chunk in keys.chunks(BATCH_GET_LIMIT) {
+            let mut keys = chunk.to_vec();
             let mut attempt = 0;
             while !keys.is_empty() {
                 self.counts.add("BatchGetItem");
@@ -402,14 +417,12 @@ impl DynamoStore {
                     .send()
                     .await
                     .map_err(sdk_error)?;
-                for item in output
-                    .responses
-                    .and_then(|mut responses| responses.remove(&self.table))
-                    .unwrap_or_default()
-                {
-                    let event = schema::event_from_item(topic, &item)?;
-                    events.insert(event.sequence, event);
-                }
+                items.extend(
+                    output
+                        .responses
+                        .and_then(|mut responses| responses.remove(&self.table))
+                        .unwrap_or_default(),
+                );
                 keys = output
                     .unprocessed_keys
                     .and_then(|mut unprocessed| unprocessed.remove(&self.table))
@@ -426,7 +439,7 @@ impl DynamoStore {
                 }
             }
         }
-        Ok(events)
+        Ok(items)
     }
 
     /// The current subscription set, loaded if this instance has none.
@@ -509,6 +522,23 @@ impl DynamoStore {
 
     fn forget_topic(&self, topic: &str) {
         self.topics.lock().expect("cache lock").remove(topic);
+    }
+
+    /// The last sequence of each of `topics`.
+    async fn topic_sequences(&self, topics: &[String]) -> Result<HashMap<String, u64>, StoreError> {
+        let keys = topics
+            .iter()
+            .map(|topic| schema::topic_key(topic))
+            .collect();
+        let mut sequences = HashMap::new();
+        for item in self.batch_get(keys).await? {
+            let topic = get_s(&item, schema::PK)?
+                .strip_prefix("TOPIC#")
+                .ok_or_else(|| StoreError::Internal("corrupt topic item key".into()))?
+                .to_string();
+            sequences.insert(topic, get_n(&item, "last_seq")?);
+        }
+        Ok(sequences)
     }
 
     /// Every topic ever published, in name order.
@@ -970,23 +1000,51 @@ impl Store for DynamoStore {
         Ok(Page { items, next_token })
     }
 
+    /// The first call probes every partition of every topic. Later calls probe only the
+    /// partitions of topics published since the previous call, plus those whose lease ran out
+    /// (an instance that stopped renewing), so an idle fleet costs a few requests per rescan.
     async fn pending_partitions(&self) -> Result<Vec<PartitionKey>, StoreError> {
         self.forget_subscriptions();
         let set = self.subscription_set().await?;
-        let mut partitions = Vec::new();
-        for topic in self.topics().await? {
-            for subscription_id in set.index.matching(&topic) {
+        let topics = self.topics().await?;
+        let sequences = self.topic_sequences(&topics).await?;
+        let previous = self.rescanned.lock().expect("rescan lock").clone();
+        let mut found = std::collections::BTreeSet::new();
+        for topic in &topics {
+            let sequence = sequences.get(topic).copied().unwrap_or(0);
+            if previous
+                .as_ref()
+                .is_some_and(|previous| previous.get(topic) == Some(&sequence))
+            {
+                continue;
+            }
+            for subscription_id in set.index.matching(topic) {
                 let partition = PartitionKey::new(topic.as_str(), subscription_id);
                 if !self
                     .query_after(&partition.encode(), None, 1)
                     .await?
                     .is_empty()
                 {
-                    partitions.push(partition);
+                    found.insert(partition);
                 }
             }
         }
-        Ok(partitions)
+        let now = now_millis();
+        for shard in 0..schema::LEASE_SHARDS {
+            for lease in self
+                .query_after(&schema::lease_shard_pk(shard), None, usize::MAX)
+                .await?
+            {
+                if get_n(&lease, "lease_until")? < now
+                    && let Some(partition) = PartitionKey::decode(get_s(&lease, schema::SK)?)
+                    && set.subscriptions.contains_key(&partition.subscription_id)
+                {
+                    found.insert(partition);
+                }
+            }
+        }
+        *self.rescanned.lock().expect("rescan lock") = Some(sequences);
+        Ok(found.into_iter().collect())
     }
 
     async fn claim_partition(

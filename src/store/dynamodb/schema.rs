@@ -15,7 +15,7 @@
 //! | delivery | `{topic}#{subscription}` | sequence |
 //! | dead letter | `DEAD#{topic}#{subscription}` | sequence |
 //! | idempotency key | `IDEMPOTENCY#{topic}` | key |
-//! | partition lease | `LEASE#{topic}#{subscription}` | `LEASE` |
+//! | partition lease | `LEASES#{shard}` (00..15) | `{topic}#{subscription}` |
 
 use std::collections::HashMap;
 
@@ -91,9 +91,28 @@ pub fn idempotency_key(topic: &str, idempotency_key: &str) -> Item {
     key(&format!("IDEMPOTENCY#{topic}"), idempotency_key)
 }
 
-/// Key of a partition's lease item.
+/// Lease items are spread over this many partition keys, so that the rescan can list them
+/// with a few Queries without making one key hot.
+pub const LEASE_SHARDS: u32 = 16;
+
+/// Partition key of one lease shard.
+pub fn lease_shard_pk(shard: u32) -> String {
+    format!("LEASES#{shard:02}")
+}
+
+/// Key of a partition's lease item: in the shard its key hashes to (FNV-1a, stable across
+/// instances and versions), sorted by partition key.
 pub fn lease_key(partition: &PartitionKey) -> Item {
-    key(&format!("LEASE#{}", partition.encode()), "LEASE")
+    let encoded = partition.encode();
+    let hash = encoded
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+    key(
+        &lease_shard_pk((hash % u64::from(LEASE_SHARDS)) as u32),
+        &encoded,
+    )
 }
 
 /// A key map with `pk` and `sk`.
@@ -245,6 +264,22 @@ mod tests {
         assert!(sequence_key(9) < sequence_key(10));
         assert!(sequence_key(1_795_850_993_106_281) < sequence_key(u64::MAX));
         assert_eq!(sequence_key(u64::MAX).len(), 20);
+    }
+
+    #[test]
+    fn lease_keys_are_stable_and_spread() {
+        let key = lease_key(&PartitionKey::new("fin:purchase", "sub_1"));
+        assert_eq!(get_s(&key, SK).unwrap(), "fin:purchase#sub_1");
+        // Pinned: a different hash would orphan the leases of instances still running.
+        assert_eq!(get_s(&key, PK).unwrap(), "LEASES#10");
+        let shards: std::collections::HashSet<String> = (0..200)
+            .map(|index| {
+                let key = lease_key(&PartitionKey::new("t", format!("sub_{index}")));
+                get_s(&key, PK).unwrap().to_string()
+            })
+            .collect();
+        assert_eq!(shards.len(), LEASE_SHARDS as usize);
+        assert!(shards.iter().all(|shard| shard.starts_with("LEASES#")));
     }
 
     #[test]
