@@ -238,7 +238,8 @@ enum Ending {
 }
 
 async fn run_partition(inner: Arc<Inner>, partition: PartitionKey, new_work: Arc<Signal>) {
-    if claim(&inner, &partition).await
+    let claimed = claim(&inner, &partition).await;
+    if claimed
         && let Some((subscription, key)) = load_subscription(&inner, &partition).await
         && let Ending::Retired = deliver(&inner, &partition, &new_work, &subscription, &key).await
     {
@@ -249,7 +250,8 @@ async fn run_partition(inner: Arc<Inner>, partition: PartitionKey, new_work: Arc
         .lock()
         .expect("partition map lock")
         .remove(&partition);
-    if let Err(error) = inner.store.release_partition(&partition).await {
+    // Only a claim that was granted needs giving back.
+    if claimed && let Err(error) = inner.store.release_partition(&partition).await {
         tracing::warn!(%partition, %error, "cannot release partition claim");
     }
 }
