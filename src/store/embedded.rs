@@ -233,21 +233,13 @@ impl Store for EmbeddedStore {
             None => table.range::<&str>(..),
         }
         .map_err(unavailable)?;
+        // One more than asked, to learn whether another page follows.
         let mut items = Vec::new();
-        let mut more = false;
-        for entry in range {
+        for entry in range.take(page_size + 1) {
             let (_, value) = entry.map_err(unavailable)?;
-            if items.len() == page_size {
-                more = true;
-                break;
-            }
             items.push(from_json::<Subscription>(value.value(), "subscription")?);
         }
-        let next_token = match (more, items.last()) {
-            (true, Some(last)) => Some(records::encode_subscription_token(&last.id)),
-            _ => None,
-        };
-        Ok(Page { items, next_token })
+        Ok(records::subscription_page(items, page_size))
     }
 
     async fn delete_subscription(&self, id: &str) -> Result<u64, StoreError> {
@@ -374,16 +366,7 @@ impl Store for EmbeddedStore {
                 }
             }
         }
-        let mut next_token = None;
-        if items.len() > page_size {
-            items.truncate(page_size);
-            let last = items.last().expect("page_size is at least 1");
-            next_token = Some(records::encode_pending_token(
-                &last.partition.topic,
-                last.event.sequence,
-            ));
-        }
-        Ok(Page { items, next_token })
+        Ok(records::pending_page(items, page_size))
     }
 
     /// One process owns the database file, so every claim is granted.

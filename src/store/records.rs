@@ -6,7 +6,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{DeliveryState, Event, UnixMillis};
+use crate::model::{DeliveryState, Event, Page, PendingDelivery, Subscription, UnixMillis};
 use crate::store::StoreError;
 
 /// Longest `last_error` kept per delivery, in bytes.
@@ -156,6 +156,27 @@ pub fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
 pub fn from_json<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
     serde_json::from_slice(bytes)
         .map_err(|error| StoreError::Internal(format!("corrupt {what}: {error}")))
+}
+
+/// Cuts `items`, read with one more than `page_size` to learn whether another page follows,
+/// to a page whose token names its last item.
+fn page<T>(mut items: Vec<T>, page_size: usize, token_of: impl Fn(&T) -> String) -> Page<T> {
+    let more = items.len() > page_size;
+    items.truncate(page_size);
+    let next_token = items.last().filter(|_| more).map(token_of);
+    Page { items, next_token }
+}
+
+/// A ListSubscriptions page from up to `page_size + 1` subscriptions in id order.
+pub fn subscription_page(items: Vec<Subscription>, page_size: usize) -> Page<Subscription> {
+    page(items, page_size, |last| encode_subscription_token(&last.id))
+}
+
+/// A ListPending page from up to `page_size + 1` deliveries in (topic, sequence) order.
+pub fn pending_page(items: Vec<PendingDelivery>, page_size: usize) -> Page<PendingDelivery> {
+    page(items, page_size, |last| {
+        encode_pending_token(&last.partition.topic, last.event.sequence)
+    })
 }
 
 /// Encodes a ListPending cursor: the last (topic, sequence) returned.

@@ -683,23 +683,13 @@ impl Store for DynamoStore {
         let after = page_token
             .map(records::decode_subscription_token)
             .transpose()?;
-        let mut items = self
+        let items = self
             .query_after(schema::SUBSCRIPTIONS_PK, after.as_deref(), page_size + 1)
-            .await?;
-        let more = items.len() > page_size;
-        items.truncate(page_size);
-        let subscriptions = items
+            .await?
             .iter()
             .map(|item| from_json::<Subscription>(get_s(item, "data")?.as_bytes(), "subscription"))
             .collect::<Result<Vec<_>, _>>()?;
-        let next_token = match (more, subscriptions.last()) {
-            (true, Some(last)) => Some(records::encode_subscription_token(&last.id)),
-            _ => None,
-        };
-        Ok(Page {
-            items: subscriptions,
-            next_token,
-        })
+        Ok(records::subscription_page(items, page_size))
     }
 
     async fn delete_subscription(&self, id: &str) -> Result<u64, StoreError> {
@@ -988,16 +978,7 @@ impl Store for DynamoStore {
                 items.push(schema::pending_delivery(&partition, delivery, event));
             }
         }
-        let mut next_token = None;
-        if items.len() > page_size {
-            items.truncate(page_size);
-            let last = items.last().expect("page_size is at least 1");
-            next_token = Some(records::encode_pending_token(
-                &last.partition.topic,
-                last.event.sequence,
-            ));
-        }
-        Ok(Page { items, next_token })
+        Ok(records::pending_page(items, page_size))
     }
 
     /// The first call probes every partition of every topic. Later calls probe only the
