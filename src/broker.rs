@@ -115,12 +115,19 @@ impl Broker {
             idempotency_key: Some(input.idempotency_key).filter(|key| !key.is_empty()),
             attributes: input.attributes,
         };
-        let published = self
-            .store
-            .publish(&event, self.limits.idempotency_window)
-            .await?;
-        self.engine.notify(&published.partitions);
-        Ok(published)
+        // The store call and the wake-up run in their own task: if the client gives up (a
+        // deadline, a dropped connection) while the commit is in flight, the commit still
+        // completes and its partitions are still woken.
+        let store = self.store.clone();
+        let engine = self.engine.clone();
+        let window = self.limits.idempotency_window;
+        tokio::spawn(async move {
+            let published = store.publish(&event, window).await?;
+            engine.notify(&published.partitions);
+            Ok(published)
+        })
+        .await
+        .map_err(|error| Error::Internal(format!("publish task failed: {error}")))?
     }
 
     /// Validates and creates a subscription. The returned value carries the secret.

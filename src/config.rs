@@ -44,12 +44,13 @@ pub struct ServeConfig {
     pub create_table: bool,
 
     /// How long an instance's claim on a partition lasts without renewal (DynamoDB: how soon
-    /// another instance takes over the partitions of one that died).
-    #[arg(long, env = "HERALD_PARTITION_LEASE", default_value = "30s", value_parser = parse_duration)]
+    /// another instance takes over the partitions of one that died). Renewed every third of
+    /// it; a worker starts no request with less than a third left.
+    #[arg(long, env = "HERALD_PARTITION_LEASE", default_value = "10s", value_parser = parse_duration)]
     pub partition_lease: Duration,
 
     /// DynamoDB: how often to look for pending partitions this instance was not told about.
-    #[arg(long, env = "HERALD_RESCAN_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "HERALD_RESCAN_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub rescan_interval: Duration,
 
     /// DynamoDB: age after which another instance finishes a fan-out its publisher left.
@@ -136,8 +137,8 @@ impl ServeConfig {
                 endpoint: None,
             },
             create_table: false,
-            partition_lease: Duration::from_secs(30),
-            rescan_interval: Duration::from_secs(30),
+            partition_lease: Duration::from_secs(10),
+            rescan_interval: Duration::from_secs(5),
             fanout_repair_after: Duration::from_secs(10),
             max_payload_bytes: 256 * 1024,
             idempotency_window: Duration::from_secs(24 * 3600),

@@ -142,7 +142,8 @@ pub struct Published {
     pub subscription_count: u32,
     /// True if the idempotency key matched an earlier publish.
     pub duplicate: bool,
-    /// The partitions that received a new delivery, for waking the worker.
+    /// The partitions to wake: those that received a new delivery, or for a duplicate the
+    /// topic's current partitions (the original's caller may have gone before waking them).
     pub partitions: Vec<PartitionKey>,
 }
 
@@ -209,7 +210,7 @@ pub struct PendingDelivery {
 }
 
 /// The result of one failed attempt, as the worker records it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureOutcome {
     /// Try again at the given time.
     RetryAt(UnixMillis),

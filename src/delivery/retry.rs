@@ -20,9 +20,17 @@ pub fn backoff_cap(policy: &RetryPolicy, failures: u32) -> Duration {
         .min(policy.max_backoff)
 }
 
+/// A receiver's `Retry-After`, kept between the policy's `initial_backoff` (so `Retry-After: 0`
+/// cannot make a tight loop) and its `max_backoff`.
+pub fn bounded_retry_after(policy: &RetryPolicy, retry_after: Duration) -> Duration {
+    retry_after
+        .max(policy.initial_backoff)
+        .min(policy.max_backoff)
+}
+
 /// The delay before the next attempt after the `failures`-th failure: a uniformly random
-/// duration in `[0, backoff_cap]` (full jitter), or the receiver's `Retry-After` capped at
-/// `max_backoff` when it sent one.
+/// duration in `[0, backoff_cap]` (full jitter), or the receiver's `Retry-After` (see
+/// [`bounded_retry_after`]) when it sent one.
 pub fn next_delay(
     policy: &RetryPolicy,
     failures: u32,
@@ -30,7 +38,7 @@ pub fn next_delay(
     rng: &mut impl Rng,
 ) -> Duration {
     if let Some(retry_after) = retry_after {
-        return retry_after.min(policy.max_backoff);
+        return bounded_retry_after(policy, retry_after);
     }
     let cap = backoff_cap(policy, failures).as_micros() as u64;
     Duration::from_micros(rng.random_range(0..=cap))
@@ -49,9 +57,9 @@ pub fn after_failure(
         return match on_exhausted {
             OnExhausted::DeadLetter => FailureOutcome::DeadLetter,
             OnExhausted::Block => {
-                let delay = retry_after
-                    .unwrap_or(policy.max_backoff)
-                    .min(policy.max_backoff);
+                let delay = retry_after.map_or(policy.max_backoff, |retry_after| {
+                    bounded_retry_after(policy, retry_after)
+                });
                 FailureOutcome::RetryAt(now + delay.as_millis() as u64)
             }
         };
@@ -105,6 +113,22 @@ mod tests {
         assert_eq!(delay, Duration::from_secs(2));
         let delay = next_delay(&policy(), 1, Some(Duration::from_secs(60)), &mut rng);
         assert_eq!(delay, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn retry_after_zero_waits_at_least_the_initial_backoff() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let delay = next_delay(&policy(), 3, Some(Duration::ZERO), &mut rng);
+        assert_eq!(delay, Duration::from_millis(100));
+        let outcome = after_failure(
+            &policy(),
+            OnExhausted::Block,
+            9,
+            Some(Duration::ZERO),
+            1000,
+            &mut rng,
+        );
+        assert_eq!(outcome, FailureOutcome::RetryAt(1100));
     }
 
     #[test]

@@ -1,27 +1,27 @@
 //! Partition scheduling. One task per partition with pending work delivers its events strictly
-//! in sequence order, one at a time; a shared semaphore bounds the HTTP requests in flight over
-//! all partitions. A publish wakes the tasks of the partitions it wrote to (no polling); a task
-//! with nothing left to deliver waits a moment for more, then exits. On a shared store a task
-//! first claims its partition, so one instance at a time delivers it.
+//! in sequence order, one at a time ([`crate::delivery::partition`]); a shared semaphore bounds
+//! the HTTP requests in flight over all partitions. A publish wakes the tasks of the partitions
+//! it wrote to (no polling); a task with nothing left to deliver waits a moment for more, then
+//! exits. On a shared store a task first claims its partition's lease
+//! ([`crate::delivery::lease`]), so one instance at a time delivers it; a task that stops with
+//! work left leaves the lease expired, where every instance's periodic rescan finds it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rand::SeedableRng;
-use rand::rngs::StdRng;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
-use crate::delivery::{retry, webhook};
-use crate::model::{PartitionKey, Subscription, now_millis};
+use crate::delivery::lease::Lease;
+use crate::delivery::partition::{PartitionWorker, Stop};
+use crate::delivery::webhook;
+use crate::model::{PartitionKey, Subscription};
 use crate::shutdown::Shutdown;
-use crate::store::{Store, StoreError};
+use crate::store::{PartitionLeases, Store, StoreError};
 
-/// Deliveries read from the store per partition at a time.
-const BATCH_SIZE: usize = 16;
-/// Pause before retrying a store call that failed.
+/// Pause before retrying a subscription read that failed.
 const STORE_RETRY_DELAY: Duration = Duration::from_millis(500);
 
 /// Engine settings.
@@ -37,17 +37,13 @@ pub struct EngineConfig {
     pub rescan: Option<Duration>,
 }
 
-/// How long a partition task with nothing to deliver waits for new work before it exits. A
-/// steady trickle of events then costs no task start and no subscription read per event.
-const LINGER: Duration = Duration::from_secs(2);
-
 /// Tells a partition task that new deliveries were stored.
 #[derive(Default)]
-struct Signal {
+pub(crate) struct Signal {
     /// Set on every notification; cleared by the task when it decides to exit.
     new_work: AtomicBool,
     /// Wakes a lingering task (keeps one permit if it is not waiting yet).
-    wake: tokio::sync::Notify,
+    pub(crate) wake: tokio::sync::Notify,
 }
 
 /// Handle to the delivery engine; cheap to clone.
@@ -56,15 +52,16 @@ pub struct Engine {
     inner: Arc<Inner>,
 }
 
-struct Inner {
-    store: Arc<dyn Store>,
+/// What every partition task shares.
+pub(crate) struct Inner {
+    pub(crate) store: Arc<dyn Store>,
     config: EngineConfig,
-    client: reqwest::Client,
-    permits: Semaphore,
+    pub(crate) client: reqwest::Client,
+    pub(crate) permits: Semaphore,
     /// Partitions with a running task, each with its wake-up signal.
     partitions: Mutex<HashMap<PartitionKey, Arc<Signal>>>,
     tasks: TaskTracker,
-    shutdown: Shutdown,
+    pub(crate) shutdown: Shutdown,
 }
 
 impl Engine {
@@ -154,13 +151,21 @@ impl Engine {
 impl Inner {
     /// Removes a partition whose task found no work, unless new work arrived meanwhile.
     /// Returns true if the task should exit.
-    fn retire(&self, partition: &PartitionKey, signal: &Signal) -> bool {
+    pub(crate) fn retire(&self, partition: &PartitionKey, signal: &Signal) -> bool {
         let mut running = self.partitions.lock().expect("partition map lock");
         if signal.new_work.swap(false, Ordering::SeqCst) && !self.shutdown.is_fired() {
             return false;
         }
         running.remove(partition);
         true
+    }
+
+    /// Drops a stopped partition task from the map.
+    fn forget(&self, partition: &PartitionKey) {
+        self.partitions
+            .lock()
+            .expect("partition map lock")
+            .remove(partition);
     }
 
     /// Waits `delay` unless shutdown fires first; returns false on shutdown.
@@ -173,28 +178,29 @@ impl Inner {
     }
 }
 
-/// Claims the partition, retrying briefly while another instance holds it (it may be about to
-/// let go). Returns false if the claim was not granted; the periodic rescan retries later.
-async fn claim(inner: &Inner, partition: &PartitionKey) -> bool {
+/// Claims the partition's lease, retrying briefly while another instance holds it (it may be
+/// about to let go). `None` if it was not granted: the holder delivers what is pending, and if
+/// it stops with work left its expired lease is found by the rescan.
+async fn claim(
+    inner: &Inner,
+    leases: &dyn PartitionLeases,
+    partition: &PartitionKey,
+) -> Option<Lease> {
     let mut pause = Duration::from_millis(20);
     let mut waited = Duration::ZERO;
     while waited < inner.config.lease {
-        match inner
-            .store
-            .claim_partition(partition, inner.config.lease)
-            .await
-        {
-            Ok(true) => return true,
-            Ok(false) => {}
+        match Lease::claim(leases, partition, inner.config.lease).await {
+            Ok(Some(lease)) => return Some(lease),
+            Ok(None) => {}
             Err(error) => tracing::warn!(%partition, %error, "cannot claim partition"),
         }
         if !inner.pause(pause).await {
-            return false;
+            return None;
         }
         waited += pause;
         pause = (pause * 2).min(Duration::from_secs(1));
     }
-    false
+    None
 }
 
 /// Reads the partition's subscription and signing key; `None` if it is gone or unusable, or
@@ -229,179 +235,33 @@ async fn load_subscription(
     }
 }
 
-/// How a partition's delivery loop ended.
-enum Ending {
-    /// Nothing left: the task already left the partition map and released its claim.
-    Retired,
-    /// Shutdown, a lost claim, or a deleted subscription.
-    Stopped,
-}
-
-async fn run_partition(inner: Arc<Inner>, partition: PartitionKey, new_work: Arc<Signal>) {
-    let claimed = claim(&inner, &partition).await;
-    if claimed
-        && let Some((subscription, key)) = load_subscription(&inner, &partition).await
-        && let Ending::Retired = deliver(&inner, &partition, &new_work, &subscription, &key).await
-    {
-        return;
-    }
-    inner
-        .partitions
-        .lock()
-        .expect("partition map lock")
-        .remove(&partition);
-    // Only a claim that was granted needs giving back.
-    if claimed && let Err(error) = inner.store.release_partition(&partition).await {
-        tracing::warn!(%partition, %error, "cannot release partition claim");
-    }
-}
-
-/// Delivers the partition's events in order until none is left (or the task must stop).
-async fn deliver(
-    inner: &Inner,
-    partition: &PartitionKey,
-    signal: &Signal,
-    subscription: &Subscription,
-    key: &[u8],
-) -> Ending {
-    let mut rng = StdRng::from_os_rng();
-    let renew_every = inner.config.lease / 3;
-    let mut claimed_at = tokio::time::Instant::now();
-    'partition: loop {
-        if inner.shutdown.is_fired() {
-            return Ending::Stopped;
-        }
-        if claimed_at.elapsed() >= renew_every {
-            match inner
-                .store
-                .claim_partition(partition, inner.config.lease)
+async fn run_partition(inner: Arc<Inner>, partition: PartitionKey, signal: Arc<Signal>) {
+    let leases = inner.store.leases();
+    let lease = match leases {
+        Some(leases) => match claim(&inner, leases, &partition).await {
+            Some(lease) => Some(lease),
+            None => {
+                inner.forget(&partition);
+                return;
+            }
+        },
+        None => None,
+    };
+    let (stop, lease) = match load_subscription(&inner, &partition).await {
+        Some((subscription, key)) => {
+            PartitionWorker::new(&inner, &partition, &signal, lease, subscription, key)
+                .run()
                 .await
-            {
-                Ok(true) => claimed_at = tokio::time::Instant::now(),
-                Ok(false) => {
-                    tracing::warn!(%partition, "lost the partition claim to another instance");
-                    return Ending::Stopped;
-                }
-                Err(error) => {
-                    tracing::warn!(%partition, %error, "cannot renew partition claim");
-                    if claimed_at.elapsed() >= inner.config.lease - renew_every {
-                        return Ending::Stopped;
-                    }
-                }
-            }
         }
-        let batch = match inner.store.next_deliveries(partition, BATCH_SIZE).await {
-            Ok(batch) => batch,
-            Err(error) => {
-                tracing::warn!(%partition, %error, "cannot read deliveries; retrying");
-                if inner.pause(STORE_RETRY_DELAY).await {
-                    continue;
-                }
-                return Ending::Stopped;
-            }
-        };
-        if batch.is_empty() {
-            // Linger: most partitions that just drained get more work soon.
-            let mut shutdown = inner.shutdown.clone();
-            tokio::select! {
-                _ = signal.wake.notified() => continue,
-                _ = tokio::time::sleep(LINGER) => {}
-                _ = shutdown.fired() => return Ending::Stopped,
-            }
-            if inner.retire(partition, signal) {
-                if let Err(error) = inner.store.release_partition(partition).await {
-                    tracing::warn!(%partition, %error, "cannot release partition claim");
-                }
-                return Ending::Retired;
-            }
-            continue;
-        }
-        for delivery in batch {
-            let now = now_millis();
-            if delivery.state.next_attempt_at > now {
-                let wait = Duration::from_millis(delivery.state.next_attempt_at - now);
-                // Wake in time to renew the claim; the head is read again after.
-                let renew_in = renew_every.saturating_sub(claimed_at.elapsed());
-                if !inner.pause(wait.min(renew_in)).await {
-                    return Ending::Stopped;
-                }
-                if wait > renew_in {
-                    continue 'partition;
-                }
-            }
-            let permit = {
-                let mut shutdown = inner.shutdown.clone();
-                tokio::select! {
-                    permit = inner.permits.acquire() => permit.expect("semaphore never closes"),
-                    _ = shutdown.fired() => return Ending::Stopped,
-                }
-            };
-            // An attempt in flight is never cancelled: it completes (bounded by the request
-            // timeout) and its outcome is recorded, even during shutdown. The claim is renewed
-            // while it runs, so a request slower than the lease cannot let another instance
-            // start on the next event.
-            let send = webhook::send(&inner.client, subscription, key, &delivery);
-            tokio::pin!(send);
-            let mut claim_lost = false;
-            let mut next_renewal = claimed_at + renew_every;
-            let attempt = loop {
-                tokio::select! {
-                    attempt = &mut send => break attempt,
-                    _ = tokio::time::sleep_until(next_renewal), if !claim_lost => {
-                        match inner.store.claim_partition(partition, inner.config.lease).await {
-                            Ok(true) => {
-                                claimed_at = tokio::time::Instant::now();
-                                next_renewal = claimed_at + renew_every;
-                            }
-                            Ok(false) => claim_lost = true,
-                            Err(error) => {
-                                tracing::warn!(%partition, %error, "cannot renew partition claim");
-                                next_renewal = tokio::time::Instant::now()
-                                    + Duration::from_millis(500).min(renew_every);
-                            }
-                        }
-                    }
-                }
-            };
-            drop(permit);
-            if claim_lost {
-                tracing::warn!(%partition, "lost the partition claim during a delivery");
-                return Ending::Stopped;
-            }
-            let sequence = delivery.event.sequence;
-            match attempt {
-                webhook::Attempt::Delivered => {
-                    if let Err(error) = inner.store.complete_delivery(partition, sequence).await {
-                        // Left pending: it will be sent again (at-least-once).
-                        tracing::warn!(%partition, sequence, %error, "cannot record delivery");
-                        inner.pause(STORE_RETRY_DELAY).await;
-                        continue 'partition;
-                    }
-                }
-                webhook::Attempt::Failed { error, retry_after } => {
-                    let failures = delivery.state.attempts + 1;
-                    let outcome = retry::after_failure(
-                        &subscription.retry_policy,
-                        subscription.on_exhausted,
-                        failures,
-                        retry_after,
-                        now_millis(),
-                        &mut rng,
-                    );
-                    tracing::debug!(%partition, sequence, failures, %error, ?outcome, "delivery failed");
-                    if let Err(store_error) = inner
-                        .store
-                        .record_failure(partition, sequence, &error, outcome)
-                        .await
-                    {
-                        tracing::warn!(%partition, sequence, %store_error, "cannot record failure");
-                        inner.pause(STORE_RETRY_DELAY).await;
-                    }
-                    // Re-read the head: the same event with its new schedule, or the next one
-                    // if this one was dead-lettered.
-                    continue 'partition;
-                }
-            }
-        }
+        None if inner.shutdown.is_fired() => (Stop::Shutdown, lease),
+        None => (Stop::SubscriptionGone, lease),
+    };
+    if stop != Stop::Idle {
+        inner.forget(&partition);
+    }
+    if let (Some(lease), Some(leases)) = (lease, leases)
+        && stop != Stop::Lease(crate::delivery::lease::LeaseEnded::Lost)
+    {
+        lease.release(leases, stop.hands_over()).await;
     }
 }

@@ -27,7 +27,7 @@ use crate::store::records::{
     from_json, to_json,
 };
 use crate::store::topic_index::TopicIndex;
-use crate::store::{Store, StoreError};
+use crate::store::{LeaseToken, Store, StoreError};
 
 /// Subscription id -> JSON subscription.
 const SUBSCRIPTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("subscriptions");
@@ -285,10 +285,12 @@ impl Store for EmbeddedStore {
         Ok(deliveries)
     }
 
+    /// One process owns the file, so there are no leases and `fence` is not checked.
     async fn complete_delivery(
         &self,
         partition: &PartitionKey,
         sequence: u64,
+        _fence: Option<&LeaseToken>,
     ) -> Result<(), StoreError> {
         let partition = partition.clone();
         self.submit(|reply| Command::Complete(partition, sequence, reply))
@@ -301,6 +303,7 @@ impl Store for EmbeddedStore {
         sequence: u64,
         error: &str,
         outcome: FailureOutcome,
+        _fence: Option<&LeaseToken>,
     ) -> Result<(), StoreError> {
         let partition = partition.clone();
         let error = error.to_string();
@@ -367,19 +370,6 @@ impl Store for EmbeddedStore {
             }
         }
         Ok(records::pending_page(items, page_size))
-    }
-
-    /// One process owns the database file, so every claim is granted.
-    async fn claim_partition(
-        &self,
-        _partition: &PartitionKey,
-        _lease: Duration,
-    ) -> Result<bool, StoreError> {
-        Ok(true)
-    }
-
-    async fn release_partition(&self, _partition: &PartitionKey) -> Result<(), StoreError> {
-        Ok(())
     }
 
     async fn pending_partitions(&self) -> Result<Vec<PartitionKey>, StoreError> {
@@ -679,13 +669,20 @@ impl<'transaction> Tables<'transaction> {
         {
             let original: IdempotencyRecord = from_json(bytes.value(), "idempotency record")?;
             if original.expires_at > now {
+                // The original's caller may have gone before it woke the worker: wake the
+                // topic's partitions again (a partition with nothing due just goes idle).
+                let partitions = index
+                    .matching(topic)
+                    .into_iter()
+                    .map(|subscription_id| PartitionKey::new(topic, subscription_id))
+                    .collect();
                 return Ok(Ok(Published {
                     event_id: original.event_id,
                     sequence: original.sequence,
                     published_at: original.published_at,
                     subscription_count: original.subscription_count,
                     duplicate: true,
-                    partitions: Vec::new(),
+                    partitions,
                 }));
             }
         }

@@ -37,15 +37,72 @@ pub enum StoreError {
     /// The store cannot be reached or cannot write now; nothing was written. Safe to retry.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// A write fenced by a partition lease was refused because the lease is no longer the
+    /// caller's (another worker claimed the partition); nothing was written. Not retryable:
+    /// the caller must stop working on the partition.
+    #[error("partition lease lost: {0}")]
+    LeaseLost(String),
     /// A bug or corrupt data.
     #[error("store internal error: {0}")]
     Internal(String),
+}
+
+/// Proof that a worker holds a partition's lease: the token its claim wrote into the lease.
+/// A new claim writes a new token, so the writes of a worker whose lease was taken over are
+/// refused (a fencing token).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LeaseToken(pub String);
+
+impl LeaseToken {
+    /// A fresh random token.
+    pub fn generate() -> Self {
+        LeaseToken(format!("{:032x}", rand::random::<u128>()))
+    }
+}
+
+/// Partition leases, for stores that several instances share: only the holder of a
+/// partition's lease delivers it, which keeps one partition's deliveries sequential.
+///
+/// Lease expiry is judged by wall clock (`now + duration` is stored), so instances' clocks must
+/// agree to well within the worker's safety margin (a third of the lease).
+#[async_trait]
+pub trait PartitionLeases: Send + Sync {
+    /// Claims `partition` for `duration` if nobody holds a live lease on it. Returns the new
+    /// lease's token, or `None` if another claim is live.
+    async fn claim(
+        &self,
+        partition: &PartitionKey,
+        duration: Duration,
+    ) -> Result<Option<LeaseToken>, StoreError>;
+
+    /// Extends the lease of `token` to `duration` from now. Returns false if the lease is no
+    /// longer `token`'s (another worker claimed the partition since).
+    async fn renew(
+        &self,
+        partition: &PartitionKey,
+        token: &LeaseToken,
+        duration: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// Gives the lease of `token` up (a no-op if it is no longer `token`'s). With `handover`
+    /// the lease is left expired, so that every instance's rescan finds the partition (its
+    /// holder stops with work left); without, it is deleted (nothing left to deliver).
+    async fn release(
+        &self,
+        partition: &PartitionKey,
+        token: &LeaseToken,
+        handover: bool,
+    ) -> Result<(), StoreError>;
 }
 
 /// Durable state of the broker: subscriptions, events and per-partition delivery progress.
 ///
 /// Every method is atomic: it either applies all of its effects or none. A method that returns
 /// `Ok` has made its effects durable unless its documentation says otherwise.
+///
+/// Writes that a delivery worker makes for its partition (`complete_delivery`,
+/// `record_failure`) take the worker's lease token on a shared store and are refused with
+/// [`StoreError::LeaseLost`] if the lease is no longer that token's.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Stores a new subscription. From the moment this returns, every publish on a matching
@@ -97,6 +154,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Marks the delivery of `sequence` in `partition` as done and removes it. Completing a
     /// delivery that is not pending is a no-op (`Ok`), so a retried call is harmless.
+    /// `LeaseLost` if `fence` is given and is no longer the partition's lease.
     ///
     /// May be made durable lazily: after a crash a completed delivery can reappear (it is then
     /// sent again, which at-least-once allows); it is never lost.
@@ -104,17 +162,20 @@ pub trait Store: Send + Sync + 'static {
         &self,
         partition: &PartitionKey,
         sequence: u64,
+        fence: Option<&LeaseToken>,
     ) -> Result<(), StoreError>;
 
     /// Records a failed attempt at the delivery of `sequence`: increments its attempt count,
     /// stores `error`, and either schedules the next attempt or dead-letters it (which moves the
-    /// partition's head past it). A no-op if the delivery is not pending.
+    /// partition's head past it). A no-op if the delivery is not pending. `LeaseLost` if
+    /// `fence` is given and is no longer the partition's lease.
     async fn record_failure(
         &self,
         partition: &PartitionKey,
         sequence: u64,
         error: &str,
         outcome: FailureOutcome,
+        fence: Option<&LeaseToken>,
     ) -> Result<(), StoreError>;
 
     /// Lists the pending deliveries of a subscription (dead-lettered included), ordered by
@@ -134,17 +195,11 @@ pub trait Store: Send + Sync + 'static {
     /// partitions that another instance left.
     async fn pending_partitions(&self) -> Result<Vec<PartitionKey>, StoreError>;
 
-    /// Claims the right to deliver `partition` for `lease`, or renews this instance's claim.
-    /// Returns false if another live instance holds it. Only the holder may deliver, which keeps
-    /// one partition's deliveries sequential across instances sharing a store.
-    async fn claim_partition(
-        &self,
-        partition: &PartitionKey,
-        lease: Duration,
-    ) -> Result<bool, StoreError>;
-
-    /// Gives up this instance's claim on `partition`, if it holds one.
-    async fn release_partition(&self, partition: &PartitionKey) -> Result<(), StoreError>;
+    /// The partition leases of a store that several instances share; `None` for a store
+    /// that one process owns (its worker delivers every partition without claiming).
+    fn leases(&self) -> Option<&dyn PartitionLeases> {
+        None
+    }
 
     /// Requests sent to a remote database so far, per operation; `None` for a local store.
     fn request_counts(&self) -> Option<BTreeMap<&'static str, u64>> {

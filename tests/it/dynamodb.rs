@@ -5,9 +5,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use herald::model::{NewEvent, PartitionKey, now_millis};
+use herald::model::{FailureOutcome, NewEvent, PartitionKey, now_millis};
 use herald::proto;
-use herald::store::{DynamoStore, Store};
+use herald::store::{DynamoStore, PartitionLeases, Store, StoreError};
 use tonic::Code;
 
 use crate::support::dynamo::{self, PrivateServer};
@@ -320,7 +320,7 @@ async fn requests_per_publish_and_per_delivery_do_not_grow_with_the_table() {
         }
         for delivery in page {
             store
-                .complete_delivery(&partition, delivery.event.sequence)
+                .complete_delivery(&partition, delivery.event.sequence, None)
                 .await
                 .unwrap();
             delivered += 1;
@@ -428,9 +428,9 @@ async fn the_rescan_probes_changed_topics_and_partitions_whose_lease_ran_out() {
     );
     // An instance claims the quiet partition (and, say, dies without releasing it).
     let lease = Duration::from_secs(3);
-    assert!(holder.claim_partition(&quiet, lease).await.unwrap());
+    let first = holder.claim(&quiet, lease).await.unwrap().expect("granted");
     let claimed = std::time::Instant::now();
-    assert!(!scanner.claim_partition(&quiet, lease).await.unwrap());
+    assert_eq!(scanner.claim(&quiet, lease).await.unwrap(), None);
     // Nothing changed and the lease is live: nothing to take over.
     assert!(scanner.pending_partitions().await.unwrap().is_empty());
     // A publish is found through its topic's new sequence.
@@ -447,5 +447,60 @@ async fn the_rescan_probes_changed_topics_and_partitions_whose_lease_ran_out() {
     )
     .await;
     assert!(claimed.elapsed() >= lease);
-    assert!(scanner.claim_partition(&quiet, lease).await.unwrap());
+    let second = scanner
+        .claim(&quiet, lease)
+        .await
+        .unwrap()
+        .expect("granted");
+    assert_ne!(first, second);
+
+    // The first holder wakes up: its token is fenced off everywhere.
+    assert!(!holder.renew(&quiet, &first, lease).await.unwrap());
+    let sequence = holder.next_deliveries(&quiet, 1).await.unwrap()[0]
+        .event
+        .sequence;
+    assert!(matches!(
+        holder
+            .complete_delivery(&quiet, sequence, Some(&first))
+            .await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    assert!(matches!(
+        holder
+            .record_failure(
+                &quiet,
+                sequence,
+                "late",
+                FailureOutcome::DeadLetter,
+                Some(&first)
+            )
+            .await,
+        Err(StoreError::LeaseLost(_))
+    ));
+    holder.release(&quiet, &first, false).await.unwrap();
+    assert_eq!(holder.claim(&quiet, lease).await.unwrap(), None);
+    assert_eq!(holder.next_deliveries(&quiet, 5).await.unwrap().len(), 1);
+
+    // The new holder stops with work left: it hands over, and the rescan finds it at once.
+    assert!(scanner.renew(&quiet, &second, lease).await.unwrap());
+    scanner.release(&quiet, &second, true).await.unwrap();
+    assert!(scanner.pending_partitions().await.unwrap().contains(&quiet));
+    let third = holder.claim(&quiet, lease).await.unwrap().expect("granted");
+    holder
+        .record_failure(
+            &quiet,
+            sequence,
+            "HTTP 500",
+            FailureOutcome::RetryAt(now_millis()),
+            Some(&third),
+        )
+        .await
+        .unwrap();
+    holder
+        .complete_delivery(&quiet, sequence, Some(&third))
+        .await
+        .unwrap();
+    // Nothing left: released for good, and no longer found.
+    holder.release(&quiet, &third, false).await.unwrap();
+    assert!(!scanner.pending_partitions().await.unwrap().contains(&quiet));
 }

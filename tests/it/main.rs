@@ -7,4 +7,5 @@ mod cli;
 mod crash;
 mod delivery;
 mod dynamodb;
+mod faults;
 mod store_conformance;

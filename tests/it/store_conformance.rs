@@ -288,11 +288,11 @@ async fn completion_and_failure_move_the_partition_head(store: Arc<dyn Store>) {
         );
     }
     store
-        .complete_delivery(&partition, sequences[0])
+        .complete_delivery(&partition, sequences[0], None)
         .await
         .unwrap();
     store
-        .complete_delivery(&partition, sequences[0])
+        .complete_delivery(&partition, sequences[0], None)
         .await
         .unwrap(); // harmless repeat
     let head = store.next_deliveries(&partition, 10).await.unwrap();
@@ -305,6 +305,7 @@ async fn completion_and_failure_move_the_partition_head(store: Arc<dyn Store>) {
             sequences[1],
             "HTTP 500",
             FailureOutcome::RetryAt(retry_at),
+            None,
         )
         .await
         .unwrap();
@@ -323,6 +324,7 @@ async fn completion_and_failure_move_the_partition_head(store: Arc<dyn Store>) {
             sequences[1],
             "HTTP 502",
             FailureOutcome::DeadLetter,
+            None,
         )
         .await
         .unwrap();
@@ -339,11 +341,11 @@ async fn completion_and_failure_move_the_partition_head(store: Arc<dyn Store>) {
     assert_eq!(head[0].previous_sequence, sequences[1]);
     // Failures of events that are not pending are ignored.
     store
-        .record_failure(&partition, 12345, "x", FailureOutcome::DeadLetter)
+        .record_failure(&partition, 12345, "x", FailureOutcome::DeadLetter, None)
         .await
         .unwrap();
     store
-        .complete_delivery(&partition, sequences[2])
+        .complete_delivery(&partition, sequences[2], None)
         .await
         .unwrap();
     assert!(
@@ -384,6 +386,7 @@ async fn list_pending_pages_over_topics_and_includes_dead_letters(store: Arc<dyn
             dead.1,
             "gone",
             FailureOutcome::DeadLetter,
+            None,
         )
         .await
         .unwrap_or_else(|error| panic!("{error}"));
@@ -458,7 +461,9 @@ async fn idempotency_returns_the_original_outcome(store: Arc<dyn Store>) {
         ("evt_1", original.sequence)
     );
     assert_eq!(repeat.subscription_count, 1);
-    assert!(repeat.partitions.is_empty());
+    // A duplicate wakes the topic's partitions again, in case the original's caller went away
+    // before waking them; it writes nothing.
+    assert_eq!(repeat.partitions, original.partitions);
     let other_topic = store
         .publish(&event("evt_3", "u", Some("key")), DAY)
         .await

@@ -17,7 +17,10 @@
 //!   reorders it.
 //! - **The subscription set is versioned.** Subscribe and Unsubscribe bump a version item; each
 //!   publish checks, inside its transaction, the version its fan-out was computed from.
-//! - **A partition is delivered by one instance at a time**, holding a lease item.
+//! - **A partition is delivered by one instance at a time**, holding a lease item. Each claim
+//!   writes a new token into it, and every write a worker makes for its partition (completion,
+//!   failure) checks that token in the same transaction, so a worker whose lease was taken
+//!   over (it was paused, or its renewals failed) cannot write over its successor's progress.
 
 mod schema;
 
@@ -31,8 +34,9 @@ use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, Delete, KeySchemaElement, KeyType, KeysAndAttributes, Put,
-    ScalarAttributeType, TimeToLiveSpecification, TransactWriteItem, Update,
+    AttributeDefinition, BillingMode, ConditionCheck, Delete, KeySchemaElement, KeyType,
+    KeysAndAttributes, Put, ScalarAttributeType, TimeToLiveSpecification, TransactWriteItem,
+    Update,
 };
 
 use crate::model::{
@@ -41,7 +45,7 @@ use crate::model::{
 };
 use crate::store::records::{self, from_json};
 use crate::store::topic_index::TopicIndex;
-use crate::store::{Store, StoreError};
+use crate::store::{LeaseToken, PartitionLeases, Store, StoreError};
 use schema::{Item, get_n, get_s, n, s};
 
 /// Items a transaction may hold.
@@ -550,13 +554,70 @@ impl DynamoStore {
             .collect()
     }
 
+    /// A transaction item that fails unless `token` holds the partition's lease.
+    fn lease_check(&self, partition: &PartitionKey, token: &LeaseToken) -> TransactWriteItem {
+        TransactWriteItem::builder()
+            .condition_check(
+                ConditionCheck::builder()
+                    .table_name(&self.table)
+                    .set_key(Some(schema::lease_key(partition)))
+                    .condition_expression("#token = :token")
+                    .expression_attribute_names("#token", "token")
+                    .expression_attribute_values(":token", s(&token.0))
+                    .build()
+                    .expect("complete condition check"),
+            )
+            .build()
+    }
+
+    /// Runs a transaction whose last item is `fence`'s lease check, if given. Returns the
+    /// cancellation reasons of the other items if it was cancelled for them; `LeaseLost` if it
+    /// was cancelled by the lease check.
+    async fn transact_fenced(
+        &self,
+        mut items: Vec<TransactWriteItem>,
+        fence: Option<(&PartitionKey, &LeaseToken)>,
+    ) -> Result<Option<Vec<String>>, StoreError> {
+        let checked = items.len();
+        if let Some((partition, token)) = fence {
+            items.push(self.lease_check(partition, token));
+        }
+        let Err(error) = self.transact(items).await else {
+            return Ok(None);
+        };
+        let Some(reasons) = cancellation_reasons(&error) else {
+            return Err(sdk_error(error));
+        };
+        let failed =
+            |index: usize| reasons.get(index).map(String::as_str) == Some("ConditionalCheckFailed");
+        let own_failure = (0..checked).any(failed);
+        if let Some((partition, _)) = fence
+            && failed(checked)
+            && !own_failure
+        {
+            return Err(StoreError::LeaseLost(format!(
+                "another worker holds the lease of {partition}"
+            )));
+        }
+        if own_failure {
+            return Ok(Some(reasons));
+        }
+        // A conflict with another transaction: nothing was written.
+        Err(StoreError::Unavailable(format!(
+            "transaction conflict: {}",
+            DisplayErrorContext(&error)
+        )))
+    }
+
     /// Removes one pending (or dead-lettered) delivery and drops its reference to the event,
     /// deleting the event with its last reference. Returns false if it was not there.
+    /// With `fence`, refused with `LeaseLost` unless the token holds the partition's lease.
     async fn remove_delivery(
         &self,
         delivery_key: Item,
         topic: &str,
         sequence: u64,
+        fence: Option<(&PartitionKey, &LeaseToken)>,
     ) -> Result<bool, StoreError> {
         let delete_delivery = || {
             TransactWriteItem::builder()
@@ -583,21 +644,17 @@ impl DynamoStore {
                     .expect("complete update"),
             )
             .build();
-        let result = self.transact(vec![delete_delivery(), decrement]).await;
-        let Err(error) = result else {
+        let Some(reasons) = self
+            .transact_fenced(vec![delete_delivery(), decrement], fence)
+            .await?
+        else {
             return Ok(true);
         };
-        match cancellation_reasons(&error) {
-            Some(reasons)
-                if reasons.first().map(String::as_str) == Some("ConditionalCheckFailed") =>
-            {
-                return Ok(false);
-            }
-            Some(reasons)
-                if reasons.get(1).map(String::as_str) == Some("ConditionalCheckFailed") => {}
-            _ => return Err(sdk_error(error)),
+        if reasons.first().map(String::as_str) == Some("ConditionalCheckFailed") {
+            return Ok(false);
         }
-        // The last reference: delete the event with it.
+        // The decrement's condition failed: this is the last reference, so delete the event
+        // with it.
         let delete_event = TransactWriteItem::builder()
             .delete(
                 Delete::builder()
@@ -607,16 +664,12 @@ impl DynamoStore {
                     .expect("complete delete"),
             )
             .build();
-        match self.transact(vec![delete_delivery(), delete_event]).await {
-            Ok(()) => Ok(true),
-            Err(error) => match cancellation_reasons(&error) {
-                Some(reasons)
-                    if reasons.first().map(String::as_str) == Some("ConditionalCheckFailed") =>
-                {
-                    Ok(false)
-                }
-                _ => Err(sdk_error(error)),
-            },
+        match self
+            .transact_fenced(vec![delete_delivery(), delete_event], fence)
+            .await?
+        {
+            None => Ok(true),
+            Some(_) => Ok(false),
         }
     }
 }
@@ -749,7 +802,7 @@ impl Store for DynamoStore {
                 for item in self.query_after(&pk, None, usize::MAX).await? {
                     let sequence = schema::get_sequence(&item)?;
                     if self
-                        .remove_delivery(key_of(&partition, sequence), &topic, sequence)
+                        .remove_delivery(key_of(&partition, sequence), &topic, sequence, None)
                         .await?
                     {
                         dropped += 1;
@@ -824,11 +877,13 @@ impl Store for DynamoStore {
         &self,
         partition: &PartitionKey,
         sequence: u64,
+        fence: Option<&LeaseToken>,
     ) -> Result<(), StoreError> {
         self.remove_delivery(
             schema::delivery_key(partition, sequence),
             &partition.topic,
             sequence,
+            fence.map(|token| (partition, token)),
         )
         .await
         .map(|_| ())
@@ -840,6 +895,7 @@ impl Store for DynamoStore {
         sequence: u64,
         error: &str,
         outcome: FailureOutcome,
+        fence: Option<&LeaseToken>,
     ) -> Result<(), StoreError> {
         let mut holder = records::DeliveryRecord {
             attempts: 0,
@@ -850,12 +906,10 @@ impl Store for DynamoStore {
         };
         holder.set_error(error);
         let error = holder.last_error.unwrap_or_default();
-        match outcome {
+        let fence = fence.map(|token| (partition, token));
+        let items = match outcome {
             FailureOutcome::RetryAt(at) => {
-                self.counts.add("UpdateItem");
-                let result = self
-                    .client
-                    .update_item()
+                let update = Update::builder()
                     .table_name(&self.table)
                     .set_key(Some(schema::delivery_key(partition, sequence)))
                     .update_expression(
@@ -865,13 +919,9 @@ impl Store for DynamoStore {
                     .expression_attribute_values(":one", n(1))
                     .expression_attribute_values(":at", n(at))
                     .expression_attribute_values(":error", s(error))
-                    .send()
-                    .await;
-                match result {
-                    Ok(_) => Ok(()),
-                    Err(error) if is_condition_failure(&error) => Ok(()),
-                    Err(error) => Err(sdk_error(error)),
-                }
+                    .build()
+                    .expect("complete update");
+                vec![TransactWriteItem::builder().update(update).build()]
             }
             FailureOutcome::DeadLetter => {
                 let Some(item) = self
@@ -884,7 +934,7 @@ impl Store for DynamoStore {
                 dead.extend(schema::dead_key(partition, sequence));
                 dead.insert("attempts".into(), n(get_n(&item, "attempts")? + 1));
                 dead.insert("last_error".into(), s(error));
-                let items = vec![
+                vec![
                     TransactWriteItem::builder()
                         .delete(
                             Delete::builder()
@@ -904,21 +954,11 @@ impl Store for DynamoStore {
                                 .expect("complete put"),
                         )
                         .build(),
-                ];
-                match self.transact(items).await {
-                    Ok(()) => Ok(()),
-                    Err(error) => match cancellation_reasons(&error) {
-                        Some(reasons)
-                            if reasons.first().map(String::as_str)
-                                == Some("ConditionalCheckFailed") =>
-                        {
-                            Ok(())
-                        }
-                        _ => Err(sdk_error(error)),
-                    },
-                }
+                ]
             }
-        }
+        };
+        // A cancellation for the delivery's own condition means it is no longer pending.
+        self.transact_fenced(items, fence).await.map(|_| ())
     }
 
     async fn list_pending(
@@ -1028,25 +1068,63 @@ impl Store for DynamoStore {
         Ok(found.into_iter().collect())
     }
 
-    async fn claim_partition(
+    fn request_counts(&self) -> Option<BTreeMap<&'static str, u64>> {
+        Some(self.counts.snapshot())
+    }
+
+    fn leases(&self) -> Option<&dyn PartitionLeases> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl PartitionLeases for DynamoStore {
+    async fn claim(
         &self,
         partition: &PartitionKey,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
+        duration: Duration,
+    ) -> Result<Option<LeaseToken>, StoreError> {
         let now = now_millis();
+        let token = LeaseToken::generate();
         let mut item = schema::lease_key(partition);
         item.insert("owner".into(), s(&self.instance));
-        item.insert("lease_until".into(), n(now + lease.as_millis() as u64));
+        item.insert("token".into(), s(&token.0));
+        item.insert("lease_until".into(), n(now + duration.as_millis() as u64));
         self.counts.add("PutItem");
         let result = self
             .client
             .put_item()
             .table_name(&self.table)
             .set_item(Some(item))
-            .condition_expression("attribute_not_exists(pk) OR lease_until < :now OR #owner = :me")
-            .expression_attribute_names("#owner", "owner")
+            .condition_expression("attribute_not_exists(pk) OR lease_until < :now")
             .expression_attribute_values(":now", n(now))
-            .expression_attribute_values(":me", s(&self.instance))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(Some(token)),
+            Err(error) if is_condition_failure(&error) => Ok(None),
+            Err(error) => Err(sdk_error(error)),
+        }
+    }
+
+    async fn renew(
+        &self,
+        partition: &PartitionKey,
+        token: &LeaseToken,
+        duration: Duration,
+    ) -> Result<bool, StoreError> {
+        let until = now_millis() + duration.as_millis() as u64;
+        self.counts.add("UpdateItem");
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(schema::lease_key(partition)))
+            .update_expression("SET lease_until = :until")
+            .condition_expression("#token = :token")
+            .expression_attribute_names("#token", "token")
+            .expression_attribute_values(":token", s(&token.0))
+            .expression_attribute_values(":until", n(until))
             .send()
             .await;
         match result {
@@ -1056,26 +1134,44 @@ impl Store for DynamoStore {
         }
     }
 
-    fn request_counts(&self) -> Option<BTreeMap<&'static str, u64>> {
-        Some(self.counts.snapshot())
-    }
-
-    async fn release_partition(&self, partition: &PartitionKey) -> Result<(), StoreError> {
-        self.counts.add("DeleteItem");
-        let result = self
-            .client
-            .delete_item()
-            .table_name(&self.table)
-            .set_key(Some(schema::lease_key(partition)))
-            .condition_expression("#owner = :me")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_values(":me", s(&self.instance))
-            .send()
-            .await;
+    async fn release(
+        &self,
+        partition: &PartitionKey,
+        token: &LeaseToken,
+        handover: bool,
+    ) -> Result<(), StoreError> {
+        let result = if handover {
+            self.counts.add("UpdateItem");
+            self.client
+                .update_item()
+                .table_name(&self.table)
+                .set_key(Some(schema::lease_key(partition)))
+                .update_expression("SET lease_until = :expired")
+                .condition_expression("#token = :token")
+                .expression_attribute_names("#token", "token")
+                .expression_attribute_values(":token", s(&token.0))
+                .expression_attribute_values(":expired", n(0))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|error| (is_condition_failure(&error), sdk_error(error)))
+        } else {
+            self.counts.add("DeleteItem");
+            self.client
+                .delete_item()
+                .table_name(&self.table)
+                .set_key(Some(schema::lease_key(partition)))
+                .condition_expression("#token = :token")
+                .expression_attribute_names("#token", "token")
+                .expression_attribute_values(":token", s(&token.0))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|error| (is_condition_failure(&error), sdk_error(error)))
+        };
         match result {
-            Ok(_) => Ok(()),
-            Err(error) if is_condition_failure(&error) => Ok(()),
-            Err(error) => Err(sdk_error(error)),
+            Ok(()) | Err((true, _)) => Ok(()),
+            Err((false, error)) => Err(error),
         }
     }
 }

@@ -51,8 +51,17 @@ impl DynamoStore {
         for attempt in 0..MAX_CONFLICT_RETRIES {
             let now = now_millis();
             if let Some(key) = key
-                && let Some(original) = self.idempotent_original(topic, key, now).await?
+                && let Some(mut original) = self.idempotent_original(topic, key, now).await?
             {
+                // The original's caller may have gone before it woke the worker: wake the
+                // topic's partitions again (a partition with nothing due just goes idle).
+                let set = self.subscription_set().await?;
+                original.partitions = set
+                    .index
+                    .matching(topic)
+                    .into_iter()
+                    .map(|id| PartitionKey::new(topic, id))
+                    .collect();
                 return Ok(original);
             }
             let set = self.subscription_set().await?;

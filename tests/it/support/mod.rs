@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod dynamo;
+pub mod faulty;
 pub mod receiver;
 
 use std::future::Future;
@@ -290,6 +291,27 @@ impl HeraldProcess {
     pub async fn kill_9(mut self) {
         self.child.start_kill().expect("kill");
         self.child.wait().await.expect("wait");
+    }
+
+    /// Sends a signal by name (`TERM`, `STOP`, `CONT`, ...).
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("running");
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {pid}");
+    }
+
+    /// SIGTERM, then waits (at most `within`) for a successful exit.
+    pub async fn terminate(mut self, within: Duration) {
+        self.signal("TERM");
+        let exit = tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("exits within the grace")
+            .expect("wait");
+        assert!(exit.success(), "graceful exit: {exit:?}");
     }
 }
 

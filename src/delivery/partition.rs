@@ -1,0 +1,334 @@
+//! One partition's delivery loop, in small steps: read the next batch, wait until the head is
+//! due, take a delivery slot, attempt it under the lease, record the outcome. Each step that
+//! can block checks shutdown and, on a shared store, the lease first.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tokio::sync::SemaphorePermit;
+use tokio::time::Instant;
+
+use crate::delivery::lease::{Lease, LeaseEnded};
+use crate::delivery::worker::{Inner, Signal};
+use crate::delivery::{retry, webhook};
+use crate::model::{FailureOutcome, PartitionKey, PendingDelivery, Subscription, now_millis};
+use crate::store::{PartitionLeases, StoreError};
+
+/// Deliveries read from the store per partition at a time.
+const BATCH_SIZE: usize = 16;
+/// First pause before retrying a store call that failed; doubles up to [`STORE_RETRY_MAX`].
+const STORE_RETRY_DELAY: Duration = Duration::from_millis(200);
+const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
+/// How long a partition task with nothing to deliver waits for new work before it exits. A
+/// steady trickle of events then costs no task start and no subscription read per event.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Why a partition worker stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// Nothing left to deliver; the task already left the partition map.
+    Idle,
+    /// The server is shutting down.
+    Shutdown,
+    /// The subscription is gone.
+    SubscriptionGone,
+    /// The lease was lost or could not be kept.
+    Lease(LeaseEnded),
+}
+
+impl Stop {
+    /// True if the worker may have stopped with work left, so its lease must stay findable.
+    pub fn hands_over(&self) -> bool {
+        matches!(
+            self,
+            Stop::Shutdown | Stop::Lease(LeaseEnded::Unrenewable(_))
+        )
+    }
+}
+
+/// What to write after an attempt.
+enum Outcome {
+    Completed,
+    Failed(String, FailureOutcome),
+}
+
+/// The state of one partition's delivery loop.
+pub(crate) struct PartitionWorker<'a> {
+    inner: &'a Arc<Inner>,
+    partition: &'a PartitionKey,
+    signal: &'a Signal,
+    lease: Option<Lease>,
+    subscription: Subscription,
+    key: Vec<u8>,
+    rng: StdRng,
+}
+
+impl<'a> PartitionWorker<'a> {
+    /// A worker for `partition` of `subscription`, holding `lease` on a shared store.
+    pub fn new(
+        inner: &'a Arc<Inner>,
+        partition: &'a PartitionKey,
+        signal: &'a Signal,
+        lease: Option<Lease>,
+        subscription: Subscription,
+        key: Vec<u8>,
+    ) -> Self {
+        PartitionWorker {
+            inner,
+            partition,
+            signal,
+            lease,
+            subscription,
+            key,
+            rng: StdRng::from_os_rng(),
+        }
+    }
+
+    /// Delivers until nothing is left or the worker must stop; returns why, with the lease.
+    pub async fn run(mut self) -> (Stop, Option<Lease>) {
+        let stop = self.deliver().await.unwrap_err();
+        (stop, self.lease)
+    }
+
+    async fn deliver(&mut self) -> Result<(), Stop> {
+        'batch: loop {
+            self.check_shutdown()?;
+            self.hold_lease().await?;
+            let batch = self.next_batch().await?;
+            if batch.is_empty() {
+                self.linger().await?;
+                continue;
+            }
+            for delivery in batch {
+                if !self.wait_until_due(&delivery).await? {
+                    continue 'batch;
+                }
+                let permit = self.slot().await?;
+                // Waiting for a slot may have taken a while: check the lease again.
+                self.hold_lease().await?;
+                let attempt = self.attempt(&delivery).await?;
+                drop(permit);
+                let sequence = delivery.event.sequence;
+                match attempt {
+                    webhook::Attempt::Delivered => {
+                        self.record(sequence, Outcome::Completed).await?;
+                    }
+                    webhook::Attempt::Failed { error, retry_after } => {
+                        let failures = delivery.state.attempts + 1;
+                        let outcome = retry::after_failure(
+                            &self.subscription.retry_policy,
+                            self.subscription.on_exhausted,
+                            failures,
+                            retry_after,
+                            now_millis(),
+                            &mut self.rng,
+                        );
+                        tracing::debug!(partition = %self.partition, sequence, failures, %error, ?outcome, "delivery failed");
+                        self.record(sequence, Outcome::Failed(error, outcome))
+                            .await?;
+                        // Re-read the head: the same event with its new schedule, or the next
+                        // one if this one was dead-lettered.
+                        continue 'batch;
+                    }
+                }
+            }
+        }
+    }
+
+    fn leases(&self) -> Option<&'a dyn PartitionLeases> {
+        let inner: &'a Arc<Inner> = self.inner;
+        inner.store.leases()
+    }
+
+    fn check_shutdown(&self) -> Result<(), Stop> {
+        if self.inner.shutdown.is_fired() {
+            return Err(Stop::Shutdown);
+        }
+        Ok(())
+    }
+
+    /// On a shared store: renews the lease if due and makes sure enough of it is left.
+    async fn hold_lease(&mut self) -> Result<(), Stop> {
+        let leases = self.leases();
+        if let (Some(lease), Some(leases)) = (self.lease.as_mut(), leases) {
+            lease.hold(leases).await.map_err(|ended| {
+                tracing::warn!(partition = %self.partition, ?ended, "stopping: partition lease ended");
+                Stop::Lease(ended)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// When the lease next needs attention (far in the future without one).
+    fn renewal_due(&self) -> Instant {
+        self.lease.as_ref().map_or_else(
+            || Instant::now() + Duration::from_secs(3600),
+            Lease::renewal_due,
+        )
+    }
+
+    /// Sleeps until `until`, or until the lease needs renewing, or shutdown.
+    async fn sleep_until(&mut self, until: Instant) -> Result<(), Stop> {
+        let mut shutdown = self.inner.shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::sleep_until(until.min(self.renewal_due())) => {}
+            _ = shutdown.fired() => return Err(Stop::Shutdown),
+        }
+        self.hold_lease().await
+    }
+
+    /// Waits a growing pause after the `failures`-th failed store call.
+    async fn store_pause(&mut self, failures: u32) -> Result<(), Stop> {
+        let delay = STORE_RETRY_DELAY
+            .saturating_mul(1 << failures.min(8))
+            .min(STORE_RETRY_MAX);
+        self.sleep_until(Instant::now() + delay).await
+    }
+
+    async fn next_batch(&mut self) -> Result<Vec<PendingDelivery>, Stop> {
+        let mut failures = 0;
+        loop {
+            match self
+                .inner
+                .store
+                .next_deliveries(self.partition, BATCH_SIZE)
+                .await
+            {
+                Ok(batch) => return Ok(batch),
+                Err(error) => {
+                    tracing::warn!(partition = %self.partition, %error, "cannot read deliveries; retrying");
+                    self.store_pause(failures).await?;
+                    failures += 1;
+                }
+            }
+        }
+    }
+
+    /// Waits for new work a moment; retires the partition if none comes. On a shared store the
+    /// store is read once more first, since other instances' publishes wake only their own
+    /// workers. `Err(Stop::Idle)` once retired.
+    async fn linger(&mut self) -> Result<(), Stop> {
+        let end = Instant::now() + LINGER;
+        while Instant::now() < end {
+            let mut shutdown = self.inner.shutdown.clone();
+            tokio::select! {
+                _ = self.signal.wake.notified() => return Ok(()),
+                _ = tokio::time::sleep_until(end.min(self.renewal_due())) => {}
+                _ = shutdown.fired() => return Err(Stop::Shutdown),
+            }
+            self.hold_lease().await?;
+        }
+        if self.lease.is_some() && !self.next_batch().await?.is_empty() {
+            return Ok(());
+        }
+        if self.inner.retire(self.partition, self.signal) {
+            return Err(Stop::Idle);
+        }
+        Ok(())
+    }
+
+    /// Waits until the delivery is due. Returns false if it woke early to renew the lease (the
+    /// head is read again: an operator may have changed it).
+    async fn wait_until_due(&mut self, delivery: &PendingDelivery) -> Result<bool, Stop> {
+        let now = now_millis();
+        if delivery.state.next_attempt_at <= now {
+            return Ok(true);
+        }
+        let due = Instant::now() + Duration::from_millis(delivery.state.next_attempt_at - now);
+        let woke_early = self.renewal_due() < due;
+        self.sleep_until(due).await?;
+        Ok(!woke_early)
+    }
+
+    async fn slot(&self) -> Result<SemaphorePermit<'a>, Stop> {
+        let mut shutdown = self.inner.shutdown.clone();
+        tokio::select! {
+            permit = self.inner.permits.acquire() => Ok(permit.expect("semaphore never closes")),
+            _ = shutdown.fired() => Err(Stop::Shutdown),
+        }
+    }
+
+    /// One HTTP attempt. An attempt in flight is not cancelled by shutdown: it completes
+    /// (bounded by the request timeout) and its outcome is recorded. On a shared store the
+    /// lease is renewed while it runs, so a request slower than the lease keeps the partition;
+    /// if the lease cannot be kept the request is abandoned (its connection dropped) when the
+    /// lease runs out, and the worker stops without recording anything.
+    async fn attempt(&mut self, delivery: &PendingDelivery) -> Result<webhook::Attempt, Stop> {
+        let send = webhook::send(&self.inner.client, &self.subscription, &self.key, delivery);
+        tokio::pin!(send);
+        let leases = self.leases();
+        let (Some(lease), Some(leases)) = (self.lease.as_mut(), leases) else {
+            return Ok(send.await);
+        };
+        let mut next_renewal = lease.renewal_due();
+        loop {
+            tokio::select! {
+                attempt = &mut send => return Ok(attempt),
+                _ = tokio::time::sleep_until(next_renewal) => {
+                    match lease.renew(leases).await {
+                        Ok(()) => next_renewal = lease.renewal_due(),
+                        Err(LeaseEnded::Lost) => {
+                            // Someone else delivers the partition now: drop the request.
+                            tracing::warn!(partition = %self.partition, "partition lease lost during a delivery; abandoning it");
+                            return Err(Stop::Lease(LeaseEnded::Lost));
+                        }
+                        Err(LeaseEnded::Unrenewable(error)) => {
+                            tracing::warn!(partition = %self.partition, %error, "cannot renew partition lease; retrying");
+                            next_renewal = Instant::now() + Duration::from_millis(250);
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(lease.valid_until()) => {
+                    tracing::warn!(partition = %self.partition, "partition lease ran out during a delivery; abandoning it");
+                    return Err(Stop::Lease(LeaseEnded::Unrenewable(
+                        "the lease ran out during a delivery".into(),
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Writes an attempt's outcome, retrying the same write until it succeeds: a failure keeps
+    /// its computed schedule (no early re-send), a success is recorded before the next send.
+    /// Stops if the lease is lost (the new holder sends the event again).
+    async fn record(&mut self, sequence: u64, outcome: Outcome) -> Result<(), Stop> {
+        let mut failures = 0;
+        loop {
+            let fence = self.lease.as_ref().map(Lease::token);
+            let store = &self.inner.store;
+            let result = match &outcome {
+                Outcome::Completed => {
+                    store
+                        .complete_delivery(self.partition, sequence, fence)
+                        .await
+                }
+                Outcome::Failed(error, failure) => {
+                    store
+                        .record_failure(self.partition, sequence, error, *failure, fence)
+                        .await
+                }
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(StoreError::LeaseLost(reason)) => {
+                    tracing::warn!(partition = %self.partition, sequence, %reason, "outcome refused: lease lost");
+                    return Err(Stop::Lease(LeaseEnded::Lost));
+                }
+                Err(error) => {
+                    tracing::warn!(partition = %self.partition, sequence, %error, "cannot record the outcome of a delivery; retrying");
+                    // Not cut short by shutdown: the outcome is worth recording within the
+                    // shutdown grace.
+                    let delay = STORE_RETRY_DELAY
+                        .saturating_mul(1 << failures.min(8))
+                        .min(STORE_RETRY_MAX);
+                    tokio::time::sleep_until((Instant::now() + delay).min(self.renewal_due()))
+                        .await;
+                    self.hold_lease().await?;
+                    failures += 1;
+                }
+            }
+        }
+    }
+}
