@@ -34,7 +34,8 @@ async fn handover(departure: Departure) {
     let deployment = Deployment::new(Backend::Dynamodb).await;
     let first = HeraldProcess::start(&deployment).await;
     let second = HeraldProcess::start(&deployment).await;
-    let receiver = Receiver::scripted(|_| Reply::Status(503)).await;
+    // `Retry-After: 1` spaces the attempts exactly 1 s apart.
+    let receiver = Receiver::scripted(|_| Reply::RetryAfter(503, 1)).await;
     let mut client = connect(first.address).await;
     let mut request = subscribe_request(&receiver.url(), &["t"]);
     let policy = request.retry_policy.as_mut().unwrap();
@@ -50,10 +51,13 @@ async fn handover(departure: Departure) {
             .into_inner();
         sequences.push(published.sequence);
     }
+    // The second instance saw the topic move at its next rescan and tried to claim the
+    // partition for one lease; four attempts 1 s apart outlast that, so from now on only a
+    // handover (or an expired lease) can lead it to the partition.
     eventually(
-        Duration::from_secs(10),
-        "the head was attempted",
-        || async { receiver.received().len() >= 2 },
+        Duration::from_secs(15),
+        "the head was attempted 5 times",
+        || async { receiver.received().len() >= 5 },
     )
     .await;
     match departure {
