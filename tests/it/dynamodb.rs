@@ -185,6 +185,44 @@ async fn a_publisher_failing_halfway_through_a_large_fan_out_breaks_no_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repaired_fan_out_is_delivered_without_a_later_publish() {
+    let deployment = Deployment::new(Backend::Dynamodb).await;
+    let config = deployment.config();
+    let store = Arc::new(
+        DynamoStore::new(
+            dynamo::client(deployment.endpoint.as_deref().unwrap()),
+            deployment.table.as_deref().unwrap(),
+        )
+        .with_repair_after(Duration::from_secs(1)),
+    );
+    let app = spawn_app_with_store(deployment, config, store.clone() as Arc<dyn Store>).await;
+    let receiver = Receiver::start().await;
+    let mut client = app.client().await;
+    for index in 0..150 {
+        let url = format!("http://{}/hook/{index}", receiver.address);
+        client
+            .subscribe(subscribe_request(&url, &["big"]))
+            .await
+            .unwrap();
+    }
+    store.inject_fanout_failure();
+    let status = client
+        .publish(publish_request("big", "half"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    // Nothing else is published: the deliveries the repair writes must still be found.
+    eventually(
+        Duration::from_secs(30),
+        "the half-written event at all 150 subscribers",
+        || async { receiver.delivered_count() >= 150 },
+    )
+    .await;
+    assert!(store.fanouts_repaired() >= 1);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_outage_fails_publishes_with_unavailable_and_delivery_resumes_after_it() {
     let mut server = PrivateServer::start();
     let endpoint = server.endpoint();

@@ -34,9 +34,9 @@ use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, ConditionCheck, Delete, KeySchemaElement, KeyType,
-    KeysAndAttributes, Put, ScalarAttributeType, TimeToLiveSpecification, TransactWriteItem,
-    Update,
+    AttributeDefinition, AttributeValue, BillingMode, ConditionCheck, Delete, KeySchemaElement,
+    KeyType, KeysAndAttributes, Put, ScalarAttributeType, TimeToLiveSpecification,
+    TransactWriteItem, Update,
 };
 
 use crate::model::{
@@ -246,6 +246,13 @@ struct SubscriptionSet {
     subscriptions: HashMap<String, Subscription>,
 }
 
+/// What the rescan last saw of a topic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct TopicMark {
+    last_sequence: u64,
+    open_fanout: bool,
+}
+
 /// What this instance last saw of a topic item.
 #[derive(Debug, Clone, Copy, Default)]
 struct TopicState {
@@ -264,7 +271,9 @@ pub struct DynamoStore {
     topics: Mutex<HashMap<String, TopicState>>,
     repair_after: Duration,
     /// Each topic's last sequence at the previous `pending_partitions` call.
-    rescanned: Mutex<Option<HashMap<String, u64>>>,
+    /// (topic's last sequence, whether a fan-out was open) at the previous `pending_partitions`
+    /// call, for every topic.
+    rescanned: Mutex<Option<HashMap<String, TopicMark>>>,
     fail_next_fanout: AtomicBool,
     fanouts_repaired: AtomicU64,
 }
@@ -528,8 +537,11 @@ impl DynamoStore {
         self.topics.lock().expect("cache lock").remove(topic);
     }
 
-    /// The last sequence of each of `topics`.
-    async fn topic_sequences(&self, topics: &[String]) -> Result<HashMap<String, u64>, StoreError> {
+    /// The last sequence of each of `topics`, and whether a fan-out of it is open.
+    async fn topic_marks(
+        &self,
+        topics: &[String],
+    ) -> Result<HashMap<String, TopicMark>, StoreError> {
         let keys = topics
             .iter()
             .map(|topic| schema::topic_key(topic))
@@ -540,7 +552,17 @@ impl DynamoStore {
                 .strip_prefix("TOPIC#")
                 .ok_or_else(|| StoreError::Internal("corrupt topic item key".into()))?
                 .to_string();
-            sequences.insert(topic, get_n(&item, "last_seq")?);
+            let open_fanout = matches!(
+                item.get("open_fanouts"),
+                Some(AttributeValue::Ns(open)) if !open.is_empty()
+            );
+            sequences.insert(
+                topic,
+                TopicMark {
+                    last_sequence: get_n(&item, "last_seq")?,
+                    open_fanout,
+                },
+            );
         }
         Ok(sequences)
     }
@@ -1028,15 +1050,19 @@ impl Store for DynamoStore {
         self.forget_subscriptions();
         let set = self.subscription_set().await?;
         let topics = self.topics().await?;
-        let sequences = self.topic_sequences(&topics).await?;
+        let marks = self.topic_marks(&topics).await?;
         let previous = self.rescanned.lock().expect("rescan lock").clone();
         let mut found = std::collections::BTreeSet::new();
         for topic in &topics {
-            let sequence = sequences.get(topic).copied().unwrap_or(0);
-            if previous
+            let mark = marks.get(topic).copied().unwrap_or_default();
+            // Unchanged since the last look, and no fan-out was open then (an open fan-out's
+            // remaining deliveries appear without the sequence moving: its publisher or a
+            // repair writes them later).
+            let unchanged = previous
                 .as_ref()
-                .is_some_and(|previous| previous.get(topic) == Some(&sequence))
-            {
+                .and_then(|previous| previous.get(topic))
+                .is_some_and(|last| *last == mark && !last.open_fanout);
+            if unchanged {
                 continue;
             }
             for subscription_id in set.index.matching(topic) {
@@ -1064,7 +1090,7 @@ impl Store for DynamoStore {
                 }
             }
         }
-        *self.rescanned.lock().expect("rescan lock") = Some(sequences);
+        *self.rescanned.lock().expect("rescan lock") = Some(marks);
         Ok(found.into_iter().collect())
     }
 
