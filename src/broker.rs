@@ -189,7 +189,13 @@ impl Broker {
     /// Deletes a subscription; returns the number of pending deliveries dropped.
     pub async fn unsubscribe(&self, id: &str) -> Result<u64, Error> {
         require_id("id", id)?;
-        Ok(self.store.delete_subscription(id).await?)
+        // In its own task, so that a client giving up does not stop it halfway.
+        let store = self.store.clone();
+        let id = id.to_string();
+        tokio::spawn(async move { store.delete_subscription(&id).await })
+            .await
+            .map_err(|error| Error::Internal(format!("unsubscribe task failed: {error}")))?
+            .map_err(Error::from)
     }
 
     /// Lists a subscription's pending deliveries, paged.

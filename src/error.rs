@@ -46,6 +46,7 @@ impl From<StoreError> for Error {
             StoreError::Unavailable(message) => {
                 Error::Unavailable(format!("store unavailable, nothing was written: {message}"))
             }
+            StoreError::Partial(message) => Error::Unavailable(message),
             // Only delivery workers make fenced writes; reaching a caller is a bug.
             StoreError::LeaseLost(message) | StoreError::Internal(message) => {
                 Error::Internal(message)

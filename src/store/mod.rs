@@ -37,6 +37,10 @@ pub enum StoreError {
     /// The store cannot be reached or cannot write now; nothing was written. Safe to retry.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The call took effect in part and left a record of what is left, which a retry of the
+    /// same call (or the store's own background sweep) finishes.
+    #[error("partly done: {0}")]
+    Partial(String),
     /// A write fenced by a partition lease was refused because the lease is no longer the
     /// caller's (another worker claimed the partition); nothing was written. Not retryable:
     /// the caller must stop working on the partition.
@@ -124,6 +128,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes a subscription and all of its pending deliveries (dead-lettered included) and
     /// returns how many deliveries were dropped. `NotFound` if the id is unknown.
+    ///
+    /// Not atomic on every backend, but all or resumable: once the subscription is deleted no
+    /// publish fans out to it any more; if removing its backlog is interrupted, the call
+    /// returns `Partial` and a retry (which no longer finds the subscription but finishes the
+    /// removal, returning what it removed) or the store's background sweep completes it.
     async fn delete_subscription(&self, id: &str) -> Result<u64, StoreError>;
 
     /// Assigns the event its sequence and stores it together with one pending delivery per

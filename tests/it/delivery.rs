@@ -206,7 +206,9 @@ async fn failing_receiver_gets_everything_in_order_with_exponential_gaps(backend
             .push(received.at);
     }
     let caps = [20u64, 40, 80, 160, 320];
-    let slack = Duration::from_millis(150);
+    // Store round trips and scheduling add to every gap; generous, since the exact schedule is
+    // tested with controlled time in `delivery::retry`.
+    let slack = Duration::from_millis(1000);
     let mut gaps: Vec<Vec<Duration>> = vec![Vec::new(); 5];
     for attempts in by_event.values() {
         assert_eq!(attempts.len(), 6, "5 failures then a success");
@@ -224,8 +226,13 @@ async fn failing_receiver_gets_everything_in_order_with_exponential_gaps(backend
     let mean = |gaps: &[Duration]| gaps.iter().sum::<Duration>() / gaps.len() as u32;
     let means: Vec<Duration> = gaps.iter().map(|gaps| mean(gaps)).collect();
     println!("mean gap after failures 1..5: {means:?} (caps {caps:?} ms, full jitter)");
-    // Full jitter averages half the cap: ~10, 20, 40, 80, 160 ms.
-    assert!(means[4] > means[0] * 4, "gaps grow: {means:?}");
+    // Full jitter averages half the cap (~10, 20, 40, 80, 160 ms) plus an overhead that is the
+    // same for every gap, so compare differences: the fifth mean exceeds the first by ~150 ms
+    // (standard deviation of a mean of 20 gaps: ~21 ms).
+    assert!(
+        means[4] > means[0] + Duration::from_millis(60),
+        "gaps grow: {means:?}"
+    );
     assert!(
         means[4] > means[2] && means[3] > means[1],
         "gaps grow: {means:?}"

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use aws_sdk_dynamodb::types::AttributeValue;
 use herald::model::{FailureOutcome, NewEvent, PartitionKey, now_millis};
 use herald::proto;
 use herald::store::{DynamoStore, PartitionLeases, Store, StoreError};
@@ -219,6 +220,102 @@ async fn a_repaired_fan_out_is_delivered_without_a_later_publish() {
     )
     .await;
     assert!(store.fanouts_repaired() >= 1);
+    app.stop().await;
+}
+
+/// Items under one partition key of the table.
+async fn count_items(endpoint: &str, table: &str, pk: &str) -> usize {
+    dynamo::client(endpoint)
+        .query()
+        .table_name(table)
+        .key_condition_expression("pk = :pk")
+        .expression_attribute_values(":pk", AttributeValue::S(pk.to_string()))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap()
+        .count as usize
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unsubscribe_interrupted_halfway_is_finished_by_a_retry_or_the_sweep() {
+    let deployment = Deployment::new(Backend::Dynamodb).await;
+    let endpoint = deployment.endpoint.clone().unwrap();
+    let table = deployment.table.clone().unwrap();
+    let config = deployment.config();
+    let store = Arc::new(DynamoStore::new(dynamo::client(&endpoint), &table));
+    let app = spawn_app_with_store(deployment, config, store.clone() as Arc<dyn Store>).await;
+    // The receiver is down: every event stays pending.
+    let receiver = Receiver::scripted(|_| Reply::Status(503)).await;
+    let mut client = app.client().await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let subscription = client
+            .subscribe(subscribe_request(&receiver.url(), &["t"]))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(subscription.id);
+    }
+    for index in 0..20 {
+        client
+            .publish(publish_request("t", format!("{index}")))
+            .await
+            .unwrap();
+    }
+    let backlog = |id: &str| {
+        let (endpoint, table) = (endpoint.clone(), table.clone());
+        let pk = PartitionKey::new("t", id).encode();
+        async move { count_items(&endpoint, &table, &pk).await }
+    };
+    assert_eq!(backlog(&ids[0]).await, 20);
+    for id in &ids {
+        store.inject_unsubscribe_failure();
+        let status = client
+            .unsubscribe(proto::UnsubscribeRequest { id: id.clone() })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("is deleted"), "{status:?}");
+        assert!(
+            !status.message().contains("nothing was written"),
+            "{status:?}"
+        );
+        let status = client
+            .get_subscription(proto::GetSubscriptionRequest { id: id.clone() })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::NotFound);
+    }
+    // The first is retried: the retry finishes it and says how much it removed.
+    let retried = client
+        .unsubscribe(proto::UnsubscribeRequest { id: ids[0].clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retried.dropped_deliveries, 20);
+    assert_eq!(backlog(&ids[0]).await, 0);
+    // The second is left alone: the rescan's sweep finishes it.
+    eventually(
+        Duration::from_secs(15),
+        "the sweep removes the rest",
+        || async { backlog(&ids[1]).await == 0 },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(15),
+        "tombstones and events are gone",
+        || async {
+            count_items(&endpoint, &table, "UNSUBSCRIBING").await == 0
+                && count_items(&endpoint, &table, "EVENT#t").await == 0
+        },
+    )
+    .await;
+    let status = client
+        .unsubscribe(proto::UnsubscribeRequest { id: ids[1].clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
     app.stop().await;
 }
 

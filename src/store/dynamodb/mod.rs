@@ -275,6 +275,7 @@ pub struct DynamoStore {
     /// call, for every topic.
     rescanned: Mutex<Option<HashMap<String, TopicMark>>>,
     fail_next_fanout: AtomicBool,
+    fail_next_unsubscribe: AtomicBool,
     fanouts_repaired: AtomicU64,
 }
 
@@ -291,6 +292,7 @@ impl DynamoStore {
             repair_after: Duration::from_secs(10),
             rescanned: Mutex::new(None),
             fail_next_fanout: AtomicBool::new(false),
+            fail_next_unsubscribe: AtomicBool::new(false),
             fanouts_repaired: AtomicU64::new(0),
         }
     }
@@ -305,6 +307,12 @@ impl DynamoStore {
     /// transaction, as a publisher crash there would. For fault-injection tests.
     pub fn inject_fanout_failure(&self) {
         self.fail_next_fanout.store(true, Ordering::SeqCst);
+    }
+
+    /// Fails the next Unsubscribe right after the subscription is deleted, before any of its
+    /// deliveries are, as a crash or outage there would. For fault-injection tests.
+    pub fn inject_unsubscribe_failure(&self) {
+        self.fail_next_unsubscribe.store(true, Ordering::SeqCst);
     }
 
     /// Unfinished fan-outs this instance has completed.
@@ -697,6 +705,7 @@ impl DynamoStore {
 }
 
 mod publish;
+mod unsubscribe;
 
 #[async_trait]
 impl Store for DynamoStore {
@@ -768,71 +777,7 @@ impl Store for DynamoStore {
     }
 
     async fn delete_subscription(&self, id: &str) -> Result<u64, StoreError> {
-        let subscription = self.get_subscription(id).await?;
-        let mut deleted = false;
-        for attempt in 0..MAX_CONFLICT_RETRIES {
-            let version = self.read_version().await?;
-            let delete = TransactWriteItem::builder()
-                .delete(
-                    Delete::builder()
-                        .table_name(&self.table)
-                        .set_key(Some(schema::subscription_key(id)))
-                        .condition_expression("attribute_exists(pk)")
-                        .build()
-                        .expect("complete delete"),
-                )
-                .build();
-            match self
-                .transact(vec![self.bump_version(version), delete])
-                .await
-            {
-                Ok(()) => {
-                    deleted = true;
-                    break;
-                }
-                Err(error) => match cancellation_reasons(&error) {
-                    Some(reasons)
-                        if reasons.get(1).map(String::as_str) == Some("ConditionalCheckFailed") =>
-                    {
-                        return Err(StoreError::NotFound(format!("subscription {id}")));
-                    }
-                    Some(_) => conflict_pause(attempt).await,
-                    None => return Err(sdk_error(error)),
-                },
-            }
-        }
-        if !deleted {
-            return Err(StoreError::Unavailable(
-                "too much contention on the subscription set".into(),
-            ));
-        }
-        self.forget_subscriptions();
-        // No publish can fan out to it any more; drop what it had pending.
-        let mut dropped = 0;
-        for topic in self.topics().await? {
-            if !subscription.matches(&topic) {
-                continue;
-            }
-            let partition = PartitionKey::new(topic.as_str(), id);
-            for (pk, key_of) in [
-                (
-                    partition.encode(),
-                    schema::delivery_key as fn(&PartitionKey, u64) -> Item,
-                ),
-                (schema::dead_pk(&partition), schema::dead_key),
-            ] {
-                for item in self.query_after(&pk, None, usize::MAX).await? {
-                    let sequence = schema::get_sequence(&item)?;
-                    if self
-                        .remove_delivery(key_of(&partition, sequence), &topic, sequence, None)
-                        .await?
-                    {
-                        dropped += 1;
-                    }
-                }
-            }
-        }
-        Ok(dropped)
+        self.unsubscribe(id).await
     }
 
     async fn publish(
@@ -1047,6 +992,10 @@ impl Store for DynamoStore {
     /// partitions of topics published since the previous call, plus those whose lease ran out
     /// (an instance that stopped renewing), so an idle fleet costs a few requests per rescan.
     async fn pending_partitions(&self) -> Result<Vec<PartitionKey>, StoreError> {
+        if let Err(error) = self.finish_unsubscribes().await {
+            // Left for the next rescan; finding pending partitions matters more.
+            tracing::warn!(%error, "cannot finish an interrupted unsubscribe yet");
+        }
         self.forget_subscriptions();
         let set = self.subscription_set().await?;
         let topics = self.topics().await?;

@@ -9,6 +9,7 @@
 //! | --- | --- | --- |
 //! | subscription | `SUBSCRIPTION` | subscription id |
 //! | subscription-set version | `META` | `SUBSCRIPTIONS` |
+//! | subscription being deleted (tombstone) | `UNSUBSCRIBING` | subscription id |
 //! | topic (sequence, open fan-outs) | `TOPIC#{topic}` | `TOPIC` |
 //! | topic directory entry | `TOPICS` | topic |
 //! | event | `EVENT#{topic}` | sequence |
@@ -43,6 +44,14 @@ pub fn sequence_key(sequence: u64) -> String {
 /// Key of a subscription item.
 pub fn subscription_key(id: &str) -> Item {
     key("SUBSCRIPTION", id)
+}
+
+/// Partition of the tombstones of subscriptions being deleted.
+pub const UNSUBSCRIBING_PK: &str = "UNSUBSCRIBING";
+
+/// Key of a subscription's deletion tombstone.
+pub fn tombstone_key(id: &str) -> Item {
+    key(UNSUBSCRIBING_PK, id)
 }
 
 /// Key of the subscription-set version item.

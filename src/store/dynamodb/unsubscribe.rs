@@ -1,0 +1,175 @@
+//! Unsubscribe on DynamoDB: all or resumable. One transaction deletes the subscription, bumps
+//! the subscription-set version and leaves a tombstone holding the subscription; its
+//! deliveries, dead letters and event references are then removed one by one, and the
+//! tombstone last. If that is interrupted (an error, a crash, a cancelled call), a retried
+//! Unsubscribe or any instance's next rescan finishes it from the tombstone.
+
+use std::sync::atomic::Ordering;
+
+use aws_sdk_dynamodb::types::{Delete, Put, TransactWriteItem};
+
+use super::schema::{self, Item, get_s, s};
+use super::{DynamoStore, MAX_CONFLICT_RETRIES, cancellation_reasons, conflict_pause, sdk_error};
+use crate::model::{PartitionKey, Subscription};
+use crate::store::records::{self, from_json};
+use crate::store::{Store, StoreError};
+
+impl DynamoStore {
+    pub(super) async fn unsubscribe(&self, id: &str) -> Result<u64, StoreError> {
+        let subscription = match self.get_subscription(id).await {
+            Ok(subscription) => subscription,
+            // Deleted already, perhaps by an Unsubscribe that did not finish: finish it.
+            Err(StoreError::NotFound(what)) => {
+                return match self.tombstone(id).await? {
+                    Some(subscription) => self.drop_backlog(&subscription).await,
+                    None => Err(StoreError::NotFound(what)),
+                };
+            }
+            Err(error) => return Err(error),
+        };
+        self.delete_with_tombstone(&subscription).await?;
+        self.forget_subscriptions();
+        if self.fail_next_unsubscribe.swap(false, Ordering::SeqCst) {
+            return Err(partial(id, 0, "injected fault"));
+        }
+        self.drop_backlog(&subscription).await
+    }
+
+    /// Finishes every Unsubscribe left unfinished (by any instance).
+    pub(super) async fn finish_unsubscribes(&self) -> Result<(), StoreError> {
+        for item in self
+            .query_after(schema::UNSUBSCRIBING_PK, None, usize::MAX)
+            .await?
+        {
+            let subscription = decode(&item)?;
+            tracing::info!(subscription = %subscription.id, "finishing an interrupted unsubscribe");
+            self.drop_backlog(&subscription).await?;
+        }
+        Ok(())
+    }
+
+    async fn tombstone(&self, id: &str) -> Result<Option<Subscription>, StoreError> {
+        self.get_item(schema::tombstone_key(id))
+            .await?
+            .map(|item| decode(&item))
+            .transpose()
+    }
+
+    /// Deletes the subscription, bumps the set version and writes the tombstone, atomically.
+    async fn delete_with_tombstone(&self, subscription: &Subscription) -> Result<(), StoreError> {
+        let id = subscription.id.as_str();
+        let mut tombstone = schema::tombstone_key(id);
+        tombstone.insert(
+            "data".into(),
+            s(String::from_utf8(records::to_json(subscription)).expect("JSON is UTF-8")),
+        );
+        for attempt in 0..MAX_CONFLICT_RETRIES {
+            let version = self.read_version().await?;
+            let delete = TransactWriteItem::builder()
+                .delete(
+                    Delete::builder()
+                        .table_name(&self.table)
+                        .set_key(Some(schema::subscription_key(id)))
+                        .condition_expression("attribute_exists(pk)")
+                        .build()
+                        .expect("complete delete"),
+                )
+                .build();
+            let put = TransactWriteItem::builder()
+                .put(
+                    Put::builder()
+                        .table_name(&self.table)
+                        .set_item(Some(tombstone.clone()))
+                        .build()
+                        .expect("complete put"),
+                )
+                .build();
+            match self
+                .transact(vec![self.bump_version(version), delete, put])
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(error) => match cancellation_reasons(&error) {
+                    Some(reasons)
+                        if reasons.get(1).map(String::as_str) == Some("ConditionalCheckFailed") =>
+                    {
+                        return Err(StoreError::NotFound(format!("subscription {id}")));
+                    }
+                    Some(_) => conflict_pause(attempt).await,
+                    None => return Err(sdk_error(error)),
+                },
+            }
+        }
+        Err(StoreError::Unavailable(
+            "too much contention on the subscription set".into(),
+        ))
+    }
+
+    /// Removes what the deleted subscription had pending (dead letters included), then its
+    /// tombstone. Returns how many deliveries this call removed. An error leaves the tombstone,
+    /// so the work is finished later; it is reported as `Partial`.
+    async fn drop_backlog(&self, subscription: &Subscription) -> Result<u64, StoreError> {
+        let mut dropped = 0;
+        let result = self.remove_backlog(subscription, &mut dropped).await;
+        let result = match result {
+            Ok(()) => {
+                self.counts.add("DeleteItem");
+                self.client
+                    .delete_item()
+                    .table_name(&self.table)
+                    .set_key(Some(schema::tombstone_key(&subscription.id)))
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(sdk_error)
+            }
+            Err(error) => Err(error),
+        };
+        result
+            .map(|()| dropped)
+            .map_err(|error| partial(&subscription.id, dropped, error))
+    }
+
+    async fn remove_backlog(
+        &self,
+        subscription: &Subscription,
+        dropped: &mut u64,
+    ) -> Result<(), StoreError> {
+        let id = subscription.id.as_str();
+        for topic in self.topics().await? {
+            if !subscription.matches(&topic) {
+                continue;
+            }
+            let partition = PartitionKey::new(topic.as_str(), id);
+            for (pk, key_of) in [
+                (
+                    partition.encode(),
+                    schema::delivery_key as fn(&PartitionKey, u64) -> Item,
+                ),
+                (schema::dead_pk(&partition), schema::dead_key),
+            ] {
+                for item in self.query_after(&pk, None, usize::MAX).await? {
+                    let sequence = schema::get_sequence(&item)?;
+                    if self
+                        .remove_delivery(key_of(&partition, sequence), &topic, sequence, None)
+                        .await?
+                    {
+                        *dropped += 1;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn partial(id: &str, dropped: u64, cause: impl std::fmt::Display) -> StoreError {
+    StoreError::Partial(format!(
+        "subscription {id} is deleted and {dropped} of its deliveries are removed, the rest is \
+         not yet ({cause}); retry the call or let any instance finish it"
+    ))
+}
+
+fn decode(item: &Item) -> Result<Subscription, StoreError> {
+    from_json(get_s(item, "data")?.as_bytes(), "subscription tombstone")
+}
