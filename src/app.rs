@@ -79,6 +79,30 @@ async fn report_requests(store: Arc<dyn Store>, mut shutdown: crate::shutdown::S
     }
 }
 
+/// Reports the broker `NOT_SERVING` while the store cannot write, `SERVING` again once it
+/// can, until shutdown (which reports `NOT_SERVING` itself).
+async fn follow_store_health(
+    mut store_health: tokio::sync::watch::Receiver<bool>,
+    reporter: tonic_health::server::HealthReporter,
+    mut shutdown: crate::shutdown::Shutdown,
+) {
+    loop {
+        let healthy = *store_health.borrow_and_update();
+        if healthy {
+            reporter.set_serving::<BrokerServer<BrokerService>>().await;
+        } else {
+            tracing::warn!("the store cannot write: reporting NOT_SERVING");
+            reporter
+                .set_not_serving::<BrokerServer<BrokerService>>()
+                .await;
+        }
+        tokio::select! {
+            changed = store_health.changed() => if changed.is_err() { return },
+            _ = shutdown.fired() => return,
+        }
+    }
+}
+
 /// [`run`] on a store the caller opened.
 pub async fn run_with_store(
     config: ServeConfig,
@@ -102,6 +126,7 @@ pub async fn run_with_store(
         tokio::spawn(report_requests(store.clone(), trigger.handle()));
     }
 
+    let store_health = store.health();
     let broker = Arc::new(Broker::new(
         store,
         engine.clone(),
@@ -120,6 +145,13 @@ pub async fn run_with_store(
     health_reporter
         .set_serving::<BrokerServer<BrokerService>>()
         .await;
+    if let Some(store_health) = store_health {
+        tokio::spawn(follow_store_health(
+            store_health,
+            health_reporter.clone(),
+            trigger.handle(),
+        ));
+    }
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

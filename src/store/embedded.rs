@@ -7,8 +7,9 @@
 //! order of sequences is the order of commits.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::sync::mpsc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -16,7 +17,7 @@ use redb::{
     Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
     WriteTransaction,
 };
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::model::{
     Event, FailureOutcome, NewEvent, Page, PartitionKey, PendingDelivery, Published, Subscription,
@@ -50,6 +51,9 @@ const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("
 const IDEMPOTENCY_EXPIRY: TableDefinition<(u64, &str, &str), ()> =
     TableDefinition::new("idempotency_expiry");
 
+/// One row the writer rewrites to check that the file can be written again after an error.
+const PROBES: TableDefinition<&str, u64> = TableDefinition::new("probes");
+
 /// Default page cache: enough for the hot part of a large backlog, far below redb's 1 GiB.
 pub const DEFAULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
 /// Most commands applied in one transaction.
@@ -60,11 +64,21 @@ const MAX_LAZY_INTERVAL: Duration = Duration::from_millis(500);
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 const SWEEP_LIMIT: usize = 1000;
 
+/// The open database. The writer replaces it (reopens the file) after a write fails, since
+/// redb refuses every later write after an I/O error; `None` while that is under way.
+type DatabaseSlot = Arc<RwLock<Option<Arc<Database>>>>;
+
+/// How often an unhealthy store probes whether it can write again.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a reopen waits for readers to let go of the old file.
+const REOPEN_WAIT: Duration = Duration::from_secs(2);
+
 /// The embedded store. Cheap to share behind an `Arc`.
 pub struct EmbeddedStore {
-    database: Arc<Database>,
+    database: DatabaseSlot,
     commands: mpsc::Sender<Command>,
     writer: Option<std::thread::JoinHandle<()>>,
+    health: watch::Receiver<bool>,
 }
 
 impl Drop for EmbeddedStore {
@@ -133,40 +147,38 @@ impl EmbeddedStore {
 
     /// Opens (creating if needed) the store in `data_dir`, with a page cache of at most
     /// `cache_bytes`, and starts its writer thread. Returns `Unavailable` if the directory or
-    /// file cannot be opened (for example when another process holds it).
+    /// file cannot be opened (for example when another process holds it), `Internal` with what
+    /// to do if the file is not a Herald store or is damaged.
     pub fn open_with_cache(data_dir: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|error| {
             StoreError::Unavailable(format!("cannot create {}: {error}", data_dir.display()))
         })?;
         let path = data_dir.join("herald.redb");
-        let database = redb::Builder::new()
-            .set_cache_size(cache_bytes)
-            .create(&path)
-            .map_err(|error| {
-                StoreError::Unavailable(format!("cannot open {}: {error}", path.display()))
-            })?;
-        let transaction = database.begin_write().map_err(unavailable)?;
-        create_tables(&transaction).map_err(unavailable)?;
-        transaction.commit().map_err(unavailable)?;
-
-        let database = Arc::new(database);
+        let database = open_database(&path, cache_bytes)?;
         let index = load_index(&database)?;
+        let slot: DatabaseSlot = Arc::new(RwLock::new(Some(Arc::new(database))));
         let (commands, receiver) = mpsc::channel();
+        let (health_sender, health) = watch::channel(true);
         let writer = Writer {
-            database: database.clone(),
+            database: slot.clone(),
+            path,
+            cache_bytes,
             index,
             last_sync: Instant::now(),
             unsynced: false,
             last_sweep: Instant::now(),
+            health: health_sender,
+            last_probe: Instant::now(),
         };
         let writer = std::thread::Builder::new()
             .name("herald-store-writer".into())
             .spawn(move || writer.run(receiver))
             .map_err(|error| StoreError::Internal(format!("cannot start writer: {error}")))?;
         Ok(EmbeddedStore {
-            database,
+            database: slot,
             commands,
             writer: Some(writer),
+            health,
         })
     }
 
@@ -181,8 +193,50 @@ impl EmbeddedStore {
     }
 
     fn read(&self) -> Result<ReadTransaction, StoreError> {
-        self.database.begin_read().map_err(unavailable)
+        current(&self.database)?.begin_read().map_err(unavailable)
     }
+}
+
+/// The database in the slot, or `Unavailable` while it is being reopened.
+fn current(slot: &DatabaseSlot) -> Result<Arc<Database>, StoreError> {
+    slot.read()
+        .expect("database slot lock")
+        .clone()
+        .ok_or_else(|| StoreError::Unavailable("the store is reopening after a write error".into()))
+}
+
+/// Opens (or creates) the database file and its tables, explaining the failures an operator
+/// can act on.
+fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
+    let database = redb::Builder::new()
+        .set_cache_size(cache_bytes)
+        .create(path)
+        .map_err(|error| match error {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(format!(
+                "{} is in use by another process (one `herald serve` per data directory)",
+                path.display()
+            )),
+            redb::DatabaseError::Storage(redb::StorageError::Corrupted(_))
+            | redb::DatabaseError::UpgradeRequired(_) => damaged(path, &error),
+            redb::DatabaseError::Storage(redb::StorageError::Io(ref io))
+                if io.kind() == std::io::ErrorKind::InvalidData =>
+            {
+                damaged(path, &error)
+            }
+            other => StoreError::Unavailable(format!("cannot open {}: {other}", path.display())),
+        })?;
+    let transaction = database.begin_write().map_err(unavailable)?;
+    create_tables(&transaction).map_err(unavailable)?;
+    transaction.commit().map_err(unavailable)?;
+    Ok(database)
+}
+
+fn damaged(path: &Path, error: &redb::DatabaseError) -> StoreError {
+    StoreError::Internal(format!(
+        "{} is not a Herald data file or is damaged ({error}); move it aside to start with an \
+         empty store, or restore it from a backup",
+        path.display()
+    ))
 }
 
 fn create_tables(transaction: &WriteTransaction) -> Result<(), redb::Error> {
@@ -195,6 +249,7 @@ fn create_tables(transaction: &WriteTransaction) -> Result<(), redb::Error> {
     transaction.open_table(DELIVERIES)?;
     transaction.open_table(IDEMPOTENCY)?;
     transaction.open_table(IDEMPOTENCY_EXPIRY)?;
+    transaction.open_table(PROBES)?;
     Ok(())
 }
 
@@ -372,6 +427,10 @@ impl Store for EmbeddedStore {
         Ok(records::pending_page(items, page_size))
     }
 
+    fn health(&self) -> Option<watch::Receiver<bool>> {
+        Some(self.health.clone())
+    }
+
     async fn pending_partitions(&self) -> Result<Vec<PartitionKey>, StoreError> {
         let transaction = self.read()?;
         let table = transaction
@@ -440,12 +499,17 @@ fn load_index(database: &Database) -> Result<TopicIndex, StoreError> {
 
 /// The single writer: owns the topic index and applies command batches.
 struct Writer {
-    database: Arc<Database>,
+    database: DatabaseSlot,
+    path: PathBuf,
+    cache_bytes: usize,
     index: TopicIndex,
     last_sync: Instant,
     /// True while a commit made with `Durability::None` awaits a synced one.
     unsynced: bool,
     last_sweep: Instant,
+    /// False from a failed write until a write succeeds again.
+    health: watch::Sender<bool>,
+    last_probe: Instant,
 }
 
 impl Writer {
@@ -454,8 +518,10 @@ impl Writer {
             let first = match receiver.recv_timeout(MAX_LAZY_INTERVAL) {
                 Ok(command) => command,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    // Idle: make lazily recorded completions durable too.
-                    if self.unsynced {
+                    if !*self.health.borrow() {
+                        self.probe();
+                    } else if self.unsynced {
+                        // Idle: make lazily recorded completions durable too.
                         self.apply_batch(Vec::new());
                     }
                     continue;
@@ -481,23 +547,107 @@ impl Writer {
         let mut index_changed = false;
         let result = self.write_batch(batch, sync, &mut outcomes, &mut index_changed);
         let error = result.err();
-        if error.is_some() && index_changed {
-            // The transaction was rolled back: rebuild the index from what is stored.
-            match load_index(&self.database) {
-                Ok(index) => self.index = index,
-                Err(load_error) => tracing::error!(%load_error, "cannot reload topic index"),
-            }
-        }
         if let Some(error) = &error {
             tracing::error!(%error, "store batch failed; nothing in it was written");
-        } else if sync {
-            self.last_sync = Instant::now();
-            self.unsynced = false;
+            self.set_healthy(false);
+            self.recover(index_changed);
         } else {
-            self.unsynced = true;
+            self.set_healthy(true);
+            if sync {
+                self.last_sync = Instant::now();
+                self.unsynced = false;
+            } else {
+                self.unsynced = true;
+            }
         }
         for outcome in outcomes {
             outcome.send(error.as_ref());
+        }
+    }
+
+    fn set_healthy(&self, healthy: bool) {
+        self.health.send_if_modified(|current| {
+            let changed = *current != healthy;
+            *current = healthy;
+            changed
+        });
+    }
+
+    /// After a failed batch: reopens the file if it refuses writes (redb does after an I/O
+    /// error), and rebuilds the topic index from what is stored if the batch had changed it.
+    fn recover(&mut self, index_changed: bool) {
+        let writable = current(&self.database)
+            .and_then(|database| database.begin_write().map_err(unavailable))
+            .map(|transaction| {
+                let _ = transaction.abort();
+            })
+            .is_ok();
+        if !writable && !self.reopen() {
+            return;
+        }
+        if index_changed || !writable {
+            match current(&self.database).and_then(|database| load_index(&database)) {
+                Ok(index) => self.index = index,
+                Err(error) => tracing::error!(%error, "cannot reload topic index"),
+            }
+        }
+    }
+
+    /// Closes and reopens the database file. Returns false if it cannot be reopened yet (the
+    /// slot is then empty and every call answers `Unavailable` until a later probe succeeds).
+    fn reopen(&mut self) -> bool {
+        let old = self.database.write().expect("database slot lock").take();
+        drop(old);
+        let deadline = Instant::now() + REOPEN_WAIT;
+        loop {
+            match open_database(&self.path, self.cache_bytes) {
+                Ok(database) => {
+                    *self.database.write().expect("database slot lock") = Some(Arc::new(database));
+                    // Lazily durable commits not synced before the error may be gone: their
+                    // deliveries are sent again (at-least-once).
+                    self.unsynced = false;
+                    tracing::warn!(path = %self.path.display(), "reopened the store after a write error");
+                    return true;
+                }
+                // Readers still hold the old file for a moment.
+                Err(StoreError::Unavailable(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot reopen the store yet");
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// While unhealthy and idle: tries a small synced write, at most every
+    /// [`PROBE_INTERVAL`]; health turns back once it succeeds.
+    fn probe(&mut self) {
+        if self.last_probe.elapsed() < PROBE_INTERVAL {
+            return;
+        }
+        self.last_probe = Instant::now();
+        if current(&self.database).is_err() && !self.reopen() {
+            return;
+        }
+        let result = current(&self.database).and_then(|database| {
+            let transaction = database.begin_write().map_err(unavailable)?;
+            {
+                let mut probes = transaction.open_table(PROBES).map_err(unavailable)?;
+                probes.insert("last", now_millis()).map_err(unavailable)?;
+            }
+            transaction.commit().map_err(unavailable)
+        });
+        match result {
+            Ok(()) => {
+                tracing::warn!("the store can write again");
+                self.set_healthy(true);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the store still cannot write");
+                self.recover(false);
+            }
         }
     }
 
@@ -508,7 +658,9 @@ impl Writer {
         outcomes: &mut Vec<Outcome>,
         index_changed: &mut bool,
     ) -> Result<(), StoreError> {
-        let mut transaction = self.database.begin_write().map_err(unavailable)?;
+        let mut transaction = current(&self.database)?
+            .begin_write()
+            .map_err(unavailable)?;
         let durability = if sync {
             Durability::Immediate
         } else {

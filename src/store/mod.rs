@@ -210,6 +210,12 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// Whether the store can write now (true) or has failed its last write and not yet
+    /// recovered, as a watch that changes with it; `None` if the store does not track it.
+    fn health(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
+
     /// Requests sent to a remote database so far, per operation; `None` for a local store.
     fn request_counts(&self) -> Option<BTreeMap<&'static str, u64>> {
         None

@@ -287,13 +287,14 @@ async fn an_unsubscribe_interrupted_halfway_is_finished_by_a_retry_or_the_sweep(
             .unwrap_err();
         assert_eq!(status.code(), Code::NotFound);
     }
-    // The first is retried: the retry finishes it and says how much it removed.
+    // The first is retried: the retry finishes it and says how much it removed (the sweep,
+    // running every rescan, may have removed some of the 20 first).
     let retried = client
         .unsubscribe(proto::UnsubscribeRequest { id: ids[0].clone() })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(retried.dropped_deliveries, 20);
+    assert!(retried.dropped_deliveries <= 20, "{retried:?}");
     assert_eq!(backlog(&ids[0]).await, 0);
     // The second is left alone: the rescan's sweep finishes it.
     eventually(

@@ -6,6 +6,7 @@ mod api;
 mod cli;
 mod crash;
 mod delivery;
+mod disk;
 mod dynamodb;
 mod faults;
 mod store_conformance;

@@ -154,6 +154,10 @@ impl Store for FaultyStore {
         self.inner.pending_partitions().await
     }
 
+    fn health(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        self.inner.health()
+    }
+
     fn leases(&self) -> Option<&dyn PartitionLeases> {
         self.inner.leases()
     }
