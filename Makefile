@@ -1,7 +1,7 @@
 # Herald. `make run` starts the broker on the embedded store; `make test` runs every test.
 CARGO ?= cargo
 
-.PHONY: run test bench lint fmt build release
+.PHONY: run test chaos bench lint fmt build release
 
 ## Run the broker on 127.0.0.1:50051 with the embedded store in ./herald-data.
 run:
@@ -11,6 +11,11 @@ run:
 ## server, then runs unit, conformance and end-to-end tests (real herald processes and receivers).
 test:
 	scripts/test.sh
+
+## The chaos test, long form: three instances on one table, faults every 20 s, judged by
+## scripts/chaos_check.py; HERALD_CHAOS_SECONDS sets the length (default 120).
+chaos:
+	HERALD_CHAOS_SECONDS=$${HERALD_CHAOS_SECONDS:-120} scripts/test.sh --test it chaos -- --nocapture
 
 ## The load benchmark; e.g. make bench ARGS='--store dynamodb --events-per-topic 10'.
 bench:

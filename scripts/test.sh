@@ -9,4 +9,11 @@ scripts/dynamodb-local.sh start "$state/endpoint"
 HERALD_TEST_DYNAMODB_ENDPOINT=$(cat "$state/endpoint")
 HERALD_TEST_DYNOXIDE=$(scripts/dynamodb-local.sh path)
 export HERALD_TEST_DYNAMODB_ENDPOINT HERALD_TEST_DYNOXIDE
-cargo test --all-targets "$@"
+if [ "$#" -gt 0 ]; then
+  # A chosen subset, e.g. `scripts/test.sh --test it chaos -- --nocapture`.
+  cargo test "$@"
+else
+  cargo test --all-targets
+  # The chaos test's independent checker has its own unit tests.
+  python3 -m unittest discover -s scripts -p 'test_*.py'
+fi

@@ -3,6 +3,7 @@
 mod support;
 
 mod api;
+mod chaos;
 mod cli;
 mod crash;
 mod delivery;
