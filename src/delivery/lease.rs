@@ -15,6 +15,12 @@ use tokio::time::Instant;
 use crate::model::PartitionKey;
 use crate::store::{LeaseToken, PartitionLeases, StoreError};
 
+/// The answer to a renewal request, and when the request was sent.
+pub struct Renewal {
+    sent: Instant,
+    result: Result<bool, StoreError>,
+}
+
 /// Why a worker must stop using its lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaseEnded {
@@ -76,20 +82,44 @@ impl Lease {
         self.valid_until().saturating_duration_since(Instant::now())
     }
 
-    /// Renews now.
-    pub async fn renew(&mut self, leases: &dyn PartitionLeases) -> Result<(), LeaseEnded> {
-        let sent = Instant::now();
-        match leases
-            .renew(&self.partition, &self.token, self.duration)
-            .await
-        {
+    /// When a request in flight must be abandoned if the lease has not been renewed by then:
+    /// half the margin before the lease runs out, which leaves room for clocks that differ
+    /// (other instances judge expiry by wall clock).
+    pub fn abandon_at(&self) -> Instant {
+        self.valid_until() - self.margin() / 2
+    }
+
+    /// A renewal request that does not borrow the lease, so it can run while the lease is read
+    /// (during a delivery); give its answer to [`Lease::apply`].
+    pub fn renewal<'a>(
+        &self,
+        leases: &'a dyn PartitionLeases,
+    ) -> impl std::future::Future<Output = Renewal> + Send + use<'a> {
+        let (partition, token, duration) =
+            (self.partition.clone(), self.token.clone(), self.duration);
+        async move {
+            let sent = Instant::now();
+            let result = leases.renew(&partition, &token, duration).await;
+            Renewal { sent, result }
+        }
+    }
+
+    /// Takes a renewal's answer into account.
+    pub fn apply(&mut self, renewal: Renewal) -> Result<(), LeaseEnded> {
+        match renewal.result {
             Ok(true) => {
-                self.renewed_at = sent;
+                self.renewed_at = self.renewed_at.max(renewal.sent);
                 Ok(())
             }
             Ok(false) => Err(LeaseEnded::Lost),
             Err(error) => Err(LeaseEnded::Unrenewable(error.to_string())),
         }
+    }
+
+    /// Renews now.
+    pub async fn renew(&mut self, leases: &dyn PartitionLeases) -> Result<(), LeaseEnded> {
+        let renewal = self.renewal(leases).await;
+        self.apply(renewal)
     }
 
     /// Makes sure at least [`Lease::margin`] is left before the worker starts something,

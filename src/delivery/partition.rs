@@ -252,9 +252,12 @@ impl<'a> PartitionWorker<'a> {
 
     /// One HTTP attempt. An attempt in flight is not cancelled by shutdown: it completes
     /// (bounded by the request timeout) and its outcome is recorded. On a shared store the
-    /// lease is renewed while it runs, so a request slower than the lease keeps the partition;
-    /// if the lease cannot be kept the request is abandoned (its connection dropped) when the
-    /// lease runs out, and the worker stops without recording anything.
+    /// lease is renewed while it runs (the renewal runs beside the request, so a store that
+    /// hangs cannot hold the lease check up), so a request slower than the lease keeps the
+    /// partition; if the lease cannot be kept the request is abandoned (its connection
+    /// dropped) half a margin before the lease runs out, and the worker stops without
+    /// recording anything. The lease check is polled first, so a worker resuming from a pause
+    /// past its lease does not write another byte of the request.
     async fn attempt(&mut self, delivery: &PendingDelivery) -> Result<webhook::Attempt, Stop> {
         let send = webhook::send(&self.inner.client, &self.subscription, &self.key, delivery);
         tokio::pin!(send);
@@ -263,11 +266,25 @@ impl<'a> PartitionWorker<'a> {
             return Ok(send.await);
         };
         let mut next_renewal = lease.renewal_due();
+        let mut renewal = std::pin::pin!(None);
         loop {
+            let abandon_at = lease.abandon_at();
             tokio::select! {
-                attempt = &mut send => return Ok(attempt),
-                _ = tokio::time::sleep_until(next_renewal) => {
-                    match lease.renew(leases).await {
+                biased;
+                _ = tokio::time::sleep_until(abandon_at) => {
+                    tracing::warn!(partition = %self.partition, "partition lease running out during a delivery; abandoning it");
+                    return Err(Stop::Lease(LeaseEnded::Unrenewable(
+                        "the lease ran out during a delivery".into(),
+                    )));
+                }
+                answer = async {
+                    match renewal.as_mut().as_pin_mut() {
+                        Some(request) => request.await,
+                        None => std::future::pending().await,
+                    }
+                }, if renewal.is_some() => {
+                    renewal.set(None);
+                    match lease.apply(answer) {
                         Ok(()) => next_renewal = lease.renewal_due(),
                         Err(LeaseEnded::Lost) => {
                             // Someone else delivers the partition now: drop the request.
@@ -280,12 +297,10 @@ impl<'a> PartitionWorker<'a> {
                         }
                     }
                 }
-                _ = tokio::time::sleep_until(lease.valid_until()) => {
-                    tracing::warn!(partition = %self.partition, "partition lease ran out during a delivery; abandoning it");
-                    return Err(Stop::Lease(LeaseEnded::Unrenewable(
-                        "the lease ran out during a delivery".into(),
-                    )));
+                _ = tokio::time::sleep_until(next_renewal), if renewal.is_none() => {
+                    renewal.set(Some(lease.renewal(leases)));
                 }
+                attempt = &mut send => return Ok(attempt),
             }
         }
     }

@@ -526,7 +526,13 @@ impl Writer {
                     }
                     continue;
                 }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // Closing: make lazily recorded completions durable before the file closes.
+                    if self.unsynced {
+                        self.apply_batch(Vec::new());
+                    }
+                    break;
+                }
             };
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
@@ -582,10 +588,12 @@ impl Writer {
                 let _ = transaction.abort();
             })
             .is_ok();
-        if !writable && !self.reopen() {
+        if !writable {
+            // Reloads the index too, when it succeeds.
+            self.reopen();
             return;
         }
-        if index_changed || !writable {
+        if index_changed {
             match current(&self.database).and_then(|database| load_index(&database)) {
                 Ok(index) => self.index = index,
                 Err(error) => tracing::error!(%error, "cannot reload topic index"),
@@ -602,6 +610,14 @@ impl Writer {
         loop {
             match open_database(&self.path, self.cache_bytes) {
                 Ok(database) => {
+                    // The index follows what is stored: a batch that failed may have changed it.
+                    match load_index(&database) {
+                        Ok(index) => self.index = index,
+                        Err(error) => {
+                            tracing::error!(%error, "cannot reload the topic index");
+                            return false;
+                        }
+                    }
                     *self.database.write().expect("database slot lock") = Some(Arc::new(database));
                     // Lazily durable commits not synced before the error may be gone: their
                     // deliveries are sent again (at-least-once).

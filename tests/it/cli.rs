@@ -38,7 +38,11 @@ async fn the_readme_walk_through_works_with_the_cli_and_the_sink() {
         .spawn()
         .expect("start sink");
     let mut lines = BufReader::new(sink.stdout.take().unwrap()).lines();
-    let first = lines.next_line().await.unwrap().expect("sink address");
+    let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("the sink prints its address in time")
+        .unwrap()
+        .expect("sink address");
     let sink_url = first
         .strip_prefix("sink listening on ")
         .expect("sink prints its address")

@@ -511,7 +511,7 @@ async fn a_delivery_slower_than_the_lease_keeps_its_partition() {
     let answered = slow.at + Duration::from_millis(3000);
     for later in &received[1..] {
         assert!(
-            later.at + Duration::from_millis(50) >= answered,
+            later.at >= answered,
             "{:?} was sent {:?} before the slow delivery was answered",
             String::from_utf8_lossy(&later.body),
             answered - later.at

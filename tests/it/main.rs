@@ -8,6 +8,7 @@ mod cli;
 mod crash;
 mod delivery;
 mod disk;
+mod documented;
 mod dynamodb;
 mod faults;
 mod store_conformance;

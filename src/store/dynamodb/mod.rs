@@ -52,6 +52,8 @@ use schema::{Item, get_n, get_s, n, s};
 const TRANSACTION_LIMIT: usize = 100;
 /// Keys a batch get may hold.
 const BATCH_GET_LIMIT: usize = 100;
+/// Deliveries of unsubscribed subscriptions one rescan removes at most.
+const SWEEP_BUDGET: usize = 500;
 /// Attempts at a publish or subscription change that lose optimistic-locking races.
 const MAX_CONFLICT_RETRIES: u32 = 64;
 
@@ -70,11 +72,20 @@ pub struct DynamoConfig {
 /// Builds a client from the standard AWS configuration chain (environment, profile, web
 /// identity, ECS, EC2), with throttling retried (exponential backoff with jitter, 8 attempts).
 pub async fn client_from_env(config: &DynamoConfig) -> Client {
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).retry_config(
-        aws_config::retry::RetryConfig::standard()
-            .with_max_attempts(8)
-            .with_initial_backoff(Duration::from_millis(25)),
-    );
+    // Bounded attempts: a request that hangs (a half-open connection) must not hold a worker
+    // past its lease, nor a publish forever.
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .retry_config(
+            aws_config::retry::RetryConfig::standard()
+                .with_max_attempts(8)
+                .with_initial_backoff(Duration::from_millis(25)),
+        )
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .operation_attempt_timeout(Duration::from_secs(3))
+                .operation_timeout(Duration::from_secs(20))
+                .build(),
+        );
     if let Some(region) = &config.region {
         loader = loader.region(aws_config::Region::new(region.clone()));
     }
@@ -584,6 +595,66 @@ impl DynamoStore {
             .collect()
     }
 
+    /// Adds the partitions whose lease ran out (their holder died, froze or handed over).
+    async fn expired_leases(
+        &self,
+        set: &SubscriptionSet,
+        found: &mut std::collections::BTreeSet<PartitionKey>,
+    ) -> Result<(), StoreError> {
+        let now = now_millis();
+        for shard in 0..schema::LEASE_SHARDS {
+            for lease in self
+                .query_after(&schema::lease_shard_pk(shard), None, usize::MAX)
+                .await?
+            {
+                if get_n(&lease, "lease_until")? < now
+                    && let Some(partition) = PartitionKey::decode(get_s(&lease, schema::SK)?)
+                    && set.subscriptions.contains_key(&partition.subscription_id)
+                {
+                    found.insert(partition);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the partitions with pending work among the topics that changed since the last
+    /// successful call (all of them on the first), and remembers what it saw.
+    async fn changed_topics(
+        &self,
+        set: &SubscriptionSet,
+        found: &mut std::collections::BTreeSet<PartitionKey>,
+    ) -> Result<(), StoreError> {
+        let topics = self.topics().await?;
+        let marks = self.topic_marks(&topics).await?;
+        let previous = self.rescanned.lock().expect("rescan lock").clone();
+        for topic in &topics {
+            let mark = marks.get(topic).copied().unwrap_or_default();
+            // Unchanged since the last look, and no fan-out was open then (an open fan-out's
+            // remaining deliveries appear without the sequence moving: its publisher or a
+            // repair writes them later).
+            let unchanged = previous
+                .as_ref()
+                .and_then(|previous| previous.get(topic))
+                .is_some_and(|last| *last == mark && !last.open_fanout);
+            if unchanged {
+                continue;
+            }
+            for subscription_id in set.index.matching(topic) {
+                let partition = PartitionKey::new(topic.as_str(), subscription_id);
+                if !self
+                    .query_after(&partition.encode(), None, 1)
+                    .await?
+                    .is_empty()
+                {
+                    found.insert(partition);
+                }
+            }
+        }
+        *self.rescanned.lock().expect("rescan lock") = Some(marks);
+        Ok(())
+    }
+
     /// A transaction item that fails unless `token` holds the partition's lease.
     fn lease_check(&self, partition: &PartitionKey, token: &LeaseToken) -> TransactWriteItem {
         TransactWriteItem::builder()
@@ -793,9 +864,10 @@ impl Store for DynamoStore {
         partition: &PartitionKey,
         limit: usize,
     ) -> Result<Vec<PendingDelivery>, StoreError> {
-        // A young unfinished fan-out below the head is waited for, up to the delay after
-        // which any instance finishes it.
-        let give_up = tokio::time::Instant::now() + self.repair_after + Duration::from_secs(1);
+        // The head blocked by a young unfinished fan-out is not waited for here (the worker
+        // lingers and reads again, and the rescan looks again at topics with a fan-out open);
+        // a head committed after the topic item was read is read again, a few times.
+        let mut rereads = 0;
         let fields = loop {
             let Some(horizon) = self.delivery_horizon(&partition.topic).await? else {
                 return Ok(Vec::new());
@@ -816,13 +888,11 @@ impl Store for DynamoStore {
                 break fields;
             }
             // The head was committed after the topic was read: read again.
-            if schema::get_sequence(head)? > horizon.last_sequence {
+            if schema::get_sequence(head)? > horizon.last_sequence && rereads < 3 {
+                rereads += 1;
                 continue;
             }
-            if tokio::time::Instant::now() >= give_up {
-                return Ok(Vec::new());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            return Ok(Vec::new());
         };
         let sequences: Vec<u64> = fields.iter().map(|delivery| delivery.sequence).collect();
         let mut events = self.batch_get_events(&partition.topic, &sequences).await?;
@@ -989,58 +1059,29 @@ impl Store for DynamoStore {
     }
 
     /// The first call probes every partition of every topic. Later calls probe only the
-    /// partitions of topics published since the previous call, plus those whose lease ran out
-    /// (an instance that stopped renewing), so an idle fleet costs a few requests per rescan.
+    /// partitions of topics published since the previous call (or with a fan-out open then),
+    /// plus those whose lease ran out (an instance that stopped renewing or handed over), so an
+    /// idle fleet costs a few requests per rescan. Expired leases are looked at first and a
+    /// failure of one part does not stop the other; then a bounded share of what interrupted
+    /// unsubscribes left is removed.
     async fn pending_partitions(&self) -> Result<Vec<PartitionKey>, StoreError> {
-        if let Err(error) = self.finish_unsubscribes().await {
-            // Left for the next rescan; finding pending partitions matters more.
-            tracing::warn!(%error, "cannot finish an interrupted unsubscribe yet");
-        }
         self.forget_subscriptions();
         let set = self.subscription_set().await?;
-        let topics = self.topics().await?;
-        let marks = self.topic_marks(&topics).await?;
-        let previous = self.rescanned.lock().expect("rescan lock").clone();
         let mut found = std::collections::BTreeSet::new();
-        for topic in &topics {
-            let mark = marks.get(topic).copied().unwrap_or_default();
-            // Unchanged since the last look, and no fan-out was open then (an open fan-out's
-            // remaining deliveries appear without the sequence moving: its publisher or a
-            // repair writes them later).
-            let unchanged = previous
-                .as_ref()
-                .and_then(|previous| previous.get(topic))
-                .is_some_and(|last| *last == mark && !last.open_fanout);
-            if unchanged {
-                continue;
-            }
-            for subscription_id in set.index.matching(topic) {
-                let partition = PartitionKey::new(topic.as_str(), subscription_id);
-                if !self
-                    .query_after(&partition.encode(), None, 1)
-                    .await?
-                    .is_empty()
-                {
-                    found.insert(partition);
-                }
-            }
+        let leases = self.expired_leases(&set, &mut found).await;
+        let topics = self.changed_topics(&set, &mut found).await;
+        if let Err(error) = self.finish_unsubscribes(SWEEP_BUDGET).await {
+            // Left for the next rescan.
+            tracing::warn!(%error, "cannot finish an interrupted unsubscribe yet");
         }
-        let now = now_millis();
-        for shard in 0..schema::LEASE_SHARDS {
-            for lease in self
-                .query_after(&schema::lease_shard_pk(shard), None, usize::MAX)
-                .await?
-            {
-                if get_n(&lease, "lease_until")? < now
-                    && let Some(partition) = PartitionKey::decode(get_s(&lease, schema::SK)?)
-                    && set.subscriptions.contains_key(&partition.subscription_id)
-                {
-                    found.insert(partition);
-                }
+        match (leases, topics) {
+            (Err(error), Err(_)) => Err(error),
+            (Err(error), Ok(())) | (Ok(()), Err(error)) => {
+                tracing::warn!(%error, "rescan incomplete; the next one tries again");
+                Ok(found.into_iter().collect())
             }
+            (Ok(()), Ok(())) => Ok(found.into_iter().collect()),
         }
-        *self.rescanned.lock().expect("rescan lock") = Some(marks);
-        Ok(found.into_iter().collect())
     }
 
     fn request_counts(&self) -> Option<BTreeMap<&'static str, u64>> {

@@ -5,12 +5,13 @@
 //! Unsubscribe or any instance's next rescan finishes it from the tombstone.
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use aws_sdk_dynamodb::types::{Delete, Put, TransactWriteItem};
 
-use super::schema::{self, Item, get_s, s};
+use super::schema::{self, Item, get_n, get_s, n, s};
 use super::{DynamoStore, MAX_CONFLICT_RETRIES, cancellation_reasons, conflict_pause, sdk_error};
-use crate::model::{PartitionKey, Subscription};
+use crate::model::{PartitionKey, Subscription, now_millis};
 use crate::store::records::{self, from_json};
 use crate::store::{Store, StoreError};
 
@@ -35,15 +36,33 @@ impl DynamoStore {
         self.drop_backlog(&subscription).await
     }
 
-    /// Finishes every Unsubscribe left unfinished (by any instance).
-    pub(super) async fn finish_unsubscribes(&self) -> Result<(), StoreError> {
+    /// Finishes Unsubscribes left unfinished (by any instance) whose tombstone is older than
+    /// the repair delay (a younger one is probably still being worked on), removing at most
+    /// `budget` deliveries; the rest is left for the next call.
+    pub(super) async fn finish_unsubscribes(&self, budget: usize) -> Result<(), StoreError> {
+        let mut budget = budget;
+        let now = now_millis();
         for item in self
             .query_after(schema::UNSUBSCRIBING_PK, None, usize::MAX)
             .await?
         {
+            let deleted_at = get_n(&item, "deleted_at")?;
+            if Duration::from_millis(now.saturating_sub(deleted_at)) < self.repair_after {
+                continue;
+            }
+            if budget == 0 {
+                break;
+            }
             let subscription = decode(&item)?;
             tracing::info!(subscription = %subscription.id, "finishing an interrupted unsubscribe");
-            self.drop_backlog(&subscription).await?;
+            let mut dropped = 0;
+            let done = self
+                .remove_backlog(&subscription, &mut dropped, budget)
+                .await?;
+            budget = budget.saturating_sub(dropped as usize);
+            if done {
+                self.delete_tombstone(&subscription.id).await?;
+            }
         }
         Ok(())
     }
@@ -59,6 +78,7 @@ impl DynamoStore {
     async fn delete_with_tombstone(&self, subscription: &Subscription) -> Result<(), StoreError> {
         let id = subscription.id.as_str();
         let mut tombstone = schema::tombstone_key(id);
+        tombstone.insert("deleted_at".into(), n(now_millis()));
         tombstone.insert(
             "data".into(),
             s(String::from_utf8(records::to_json(subscription)).expect("JSON is UTF-8")),
@@ -110,19 +130,11 @@ impl DynamoStore {
     /// so the work is finished later; it is reported as `Partial`.
     async fn drop_backlog(&self, subscription: &Subscription) -> Result<u64, StoreError> {
         let mut dropped = 0;
-        let result = self.remove_backlog(subscription, &mut dropped).await;
-        let result = match result {
-            Ok(()) => {
-                self.counts.add("DeleteItem");
-                self.client
-                    .delete_item()
-                    .table_name(&self.table)
-                    .set_key(Some(schema::tombstone_key(&subscription.id)))
-                    .send()
-                    .await
-                    .map(|_| ())
-                    .map_err(sdk_error)
-            }
+        let result = match self
+            .remove_backlog(subscription, &mut dropped, usize::MAX)
+            .await
+        {
+            Ok(_) => self.delete_tombstone(&subscription.id).await,
             Err(error) => Err(error),
         };
         result
@@ -130,12 +142,28 @@ impl DynamoStore {
             .map_err(|error| partial(&subscription.id, dropped, error))
     }
 
+    async fn delete_tombstone(&self, id: &str) -> Result<(), StoreError> {
+        self.counts.add("DeleteItem");
+        self.client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(schema::tombstone_key(id)))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(sdk_error)
+    }
+
+    /// Removes up to `budget` deliveries of the deleted subscription, a page at a time.
+    /// Returns true once none is left.
     async fn remove_backlog(
         &self,
         subscription: &Subscription,
         dropped: &mut u64,
-    ) -> Result<(), StoreError> {
+        budget: usize,
+    ) -> Result<bool, StoreError> {
         let id = subscription.id.as_str();
+        let mut removed = 0;
         for topic in self.topics().await? {
             if !subscription.matches(&topic) {
                 continue;
@@ -148,20 +176,35 @@ impl DynamoStore {
                 ),
                 (schema::dead_pk(&partition), schema::dead_key),
             ] {
-                for item in self.query_after(&pk, None, usize::MAX).await? {
-                    let sequence = schema::get_sequence(&item)?;
-                    if self
-                        .remove_delivery(key_of(&partition, sequence), &topic, sequence, None)
-                        .await?
-                    {
-                        *dropped += 1;
+                loop {
+                    if removed >= budget {
+                        return Ok(false);
+                    }
+                    let page = self
+                        .query_after(&pk, None, PAGE.min(budget - removed))
+                        .await?;
+                    if page.is_empty() {
+                        break;
+                    }
+                    for item in page {
+                        let sequence = schema::get_sequence(&item)?;
+                        removed += 1;
+                        if self
+                            .remove_delivery(key_of(&partition, sequence), &topic, sequence, None)
+                            .await?
+                        {
+                            *dropped += 1;
+                        }
                     }
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 }
+
+/// Deliveries read at a time while removing a backlog.
+const PAGE: usize = 100;
 
 fn partial(id: &str, dropped: u64, cause: impl std::fmt::Display) -> StoreError {
     StoreError::Partial(format!(

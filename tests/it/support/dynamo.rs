@@ -64,10 +64,12 @@ impl PrivateServer {
     /// Starts a private server with its data in a file, so a restart keeps the tables.
     pub fn start() -> PrivateServer {
         let dir = tempfile::tempdir().expect("temp dir");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("free port")
-            .port();
+        // Below the kernel's ephemeral range (32768 and up), so no test binding port 0 can take
+        // it while the server is stopped for an outage.
+        let port = (0..1000)
+            .map(|_| rand::random_range(20_000..32_000))
+            .find(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok())
+            .expect("a free port below the ephemeral range");
         let mut server = PrivateServer {
             child: None,
             port,
@@ -112,8 +114,14 @@ impl PrivateServer {
             .spawn()
             .expect("start dynoxide");
         self.child = Some(child);
+        // Ready once Dynoxide answers a request (not merely once something accepts connections).
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while !answers_list_tables(self.port) {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
+            assert!(exited.is_none(), "dynoxide exited at start: {exited:?}");
             assert!(Instant::now() < deadline, "dynoxide did not start");
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -124,4 +132,24 @@ impl Drop for PrivateServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// True if a DynamoDB `ListTables` request on `port` is answered by Dynoxide.
+fn answers_list_tables(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let request = format!(
+        "POST / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/x-amz-json-1.0\r\n\
+         X-Amz-Target: DynamoDB_20120810.ListTables\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    );
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    // Unsigned, so it is refused, but by Dynoxide (another process on the port would not say so).
+    response.starts_with("HTTP/1.1") && response.to_ascii_lowercase().contains("x-dynoxide-version")
 }

@@ -261,11 +261,17 @@ impl HeraldProcess {
     /// Starts `herald serve --listen 127.0.0.1:0` on the deployment's state and waits for its
     /// "listening" line.
     pub async fn start(deployment: &Deployment) -> HeraldProcess {
+        HeraldProcess::start_with(deployment, &[]).await
+    }
+
+    /// [`HeraldProcess::start`] with extra `serve` arguments.
+    pub async fn start_with(deployment: &Deployment, extra: &[&str]) -> HeraldProcess {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
             .arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
             .args(deployment.serve_args())
+            .args(extra)
             .envs(dynamo::child_env())
             .env("HERALD_LOG", "warn")
             .stdout(std::process::Stdio::piped())

@@ -1,0 +1,324 @@
+//! Behaviours the README documents, each checked with real processes and receivers: graceful
+//! shutdown and its bounds, one server per data directory, sequences across restarts, how
+//! attempts fail (timeouts, redirects, `Retry-After` only where it applies), the delivery
+//! concurrency bound, and the request limits.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use herald::proto;
+use tonic::Code;
+
+use crate::support::{
+    Backend, Deployment, HeraldProcess, Receiver, Reply, all_pending, connect, eventually, millis,
+    publish_request, spawn_app, spawn_app_on, subscribe_request,
+};
+
+/// Waits for the process to exit; returns its status and how long that took.
+async fn exit_within(
+    process: &mut HeraldProcess,
+    within: Duration,
+) -> (std::process::ExitStatus, Duration) {
+    let started = Instant::now();
+    let status = tokio::time::timeout(within, process.child.wait())
+        .await
+        .expect("exits in time")
+        .expect("wait");
+    (status, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_an_in_flight_delivery_finish_and_records_it() {
+    let deployment = Deployment::new(Backend::Embedded).await;
+    let mut server = HeraldProcess::start_with(&deployment, &["--shutdown-grace", "10s"]).await;
+    let receiver = Receiver::scripted(|_| Reply::Slow(1500)).await;
+    let mut client = connect(server.address).await;
+    let subscription = client
+        .subscribe(subscribe_request(&receiver.url(), &["t"]))
+        .await
+        .unwrap()
+        .into_inner();
+    client.publish(publish_request("t", "slow")).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the delivery in flight",
+        || async { !receiver.received().is_empty() },
+    )
+    .await;
+    server.signal("TERM");
+    let (status, _) = exit_within(&mut server, Duration::from_secs(10)).await;
+    assert!(status.success(), "{status:?}");
+    let answered = receiver.received()[0].at + Duration::from_millis(1500);
+    assert!(Instant::now() >= answered, "exited before the answer");
+
+    // Recorded: after a restart nothing is pending and nothing is sent again.
+    let server = HeraldProcess::start(&deployment).await;
+    let mut client = connect(server.address).await;
+    assert!(all_pending(&mut client, &subscription.id).await.is_empty());
+    // A marker published now is the next delivery the receiver sees.
+    client
+        .publish(publish_request("t", "marker"))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "the marker delivered", || async {
+        receiver.received().len() >= 2
+    })
+    .await;
+    let bodies: Vec<_> = receiver
+        .received()
+        .iter()
+        .map(|received| received.body.clone())
+        .collect();
+    assert_eq!(bodies, ["slow", "marker"]);
+    server.kill_9().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_at_most_the_grace_and_a_second_signal_exits_at_once() {
+    let deployment = Deployment::new(Backend::Embedded).await;
+    let receiver = Receiver::scripted(|_| Reply::Hang).await;
+
+    // A hanging delivery: the process waits the grace (1 s), then exits; the event stays.
+    let mut server = HeraldProcess::start_with(&deployment, &["--shutdown-grace", "1s"]).await;
+    let mut client = connect(server.address).await;
+    let mut request = subscribe_request(&receiver.url(), &["t"]);
+    request.retry_policy.as_mut().unwrap().request_timeout = Some(millis(60_000));
+    let subscription = client.subscribe(request).await.unwrap().into_inner();
+    client.publish(publish_request("t", "x")).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the delivery in flight",
+        || async { !receiver.received().is_empty() },
+    )
+    .await;
+    server.signal("TERM");
+    let (status, took) = exit_within(&mut server, Duration::from_secs(10)).await;
+    assert!(status.success(), "{status:?}");
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+
+    // Still pending after a restart; now a long grace, and a second signal cuts it short.
+    let mut server = HeraldProcess::start_with(&deployment, &["--shutdown-grace", "60s"]).await;
+    let mut client = connect(server.address).await;
+    assert_eq!(all_pending(&mut client, &subscription.id).await.len(), 1);
+    eventually(
+        Duration::from_secs(10),
+        "delivery in flight again",
+        || async { receiver.received().len() >= 2 },
+    )
+    .await;
+    server.signal("TERM");
+    // The first signal is being handled (the server stops taking calls) before the second.
+    eventually(Duration::from_secs(10), "the server stops serving", || {
+        let address = server.address;
+        async move { tokio::net::TcpStream::connect(address).await.is_err() }
+    })
+    .await;
+    server.signal("TERM");
+    let (status, took) = exit_within(&mut server, Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_same_data_directory_refuses_to_start() {
+    let deployment = Deployment::new(Backend::Embedded).await;
+    let first = HeraldProcess::start(&deployment).await;
+    let output = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(deployment.serve_args())
+            .output(),
+    )
+    .await
+    .expect("the second server exits")
+    .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("in use by another process"), "{stderr}");
+    first.kill_9().await;
+}
+
+async fn sequences_keep_increasing_after_a_restart(backend: Backend) {
+    let app = spawn_app(backend, |_| {}).await;
+    let mut client = app.client().await;
+    let before = client
+        .publish(publish_request("t", "before"))
+        .await
+        .unwrap()
+        .into_inner();
+    let deployment = app.stop().await;
+    let app = spawn_app_on(deployment, |_| {}).await;
+    let mut client = app.client().await;
+    let after = client
+        .publish(publish_request("t", "after"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(after.sequence > before.sequence);
+    app.stop().await;
+}
+
+/// Attempts that time out, redirect, or fail with a `Retry-After` on a status other than 429
+/// and 503: each is a failure, retried on the backoff schedule.
+async fn timeouts_and_redirects_fail_and_retry_after_applies_only_to_429_and_503(backend: Backend) {
+    let app = spawn_app(backend, |_| {}).await;
+    let receiver =
+        Receiver::scripted(
+            |received| match (received.path.as_str(), received.attempt) {
+                ("/hook/timeout", 1) => Reply::Hang,
+                ("/hook/redirect", 1) => Reply::Status(302),
+                ("/hook/retry-after", 1) => Reply::RetryAfter(500, 30),
+                _ => Reply::Status(200),
+            },
+        )
+        .await;
+    let mut client = app.client().await;
+    for (path, topic) in [("timeout", "a"), ("redirect", "b"), ("retry-after", "c")] {
+        let mut request = subscribe_request(&format!("{}/{path}", receiver.url()), &[topic]);
+        let policy = request.retry_policy.as_mut().unwrap();
+        policy.request_timeout = Some(millis(300));
+        policy.initial_backoff = Some(millis(10));
+        policy.max_backoff = Some(millis(10_000));
+        client.subscribe(request).await.unwrap();
+        client.publish(publish_request(topic, path)).await.unwrap();
+    }
+    eventually(
+        Duration::from_secs(20),
+        "each delivered on a retry",
+        || async { receiver.delivered_count() >= 3 },
+    )
+    .await;
+    let mut attempts: BTreeMap<String, Vec<Instant>> = BTreeMap::new();
+    for received in receiver.received() {
+        attempts.entry(received.path).or_default().push(received.at);
+    }
+    for (path, times) in &attempts {
+        assert_eq!(times.len(), 2, "{path}: one failure, then a success");
+    }
+    let gap = |path: &str| attempts[path][1] - attempts[path][0];
+    // The timeout took its 300 ms; the retry followed within the 10 ms backoff cap.
+    assert!(gap("/hook/timeout") >= Duration::from_millis(300));
+    assert!(gap("/hook/timeout") < Duration::from_secs(3));
+    assert!(gap("/hook/redirect") < Duration::from_secs(3));
+    // A Retry-After of 30 s on a 500 is ignored (honoured, it would mean 10 s here).
+    assert!(gap("/hook/retry-after") < Duration::from_secs(3));
+    app.stop().await;
+}
+
+/// `--delivery-concurrency 2` with six partitions answered slowly: never more than two
+/// requests in flight at the receiver, and two at times.
+async fn delivery_concurrency_bounds_requests_in_flight(backend: Backend) {
+    const ANSWER: Duration = Duration::from_millis(300);
+    let app = spawn_app(backend, |config| config.delivery_concurrency = 2).await;
+    let receiver = Receiver::scripted(|_| Reply::Slow(ANSWER.as_millis() as u64)).await;
+    let mut client = app.client().await;
+    for index in 0..6 {
+        client
+            .subscribe(subscribe_request(
+                &format!("{}/{index}", receiver.url()),
+                &["t"],
+            ))
+            .await
+            .unwrap();
+    }
+    for index in 0..2 {
+        client
+            .publish(publish_request("t", format!("{index}")))
+            .await
+            .unwrap();
+    }
+    eventually(Duration::from_secs(20), "12 deliveries", || async {
+        receiver.delivered_count() >= 12
+    })
+    .await;
+    let received = receiver.received();
+    let most = received
+        .iter()
+        .map(|request| {
+            received
+                .iter()
+                .filter(|other| other.at <= request.at && request.at < other.at + ANSWER)
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert_eq!(most, 2, "requests in flight at once");
+    app.stop().await;
+}
+
+async fn the_documented_limits_hold_at_their_edges(backend: Backend) {
+    let app = spawn_app(backend, |_| {}).await;
+    let mut client = app.client().await;
+    let patterns =
+        |count: usize| -> Vec<String> { (0..count).map(|index| format!("topic{index}")).collect() };
+    let subscribe = |topics: Vec<String>, secret: String| proto::SubscribeRequest {
+        topics,
+        secret,
+        ..subscribe_request("http://127.0.0.1:9/", &[])
+    };
+    // 32 topic patterns, not 33.
+    client
+        .subscribe(subscribe(patterns(32), String::new()))
+        .await
+        .unwrap();
+    let status = client
+        .subscribe(subscribe(patterns(33), String::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("at most 32"), "{status:?}");
+    // Secrets of 24 to 64 bytes (base64 after `whsec_`).
+    use base64::Engine;
+    let secret = |bytes: usize| {
+        format!(
+            "whsec_{}",
+            base64::engine::general_purpose::STANDARD.encode(vec![7u8; bytes])
+        )
+    };
+    for bytes in [24, 64] {
+        client
+            .subscribe(subscribe(patterns(1), secret(bytes)))
+            .await
+            .unwrap();
+    }
+    for bytes in [23, 65] {
+        let status = client
+            .subscribe(subscribe(patterns(1), secret(bytes)))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{bytes} bytes");
+        assert!(status.message().starts_with("secret"), "{status:?}");
+    }
+    // 64 attributes, not 65.
+    let attributes = |count: usize| -> std::collections::HashMap<String, String> {
+        (0..count)
+            .map(|index| (format!("key{index}"), "value".to_string()))
+            .collect()
+    };
+    client
+        .publish(proto::PublishRequest {
+            attributes: attributes(64),
+            ..publish_request("t", "x")
+        })
+        .await
+        .unwrap();
+    let status = client
+        .publish(proto::PublishRequest {
+            attributes: attributes(65),
+            ..publish_request("t", "x")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("at most 64"), "{status:?}");
+    app.stop().await;
+}
+
+crate::on_both_backends!(
+    sequences_keep_increasing_after_a_restart,
+    timeouts_and_redirects_fail_and_retry_after_applies_only_to_429_and_503,
+    delivery_concurrency_bounds_requests_in_flight,
+    the_documented_limits_hold_at_their_edges,
+);
