@@ -1,6 +1,6 @@
 //! Crash safety with the real binary: `kill -9` under publish load, restart, nothing lost.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -64,6 +64,16 @@ async fn kill_9_under_load_loses_no_acknowledged_event_and_keeps_order(backend: 
         acknowledged.extend(publisher.await.unwrap());
     }
     let delivered_before_restart = receiver.delivered_count();
+    let delivered_ids: HashSet<String> = receiver
+        .delivered()
+        .into_iter()
+        .map(|received| received.id)
+        .collect();
+    let backlog = acknowledged
+        .iter()
+        .filter(|(_, response)| !delivered_ids.contains(&response.event_id))
+        .count();
+    assert!(backlog > 0, "a backlog existed at the kill");
     println!(
         "killed after {} acknowledged publishes, {delivered_before_restart} delivered",
         acknowledged.len()
@@ -115,6 +125,34 @@ async fn kill_9_under_load_loses_no_acknowledged_event_and_keeps_order(backend: 
             assert!(*sequence > last);
             last = *sequence;
         }
+    }
+    // Repeats (sent before the kill, their completion not yet recorded) carry the sequence
+    // and `herald-previous-sequence` of the first send, and what the restarted server sends
+    // comes in sequence order per topic.
+    let mut firsts: HashMap<String, (u64, u64)> = HashMap::new();
+    for received in &delivered {
+        let first = firsts
+            .entry(received.id.clone())
+            .or_insert((received.sequence, received.previous));
+        assert_eq!(
+            *first,
+            (received.sequence, received.previous),
+            "{}",
+            received.id
+        );
+    }
+    let mut after_restart: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for received in &delivered[delivered_before_restart..] {
+        after_restart
+            .entry(received.topic.clone())
+            .or_default()
+            .push(received.sequence);
+    }
+    for (topic, sequences) in &after_restart {
+        assert!(
+            sequences.windows(2).all(|pair| pair[0] < pair[1]),
+            "{topic}: sent out of order after the restart"
+        );
     }
     for (topic, response) in &acknowledged {
         assert!(

@@ -322,3 +322,140 @@ crate::on_both_backends!(
     delivery_concurrency_bounds_requests_in_flight,
     the_documented_limits_hold_at_their_edges,
 );
+
+/// A valid value for each documented variable, distinct enough to find in `--help`.
+fn sample_value(variable: &str) -> &'static str {
+    match variable {
+        "HERALD_LISTEN" => "127.0.0.1:7",
+        "HERALD_DATA_DIR" => "/tmp/herald-sample-dir",
+        "HERALD_STORE" => "dynamodb",
+        "HERALD_DYNAMODB_TABLE" => "sample-table",
+        "HERALD_DYNAMODB_REGION" => "eu-west-3",
+        "HERALD_DYNAMODB_ENDPOINT" => "http://127.0.0.1:7",
+        "HERALD_CREATE_TABLE" => "true",
+        variable
+            if variable.contains("BACKOFF")
+                || variable.contains("TIMEOUT")
+                || variable.contains("WINDOW")
+                || variable.contains("GRACE")
+                || variable.contains("LEASE")
+                || variable.contains("INTERVAL")
+                || variable.contains("AFTER") =>
+        {
+            "7s"
+        }
+        _ => "7",
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_variable_is_read_and_flags_win() {
+    // The README's configuration table is the list.
+    let readme = include_str!("../../README.md");
+    let section = readme
+        .split("\n## Configuration")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("a configuration section");
+    let rows: Vec<(String, String)> = section
+        .lines()
+        .filter(|line| line.starts_with("| `--"))
+        .map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            (
+                cells[1].trim_matches('`').into(),
+                cells[2].trim_matches('`').into(),
+            )
+        })
+        .collect();
+    assert!(rows.len() >= 19, "{rows:?}");
+
+    // Each variable is read by its flag: `--help` shows the value it took from the environment.
+    let mut help = std::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+    help.args(["serve", "--help"]);
+    for (_, variable) in &rows {
+        help.env(variable, sample_value(variable));
+    }
+    let output = help.output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    for (flag, variable) in &rows {
+        assert!(text.contains(flag.as_str()), "{flag} missing from --help");
+        let shown = format!("[env: {variable}={}]", sample_value(variable));
+        assert!(text.contains(&shown), "{variable} is not read by {flag}");
+    }
+
+    // Variables apply, and flags win over them: the data directory comes from the variable,
+    // the address from the flag (the variable names port 7).
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("HERALD_LISTEN", "127.0.0.1:7")
+        .env("HERALD_DATA_DIR", data_dir.path())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("listening in time")
+        .unwrap()
+        .expect("a first line");
+    let address: std::net::SocketAddr = line
+        .strip_prefix("herald listening on ")
+        .expect("the listening line")
+        .parse()
+        .unwrap();
+    assert_ne!(address.port(), 7);
+    assert!(data_dir.path().join("herald.redb").exists());
+    child.start_kill().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_table_is_created_by_the_command_or_at_start() {
+    let endpoint = crate::support::dynamo::endpoint();
+    let name = |suffix: &str| {
+        format!(
+            "{}-{suffix}",
+            herald::broker::new_id("created").replace('_', "-")
+        )
+    };
+    // `herald dynamodb create-table`, then again: the second says it exists.
+    let table = name("command");
+    let create = || {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+        command
+            .args(["dynamodb", "create-table", "--table", &table])
+            .args(["--endpoint", &endpoint])
+            .envs(crate::support::dynamo::child_env());
+        command.output().unwrap()
+    };
+    let first = create();
+    assert!(first.status.success(), "{first:?}");
+    assert!(String::from_utf8_lossy(&first.stdout).contains("created table"));
+    let second = create();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("already exists"));
+
+    // `herald serve --create-table` on a table that does not exist yet serves on it.
+    let deployment = Deployment {
+        backend: Backend::Dynamodb,
+        data_dir: tempfile::tempdir().unwrap(),
+        endpoint: Some(endpoint.clone()),
+        table: Some(name("serve")),
+    };
+    let server = HeraldProcess::start_with(&deployment, &["--create-table"]).await;
+    let receiver = Receiver::start().await;
+    let mut client = connect(server.address).await;
+    client
+        .subscribe(subscribe_request(&receiver.url(), &["t"]))
+        .await
+        .unwrap();
+    client.publish(publish_request("t", "x")).await.unwrap();
+    eventually(Duration::from_secs(10), "delivered", || async {
+        receiver.delivered_count() == 1
+    })
+    .await;
+    server.kill_9().await;
+}
