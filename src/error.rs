@@ -47,6 +47,10 @@ impl From<StoreError> for Error {
                 Error::Unavailable(format!("store unavailable, nothing was written: {message}"))
             }
             StoreError::Partial(message) => Error::Unavailable(message),
+            StoreError::Uncertain(message) => Error::Unavailable(format!(
+                "the store failed while committing, so this call may or may not have taken \
+                 effect ({message}); retry it (Publish with the same idempotency key)"
+            )),
             // Only delivery workers make fenced writes; reaching a caller is a bug.
             StoreError::LeaseLost(message) | StoreError::Internal(message) => {
                 Error::Internal(message)

@@ -114,6 +114,10 @@ async fn publish_load(
                 }
                 if let Some(pace) = pace {
                     let slot = started + Duration::from_secs_f64(index as f64 / pace);
+                    // A slot past the deadline is not used: the phase stops on time.
+                    if slot >= deadline {
+                        break;
+                    }
                     tokio::time::sleep_until(slot.into()).await;
                 }
                 let topic = &topics[index % topics.len()];
@@ -437,7 +441,15 @@ async fn main() {
     .await;
     let finished = wait_for(&receiver.delivered, expected, Duration::from_secs(1800)).await;
     let delivery_requests = herald.dynamodb_requests().saturating_sub(requests_before);
+    // Two clocks: from the first publish (what a publisher waits) and from the first delivery
+    // (the delivery rate proper, comparable with the backlog's drain).
     let delivery_rate = expected as f64 / (finished - started).as_secs_f64();
+    let first_delivery = receiver
+        .first_delivered_at
+        .lock()
+        .unwrap()
+        .expect("phase 2 delivered");
+    let drain_like_rate = expected as f64 / (finished - first_delivery).as_secs_f64();
     receiver.reset();
 
     // 3. Publish-to-delivery latency at half the delivery rate.
@@ -553,8 +565,12 @@ async fn main() {
     );
     println!("| (b) raw POSTs/s to the receiver ({post_concurrency} concurrent) | {raw_rate:.0} |");
     println!(
-        "| Herald deliveries/s ({partitions} partitions, {expected} deliveries) | {delivery_rate:.0} = {:.0}% of (b) |",
+        "| Herald deliveries/s ({partitions} partitions, {expected} deliveries), clock from the first publish | {delivery_rate:.0} = {:.0}% of (b) |",
         100.0 * delivery_rate / raw_rate
+    );
+    println!(
+        "| the same, clock from the first delivery | {drain_like_rate:.0} = {:.0}% of (b) |",
+        100.0 * drain_like_rate / raw_rate
     );
     println!(
         "| publish-to-delivery at {:.0} deliveries/s: p50 / p99 / p999 | {:.2} ms / {:.2} ms / {:.2} ms ({} samples) |",
@@ -579,9 +595,10 @@ async fn main() {
             "| DynamoDB requests per publish, all-in during phase 1 | {:.2} |",
             publish_requests as f64 / publish.published as f64
         );
+        let publish_cost = publish_requests as f64 / publish.published as f64;
         println!(
-            "| DynamoDB requests per delivered event, all-in during phase 2 | {:.2} |",
-            delivery_requests as f64 / expected as f64
+            "| DynamoDB requests per delivered event during phase 2, its {events} publishes' requests (at phase 1's rate) taken out | {:.2} |",
+            (delivery_requests as f64 - publish_cost * events as f64) / expected as f64
         );
         println!("| DynamoDB requests by operation, whole run | {breakdown} |");
     }
@@ -605,9 +622,9 @@ async fn main() {
             backlog.restart_to_first_delivery.as_secs_f64() * 1000.0
         );
         println!(
-            "| backlog: drain rate after restart | {:.0} deliveries/s = {:.0}% of phase 2 |",
+            "| backlog: drain rate after restart | {:.0} deliveries/s = {:.0}% of phase 2 from its first delivery |",
             backlog.drain_rate,
-            100.0 * backlog.drain_rate / delivery_rate
+            100.0 * backlog.drain_rate / drain_like_rate
         );
         println!(
             "| backlog: peak RSS of the restarted server | {} |",

@@ -21,6 +21,8 @@ pub struct Receiver {
     pub address: SocketAddr,
     /// Requests answered 2xx.
     pub delivered: AtomicU64,
+    /// When the first 2xx answer since the last reset was given.
+    pub first_delivered_at: Mutex<Option<std::time::Instant>>,
     /// Requests answered 2xx on paths that never fail.
     pub delivered_healthy: AtomicU64,
     /// Requests answered 500.
@@ -52,6 +54,7 @@ impl Receiver {
         let receiver = Arc::new(Receiver {
             address: listener.local_addr().unwrap(),
             delivered: AtomicU64::new(0),
+            first_delivered_at: Mutex::new(None),
             delivered_healthy: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             order_violations: AtomicU64::new(0),
@@ -96,6 +99,7 @@ impl Receiver {
     /// Forgets recorded latencies and counters.
     pub fn reset(&self) {
         self.delivered.store(0, Ordering::SeqCst);
+        *self.first_delivered_at.lock().unwrap() = None;
         self.delivered_healthy.store(0, Ordering::SeqCst);
         self.failed.store(0, Ordering::SeqCst);
         self.latencies.lock().unwrap().clear();
@@ -177,7 +181,13 @@ async fn handle(
             }
         }
     }
-    state.delivered.fetch_add(1, Ordering::Relaxed);
+    if state.delivered.fetch_add(1, Ordering::Relaxed) == 0 {
+        state
+            .first_delivered_at
+            .lock()
+            .unwrap()
+            .get_or_insert_with(std::time::Instant::now);
+    }
     if !failing {
         state.delivered_healthy.fetch_add(1, Ordering::Relaxed);
     }

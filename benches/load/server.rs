@@ -238,8 +238,9 @@ pub async fn start_empty_broker() -> (SocketAddr, oneshot::Sender<()>) {
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(BrokerServer::new(EmptyBroker))
+            // Like Herald's listener: TCP_NODELAY, so both sides of the comparison are alike.
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 async move {
                     let _ = stopped.await;
                 },

@@ -728,7 +728,10 @@ impl Writer {
                 self.last_sweep = Instant::now();
             }
         }
-        transaction.commit().map_err(unavailable)
+        // An error here may come after the data reached the file: the outcome is unknown.
+        transaction
+            .commit()
+            .map_err(|error| StoreError::Uncertain(redb::Error::from(error).to_string()))
     }
 }
 

@@ -37,6 +37,10 @@ pub enum StoreError {
     /// The store cannot be reached or cannot write now; nothing was written. Safe to retry.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store failed while making the call durable: it may or may not have taken effect.
+    /// Retrying is safe for idempotent calls (Publish with an idempotency key).
+    #[error("outcome unknown: {0}")]
+    Uncertain(String),
     /// The call took effect in part and left a record of what is left, which a retry of the
     /// same call (or the store's own background sweep) finishes.
     #[error("partly done: {0}")]

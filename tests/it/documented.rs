@@ -408,7 +408,16 @@ async fn every_documented_variable_is_read_and_flags_win() {
         .parse()
         .unwrap();
     assert_ne!(address.port(), 7);
-    assert!(data_dir.path().join("herald.redb").exists());
+    let file = data_dir.path().join("herald.redb");
+    eventually(
+        Duration::from_secs(10),
+        "the store in HERALD_DATA_DIR",
+        || {
+            let exists = file.exists();
+            async move { exists }
+        },
+    )
+    .await;
     child.start_kill().unwrap();
 }
 

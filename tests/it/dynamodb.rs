@@ -159,10 +159,18 @@ async fn a_publisher_failing_halfway_through_a_large_fan_out_breaks_no_order() {
 
     // The half-written event is finished by the store (roll-forward) and every subscriber
     // gets all three, in order: nothing after it overtook it.
+    // Distinct (subscriber, event) pairs: repeats (at-least-once) do not count.
     eventually(
         Duration::from_secs(30),
         "all three events at all 150 subscribers",
-        || async { receiver.delivered_count() >= 450 },
+        || async {
+            let distinct: HashSet<(String, String)> = receiver
+                .delivered()
+                .into_iter()
+                .map(|received| (received.path, received.id))
+                .collect();
+            distinct.len() >= 450
+        },
     )
     .await;
     assert!(store.fanouts_repaired() >= 1);
@@ -173,10 +181,12 @@ async fn a_publisher_failing_halfway_through_a_large_fan_out_breaks_no_order() {
             .delivered()
             .iter()
             .fold(BTreeMap::new(), |mut bodies, received| {
-                bodies
-                    .entry(received.path.clone())
-                    .or_default()
-                    .push(String::from_utf8(received.body.to_vec()).unwrap());
+                let body = String::from_utf8(received.body.to_vec()).unwrap();
+                let path: &mut Vec<String> = bodies.entry(received.path.clone()).or_default();
+                // A repeat right after the first delivery is at-least-once, not disorder.
+                if path.last() != Some(&body) {
+                    path.push(body);
+                }
                 bodies
             });
     for (path, bodies) in bodies {
@@ -216,7 +226,14 @@ async fn a_repaired_fan_out_is_delivered_without_a_later_publish() {
     eventually(
         Duration::from_secs(30),
         "the half-written event at all 150 subscribers",
-        || async { receiver.delivered_count() >= 150 },
+        || async {
+            let distinct: HashSet<String> = receiver
+                .delivered()
+                .into_iter()
+                .map(|received| received.path)
+                .collect();
+            distinct.len() >= 150
+        },
     )
     .await;
     assert!(store.fanouts_repaired() >= 1);
@@ -445,18 +462,25 @@ async fn requests_per_publish_and_per_delivery_do_not_grow_with_the_table() {
         "one transaction per publish: {per_publish:?}"
     );
 
-    // Drain one partition as the worker does: a page read, then one write per delivery.
+    // Drain one partition as the worker does: pages of 16 (its batch), then one fenced write
+    // per delivery. This partition never holds an event's last reference (nine others do),
+    // which would cost a second transaction for that delivery.
     let partition = PartitionKey::new("t", "sub_3");
+    let token = store
+        .claim(&partition, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .expect("granted");
     let before = counts.total();
     let mut delivered = 0;
     loop {
-        let page = store.next_deliveries(&partition, 64).await.unwrap();
+        let page = store.next_deliveries(&partition, 16).await.unwrap();
         if page.is_empty() {
             break;
         }
         for delivery in page {
             store
-                .complete_delivery(&partition, delivery.event.sequence, None)
+                .complete_delivery(&partition, delivery.event.sequence, Some(&token))
                 .await
                 .unwrap();
             delivered += 1;
@@ -464,8 +488,11 @@ async fn requests_per_publish_and_per_delivery_do_not_grow_with_the_table() {
     }
     assert_eq!(delivered, 301);
     let per_delivery = (counts.total() - before) as f64 / delivered as f64;
-    println!("DynamoDB requests per delivered event (store calls, pages of 64): {per_delivery:.3}");
-    assert!(per_delivery <= 1.1, "{per_delivery}");
+    println!(
+        "DynamoDB requests per delivered event (store calls, pages of 16, fenced): {per_delivery:.3}"
+    );
+    // A page costs a GetItem of the topic, a Query and a BatchGetItem: 3/16 per delivery.
+    assert!(per_delivery <= 1.25, "{per_delivery}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

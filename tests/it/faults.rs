@@ -115,21 +115,58 @@ async fn client_deadlines_during_a_fan_out_strand_nothing(backend: Backend) {
             .await
             .unwrap();
     }
-    store.delay_after_publish(Duration::from_millis(300));
+    store.delay_after_publish(Duration::from_millis(1000));
     for index in 0..publishes {
         let mut request = tonic::Request::new(publish_request("t", format!("{index}")));
-        request.set_timeout(Duration::from_millis(50));
+        request.set_timeout(Duration::from_millis(200));
         let status = client.publish(request).await.unwrap_err();
         assert!(
             matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
             "{status:?}"
         );
     }
-    let expected = subscriptions * publishes;
+    // A deadline can also fire before the request reaches the store (a busy machine): such a
+    // publish is not committed and reaches nobody. Whatever was committed must reach every
+    // subscription with no later publish, and nothing may stay pending.
+    let ids: Vec<String> = {
+        let mut ids = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = client
+                .list_subscriptions(herald::proto::ListSubscriptionsRequest {
+                    page_size: 1000,
+                    page_token,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            ids.extend(
+                page.subscriptions
+                    .into_iter()
+                    .map(|subscription| subscription.id),
+            );
+            if page.next_page_token.is_empty() {
+                break ids;
+            }
+            page_token = page.next_page_token;
+        }
+    };
+    assert_eq!(ids.len(), subscriptions);
     eventually(
         Duration::from_secs(60),
         "every committed delivery arrives without a later publish",
-        || async { receiver.delivered_count() >= expected },
+        || {
+            let client = client.clone();
+            let ids = ids.clone();
+            async move {
+                for id in ids {
+                    if !all_pending(&mut client.clone(), &id).await.is_empty() {
+                        return false;
+                    }
+                }
+                true
+            }
+        },
     )
     .await;
     // None of these publishes was acknowledged, so their relative order is whatever the
@@ -148,7 +185,15 @@ async fn client_deadlines_during_a_fan_out_strand_nothing(backend: Backend) {
     let reference = per_subscription.values().next().unwrap().clone();
     assert!(reference.windows(2).all(|pair| pair[0].0 < pair[1].0));
     let bodies: BTreeSet<&str> = reference.iter().map(|(_, body)| body.as_str()).collect();
-    assert_eq!(bodies.len(), publishes);
+    assert_eq!(bodies.len(), reference.len());
+    assert!(
+        !bodies.is_empty(),
+        "no publish was committed: the test proved nothing"
+    );
+    println!(
+        "{} of {publishes} abandoned publishes were committed",
+        bodies.len()
+    );
     for (path, deliveries) in &per_subscription {
         assert_eq!(deliveries, &reference, "{path}");
     }

@@ -126,15 +126,26 @@ impl Receiver {
         self.state.received.lock().unwrap().clone()
     }
 
-    /// The requests answered 2xx, in arrival order.
+    /// The first request answered 2xx of each (path, event id), in arrival order: what was
+    /// delivered, without at-least-once repeats (see [`Receiver::successes`] for all).
     pub fn delivered(&self) -> Vec<Received> {
+        let mut seen = std::collections::HashSet::new();
+        self.successes()
+            .into_iter()
+            .filter(|received| seen.insert((received.path.clone(), received.id.clone())))
+            .collect()
+    }
+
+    /// Every request answered 2xx, repeats included, in arrival order.
+    pub fn successes(&self) -> Vec<Received> {
         self.received()
             .into_iter()
             .filter(Received::succeeded)
             .collect()
     }
 
-    /// Number of requests answered 2xx.
+    /// Number of distinct (path, event id) pairs answered 2xx: what has been delivered, with
+    /// at-least-once repeats counted once (tests that care about repeats read `received`).
     pub fn delivered_count(&self) -> usize {
         self.state
             .received
@@ -142,7 +153,9 @@ impl Receiver {
             .unwrap()
             .iter()
             .filter(|received| received.succeeded())
-            .count()
+            .map(|received| (received.path.as_str(), received.id.as_str()))
+            .collect::<std::collections::HashSet<_>>()
+            .len()
     }
 }
 
