@@ -471,7 +471,7 @@ fn read_partition(
             .get((partition.topic.as_str(), sequence))
             .map_err(unavailable)?
             .ok_or_else(|| {
-                StoreError::Internal(format!("delivery {key}/{sequence} has no event record"))
+                StoreError::Corrupt(format!("delivery {key}/{sequence} has no event record"))
             })?;
         let event = decode_event(&partition.topic, sequence, event_bytes.value())?;
         result.push(PendingDelivery {
@@ -729,9 +729,22 @@ impl Writer {
             }
         }
         // An error here may come after the data reached the file: the outcome is unknown.
-        transaction
-            .commit()
-            .map_err(|error| StoreError::Uncertain(redb::Error::from(error).to_string()))
+        transaction.commit().map_err(|error| {
+            let full = matches!(
+                &error,
+                redb::CommitError::Storage(redb::StorageError::Io(io))
+                    if io.kind() == std::io::ErrorKind::StorageFull
+            );
+            let text = redb::Error::from(error).to_string();
+            if full {
+                StoreError::StorageFull(format!(
+                    "the data directory's disk is full ({text}); this call may or may not have \
+                     taken effect"
+                ))
+            } else {
+                StoreError::Uncertain(text)
+            }
+        })
     }
 }
 

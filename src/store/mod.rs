@@ -34,6 +34,17 @@ pub enum StoreError {
     /// An argument the store interprets (such as a page token) is malformed.
     #[error("{0}")]
     InvalidArgument(String),
+    /// Concurrent writers kept winning an optimistic-concurrency race; nothing was written.
+    /// Retrying later can succeed.
+    #[error("contention: {0}")]
+    Contention(String),
+    /// The disk is full: the call may or may not have taken effect (the failure can come while
+    /// committing). Retry once space is freed (Publish with the same idempotency key).
+    #[error("storage full: {0}")]
+    StorageFull(String),
+    /// Stored data cannot be decoded: damaged, or written by an incompatible version.
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
     /// The store cannot be reached or cannot write now; nothing was written. Safe to retry.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -50,7 +61,7 @@ pub enum StoreError {
     /// the caller must stop working on the partition.
     #[error("partition lease lost: {0}")]
     LeaseLost(String),
-    /// A bug or corrupt data.
+    /// A bug.
     #[error("store internal error: {0}")]
     Internal(String),
 }

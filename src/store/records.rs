@@ -116,7 +116,7 @@ pub fn encode_event(event: &Event) -> Vec<u8> {
 
 /// Inverse of [`encode_event`]; `topic` and `sequence` come from the key.
 pub fn decode_event(topic: &str, sequence: u64, bytes: &[u8]) -> Result<Event, StoreError> {
-    let corrupt = || StoreError::Internal(format!("corrupt event record {topic}/{sequence}"));
+    let corrupt = || StoreError::Corrupt(format!("event record {topic}/{sequence}"));
     let length_bytes: [u8; 4] = bytes.get(0..4).ok_or_else(corrupt)?.try_into().unwrap();
     let header_end = 4 + u32::from_le_bytes(length_bytes) as usize;
     let header: EventHeader = serde_json::from_slice(bytes.get(4..header_end).ok_or_else(corrupt)?)
@@ -154,8 +154,7 @@ pub fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
 
 /// Parses a JSON record, mapping failure to `Internal`.
 pub fn from_json<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes)
-        .map_err(|error| StoreError::Internal(format!("corrupt {what}: {error}")))
+    serde_json::from_slice(bytes).map_err(|error| StoreError::Corrupt(format!("{what}: {error}")))
 }
 
 /// Cuts `items`, read with one more than `page_size` to learn whether another page follows,
@@ -186,8 +185,7 @@ pub fn encode_pending_token(topic: &str, sequence: u64) -> String {
 
 /// Inverse of [`encode_pending_token`].
 pub fn decode_pending_token(token: &str) -> Result<(String, u64), StoreError> {
-    let invalid =
-        || StoreError::InvalidArgument("page_token is not a token this server issued".into());
+    let invalid = || StoreError::InvalidArgument("not a token this server issued".into());
     let text = URL_SAFE_NO_PAD
         .decode(token)
         .ok()
@@ -209,9 +207,7 @@ pub fn decode_subscription_token(token: &str) -> Result<String, StoreError> {
         .decode(token)
         .ok()
         .and_then(|bytes| String::from_utf8(bytes).ok())
-        .ok_or_else(|| {
-            StoreError::InvalidArgument("page_token is not a token this server issued".into())
-        })
+        .ok_or_else(|| StoreError::InvalidArgument("not a token this server issued".into()))
 }
 
 #[cfg(test)]

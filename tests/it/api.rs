@@ -132,6 +132,20 @@ fn assert_status<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Cod
         "message {:?} should contain {fragment:?}",
         status.message()
     );
+    if code == Code::InvalidArgument {
+        // Every INVALID_ARGUMENT names its field in google.rpc.BadRequest details too.
+        use tonic_types::StatusExt;
+        let violations = status
+            .get_details_bad_request()
+            .unwrap_or_else(|| panic!("no BadRequest details in {status:?}"))
+            .field_violations;
+        assert_eq!(violations.len(), 1, "{status:?}");
+        let violation = &violations[0];
+        assert_eq!(
+            status.message(),
+            format!("{}: {}", violation.field, violation.description)
+        );
+    }
 }
 
 async fn invalid_input_gets_a_precise_status_and_stores_nothing(backend: Backend) {

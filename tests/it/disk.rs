@@ -113,7 +113,13 @@ async fn a_full_disk_fails_publishes_and_flips_health_until_space_is_freed() {
         !acknowledged.is_empty(),
         "some publishes fit in the headroom"
     );
-    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    // The write that hit the full disk: RESOURCE_EXHAUSTED, with when to try again.
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    {
+        use tonic_types::StatusExt;
+        assert!(refused.get_error_details().retry_info().is_some());
+    }
+    assert!(refused.message().contains("disk is full"), "{refused:?}");
     println!(
         "{} publishes acknowledged before the disk filled up: {}",
         acknowledged.len(),

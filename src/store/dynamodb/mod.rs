@@ -569,7 +569,7 @@ impl DynamoStore {
         for item in self.batch_get(keys).await? {
             let topic = get_s(&item, schema::PK)?
                 .strip_prefix("TOPIC#")
-                .ok_or_else(|| StoreError::Internal("corrupt topic item key".into()))?
+                .ok_or_else(|| StoreError::Corrupt("topic item key".into()))?
                 .to_string();
             let open_fanout = matches!(
                 item.get("open_fanouts"),
@@ -818,8 +818,8 @@ impl Store for DynamoStore {
                 },
             }
         }
-        Err(StoreError::Unavailable(
-            "too much contention on the subscription set".into(),
+        Err(StoreError::Contention(
+            "too many concurrent subscription changes; nothing was written".into(),
         ))
     }
 

@@ -198,8 +198,8 @@ impl DynamoStore {
                     .collect(),
             });
         }
-        Err(StoreError::Unavailable(format!(
-            "too much contention publishing on {topic}; retry"
+        Err(StoreError::Contention(format!(
+            "too many concurrent publishes on {topic}; nothing was written"
         )))
     }
 
@@ -427,7 +427,7 @@ impl DynamoStore {
             Some(event) => {
                 let fanout: Vec<(String, u64)> = serde_json::from_str(get_s(&event, "fanout")?)
                     .map_err(|_| {
-                        StoreError::Internal(format!("corrupt fan-out of {topic}/{sequence}"))
+                        StoreError::Corrupt(format!("fan-out record of {topic}/{sequence}"))
                     })?;
                 let due = get_n(&event, "published_at")?;
                 fanout

@@ -165,7 +165,7 @@ pub fn get_sequence(item: &Item) -> Result<u64, StoreError> {
 }
 
 fn corrupt(name: &str) -> StoreError {
-    StoreError::Internal(format!(
+    StoreError::Corrupt(format!(
         "DynamoDB item attribute `{name}` missing or malformed"
     ))
 }

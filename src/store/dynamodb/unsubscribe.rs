@@ -120,8 +120,8 @@ impl DynamoStore {
                 },
             }
         }
-        Err(StoreError::Unavailable(
-            "too much contention on the subscription set".into(),
+        Err(StoreError::Contention(
+            "too many concurrent subscription changes; nothing was written".into(),
         ))
     }
 
