@@ -24,7 +24,8 @@ bench:
 ## Formatting and clippy, as CI runs them.
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --features fault-injection -- -D warnings
+	$(CARGO) clippy -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all

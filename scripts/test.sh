@@ -11,9 +11,9 @@ HERALD_TEST_DYNOXIDE=$(scripts/dynamodb-local.sh path)
 export HERALD_TEST_DYNAMODB_ENDPOINT HERALD_TEST_DYNOXIDE
 if [ "$#" -gt 0 ]; then
   # A chosen subset, e.g. `scripts/test.sh --test it chaos -- --nocapture`.
-  cargo test "$@"
+  cargo test --features fault-injection "$@"
 else
-  cargo test --all-targets
+  cargo test --all-targets --features fault-injection
   # The chaos test's independent checker has its own unit tests.
   python3 -m unittest discover -s scripts -p 'test_*.py'
 fi

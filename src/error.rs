@@ -6,7 +6,7 @@
 //! | `NotFound` | `NOT_FOUND` | | the named subscription does not exist |
 //! | `AlreadyExists` | `ALREADY_EXISTS` | | an id is taken |
 //! | `Aborted` | `ABORTED` | `RetryInfo` 100 ms | lost optimistic-concurrency races; nothing written |
-//! | `ResourceExhausted` | `RESOURCE_EXHAUSTED` | `RetryInfo` 5 s | the disk is full |
+//! | `ResourceExhausted` | `RESOURCE_EXHAUSTED` | `RetryInfo` 5 s | the disk is full, or the embedded store's write queue stayed full |
 //! | `Unavailable` | `UNAVAILABLE` | `RetryInfo` 1 s | the store cannot be reached, or the outcome is unknown |
 //! | `DataLoss` | `DATA_LOSS` | | stored data cannot be decoded (detail in the log only) |
 //! | `Internal` | `INTERNAL` | | a bug (detail in the log only) |
@@ -70,7 +70,9 @@ impl From<StoreError> for Error {
             // The only argument a store interprets.
             StoreError::InvalidArgument(message) => Error::invalid("page_token", message),
             StoreError::Contention(message) => Error::Aborted(message),
-            StoreError::StorageFull(message) => Error::ResourceExhausted(message),
+            StoreError::StorageFull(message) | StoreError::Overloaded(message) => {
+                Error::ResourceExhausted(message)
+            }
             StoreError::Unavailable(message) => {
                 Error::Unavailable(format!("store unavailable, nothing was written: {message}"))
             }
@@ -186,6 +188,10 @@ mod tests {
         );
         assert_eq!(
             status(StoreError::StorageFull("x".into())),
+            tonic::Code::ResourceExhausted
+        );
+        assert_eq!(
+            status(StoreError::Overloaded("x".into())),
             tonic::Code::ResourceExhausted
         );
         assert_eq!(

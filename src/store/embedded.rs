@@ -56,6 +56,10 @@ const PROBES: TableDefinition<&str, u64> = TableDefinition::new("probes");
 
 /// Default page cache: enough for the hot part of a large backlog, far below redb's 1 GiB.
 pub const DEFAULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
+/// Writes waiting for the writer at most; more wait for room (backpressure).
+const WRITE_QUEUE: usize = 8192;
+/// How long a write waits for room in a full queue before it is refused.
+const QUEUE_WAIT: Duration = Duration::from_secs(2);
 /// Most commands applied in one transaction.
 const MAX_BATCH: usize = 2048;
 /// Lazily durable commits are followed by a synced one within this interval.
@@ -76,7 +80,7 @@ const REOPEN_WAIT: Duration = Duration::from_secs(2);
 /// The embedded store. Cheap to share behind an `Arc`.
 pub struct EmbeddedStore {
     database: DatabaseSlot,
-    commands: mpsc::Sender<Command>,
+    commands: mpsc::SyncSender<Command>,
     writer: Option<std::thread::JoinHandle<()>>,
     health: watch::Receiver<bool>,
 }
@@ -85,7 +89,7 @@ impl Drop for EmbeddedStore {
     /// Stops the writer after the commands already queued and waits for it, so the database
     /// file is closed cleanly before the store is gone.
     fn drop(&mut self) {
-        let (closed, _) = mpsc::channel();
+        let (closed, _) = mpsc::sync_channel(1);
         drop(std::mem::replace(&mut self.commands, closed));
         if let Some(writer) = self.writer.take() {
             let _ = writer.join();
@@ -157,7 +161,7 @@ impl EmbeddedStore {
         let database = open_database(&path, cache_bytes)?;
         let index = load_index(&database)?;
         let slot: DatabaseSlot = Arc::new(RwLock::new(Some(Arc::new(database))));
-        let (commands, receiver) = mpsc::channel();
+        let (commands, receiver) = mpsc::sync_channel(WRITE_QUEUE);
         let (health_sender, health) = watch::channel(true);
         let writer = Writer {
             database: slot.clone(),
@@ -182,11 +186,30 @@ impl EmbeddedStore {
         })
     }
 
+    /// Queues a command for the writer and waits for its result. A full queue is backpressure:
+    /// the caller waits for room up to [`QUEUE_WAIT`], then gets `Overloaded`.
     async fn submit<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
         let (reply, response) = oneshot::channel();
-        self.commands
-            .send(command(reply))
-            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
+        let mut command = command(reply);
+        let deadline = Instant::now() + QUEUE_WAIT;
+        loop {
+            match self.commands.try_send(command) {
+                Ok(()) => break,
+                Err(mpsc::TrySendError::Full(returned)) if Instant::now() < deadline => {
+                    command = returned;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err(mpsc::TrySendError::Full(_)) => {
+                    return Err(StoreError::Overloaded(format!(
+                        "the store's write queue stayed full ({WRITE_QUEUE} writes waiting) for \
+                         {QUEUE_WAIT:?}; nothing was written"
+                    )));
+                }
+                Err(mpsc::TrySendError::Disconnected(_)) => {
+                    return Err(StoreError::Unavailable("store writer stopped".into()));
+                }
+            }
+        }
         response
             .await
             .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?

@@ -42,6 +42,9 @@ pub enum StoreError {
     /// committing). Retry once space is freed (Publish with the same idempotency key).
     #[error("storage full: {0}")]
     StorageFull(String),
+    /// The store has more work queued than it takes; nothing was written. Retry later.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
     /// Stored data cannot be decoded: damaged, or written by an incompatible version.
     #[error("corrupt data: {0}")]
     Corrupt(String),

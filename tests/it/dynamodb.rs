@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_dynamodb::types::AttributeValue;
 use herald::model::{FailureOutcome, NewEvent, PartitionKey, now_millis};
 use herald::proto;
 use herald::store::{DynamoStore, PartitionLeases, Store, StoreError};
@@ -117,6 +116,7 @@ async fn two_instances_publishing_to_one_topic_keep_every_subscriber_in_order() 
     second.kill_9().await;
 }
 
+#[cfg(feature = "fault-injection")]
 /// A server on its own DynamoStore (repair delay 1 s, fault injection at hand) with 150
 /// subscriptions to topic `big`: more than one transaction can hold.
 async fn large_fan_out() -> (crate::support::TestApp, Arc<DynamoStore>, Receiver) {
@@ -142,6 +142,7 @@ async fn large_fan_out() -> (crate::support::TestApp, Arc<DynamoStore>, Receiver
     (app, store, receiver)
 }
 
+#[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_publisher_failing_halfway_through_a_large_fan_out_breaks_no_order() {
     let (app, store, receiver) = large_fan_out().await;
@@ -202,6 +203,7 @@ async fn a_publisher_failing_halfway_through_a_large_fan_out_breaks_no_order() {
     app.stop().await;
 }
 
+#[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_repaired_fan_out_is_delivered_without_a_later_publish() {
     let (app, store, receiver) = large_fan_out().await;
@@ -231,12 +233,16 @@ async fn a_repaired_fan_out_is_delivered_without_a_later_publish() {
 }
 
 /// Items under one partition key of the table.
+#[cfg(feature = "fault-injection")]
 async fn count_items(endpoint: &str, table: &str, pk: &str) -> usize {
     dynamo::client(endpoint)
         .query()
         .table_name(table)
         .key_condition_expression("pk = :pk")
-        .expression_attribute_values(":pk", AttributeValue::S(pk.to_string()))
+        .expression_attribute_values(
+            ":pk",
+            aws_sdk_dynamodb::types::AttributeValue::S(pk.to_string()),
+        )
         .consistent_read(true)
         .send()
         .await
@@ -244,6 +250,7 @@ async fn count_items(endpoint: &str, table: &str, pk: &str) -> usize {
         .count as usize
 }
 
+#[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unsubscribe_interrupted_halfway_is_finished_by_a_retry_or_the_sweep() {
     let deployment = Deployment::new(Backend::Dynamodb).await;

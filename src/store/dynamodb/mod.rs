@@ -25,7 +25,9 @@
 mod schema;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+#[cfg(feature = "fault-injection")]
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -248,6 +250,14 @@ impl RequestCounts {
     }
 }
 
+/// Faults armed by tests (feature `fault-injection`).
+#[cfg(feature = "fault-injection")]
+#[derive(Default)]
+struct Faults {
+    fanout: AtomicBool,
+    unsubscribe: AtomicBool,
+}
+
 /// The subscriptions as of one version of the subscription set.
 struct SubscriptionSet {
     version: u64,
@@ -285,8 +295,8 @@ pub struct DynamoStore {
     /// (topic's last sequence, whether a fan-out was open) at the previous `pending_partitions`
     /// call, for every topic.
     rescanned: Mutex<Option<HashMap<String, TopicMark>>>,
-    fail_next_fanout: AtomicBool,
-    fail_next_unsubscribe: AtomicBool,
+    #[cfg(feature = "fault-injection")]
+    faults: Faults,
     fanouts_repaired: AtomicU64,
 }
 
@@ -302,8 +312,8 @@ impl DynamoStore {
             topics: Mutex::new(HashMap::new()),
             repair_after: Duration::from_secs(10),
             rescanned: Mutex::new(None),
-            fail_next_fanout: AtomicBool::new(false),
-            fail_next_unsubscribe: AtomicBool::new(false),
+            #[cfg(feature = "fault-injection")]
+            faults: Faults::default(),
             fanouts_repaired: AtomicU64::new(0),
         }
     }
@@ -315,15 +325,42 @@ impl DynamoStore {
     }
 
     /// Fails the next fan-out that needs more than one transaction right after its first
-    /// transaction, as a publisher crash there would. For fault-injection tests.
+    /// transaction, as a publisher crash there would. Test-only (feature `fault-injection`).
+    #[cfg(feature = "fault-injection")]
     pub fn inject_fanout_failure(&self) {
-        self.fail_next_fanout.store(true, Ordering::SeqCst);
+        self.faults.fanout.store(true, Ordering::SeqCst);
     }
 
     /// Fails the next Unsubscribe right after the subscription is deleted, before any of its
-    /// deliveries are, as a crash or outage there would. For fault-injection tests.
+    /// deliveries are, as a crash or outage there would. Test-only (feature
+    /// `fault-injection`).
+    #[cfg(feature = "fault-injection")]
     pub fn inject_unsubscribe_failure(&self) {
-        self.fail_next_unsubscribe.store(true, Ordering::SeqCst);
+        self.faults.unsubscribe.store(true, Ordering::SeqCst);
+    }
+
+    /// True (once) if a fan-out failure was injected.
+    fn injected_fanout_failure(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        {
+            self.faults.fanout.swap(false, Ordering::SeqCst)
+        }
+        #[cfg(not(feature = "fault-injection"))]
+        {
+            false
+        }
+    }
+
+    /// True (once) if an unsubscribe failure was injected.
+    fn injected_unsubscribe_failure(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        {
+            self.faults.unsubscribe.swap(false, Ordering::SeqCst)
+        }
+        #[cfg(not(feature = "fault-injection"))]
+        {
+            false
+        }
     }
 
     /// Unfinished fan-outs this instance has completed.

@@ -177,7 +177,7 @@ impl DynamoStore {
                 },
             );
             if chunked {
-                if self.fail_next_fanout.swap(false, Ordering::SeqCst) {
+                if self.injected_fanout_failure() {
                     return Err(StoreError::Unavailable(
                         "injected fault: publisher stopped after the first fan-out transaction"
                             .into(),

@@ -4,7 +4,6 @@
 //! tombstone last. If that is interrupted (an error, a crash, a cancelled call), a retried
 //! Unsubscribe or any instance's next rescan finishes it from the tombstone.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::{Delete, Put, TransactWriteItem};
@@ -30,7 +29,7 @@ impl DynamoStore {
         };
         self.delete_with_tombstone(&subscription).await?;
         self.forget_subscriptions();
-        if self.fail_next_unsubscribe.swap(false, Ordering::SeqCst) {
+        if self.injected_unsubscribe_failure() {
             return Err(partial(id, 0, "injected fault"));
         }
         self.drop_backlog(&subscription).await
