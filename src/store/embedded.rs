@@ -215,8 +215,18 @@ impl EmbeddedStore {
             .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
     }
 
-    fn read(&self) -> Result<ReadTransaction, StoreError> {
-        current(&self.database)?.begin_read().map_err(unavailable)
+    /// Runs a read on a blocking thread (redb reads are synchronous), off the async workers.
+    async fn read_with<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(ReadTransaction) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let slot = self.database.clone();
+        tokio::task::spawn_blocking(move || {
+            let transaction = current(&slot)?.begin_read().map_err(unavailable)?;
+            job(transaction)
+        })
+        .await
+        .map_err(|error| StoreError::Internal(format!("read task failed: {error}")))?
     }
 }
 
@@ -285,13 +295,17 @@ impl Store for EmbeddedStore {
     }
 
     async fn get_subscription(&self, id: &str) -> Result<Subscription, StoreError> {
-        let transaction = self.read()?;
-        let table = transaction.open_table(SUBSCRIPTIONS).map_err(unavailable)?;
-        let value = table.get(id).map_err(unavailable)?;
-        match value {
-            Some(bytes) => from_json(bytes.value(), "subscription"),
-            None => Err(StoreError::NotFound(format!("subscription {id}"))),
-        }
+        let id = id.to_string();
+        self.read_with(move |transaction| {
+            let id = id.as_str();
+            let table = transaction.open_table(SUBSCRIPTIONS).map_err(unavailable)?;
+            let value = table.get(id).map_err(unavailable)?;
+            match value {
+                Some(bytes) => from_json(bytes.value(), "subscription"),
+                None => Err(StoreError::NotFound(format!("subscription {id}"))),
+            }
+        })
+        .await
     }
 
     async fn list_subscriptions(
@@ -302,22 +316,23 @@ impl Store for EmbeddedStore {
         let after = page_token
             .map(records::decode_subscription_token)
             .transpose()?;
-        let transaction = self.read()?;
-        let table = transaction.open_table(SUBSCRIPTIONS).map_err(unavailable)?;
-        let range = match after.as_deref() {
-            Some(after) => {
-                table.range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+        self.read_with(move |transaction| {
+            let table = transaction.open_table(SUBSCRIPTIONS).map_err(unavailable)?;
+            let range = match after.as_deref() {
+                Some(after) => table
+                    .range::<&str>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
+                None => table.range::<&str>(..),
             }
-            None => table.range::<&str>(..),
-        }
-        .map_err(unavailable)?;
-        // One more than asked, to learn whether another page follows.
-        let mut items = Vec::new();
-        for entry in range.take(page_size + 1) {
-            let (_, value) = entry.map_err(unavailable)?;
-            items.push(from_json::<Subscription>(value.value(), "subscription")?);
-        }
-        Ok(records::subscription_page(items, page_size))
+            .map_err(unavailable)?;
+            // One more than asked, to learn whether another page follows.
+            let mut items = Vec::new();
+            for entry in range.take(page_size + 1) {
+                let (_, value) = entry.map_err(unavailable)?;
+                items.push(from_json::<Subscription>(value.value(), "subscription")?);
+            }
+            Ok(records::subscription_page(items, page_size))
+        })
+        .await
     }
 
     async fn delete_subscription(&self, id: &str) -> Result<u64, StoreError> {
@@ -341,26 +356,30 @@ impl Store for EmbeddedStore {
         partition: &PartitionKey,
         limit: usize,
     ) -> Result<Vec<PendingDelivery>, StoreError> {
-        let transaction = self.read()?;
-        let partitions = transaction.open_table(PARTITIONS).map_err(unavailable)?;
-        let record = match partitions
-            .get((partition.subscription_id.as_str(), partition.topic.as_str()))
-            .map_err(unavailable)?
-        {
-            Some(bytes) => PartitionRecord::decode(bytes.value())?,
-            None => return Ok(Vec::new()),
-        };
-        if record.pending == 0 {
-            return Ok(Vec::new());
-        }
-        let mut deliveries = read_partition(
-            &transaction,
-            partition,
-            record.dead_through.saturating_add(1),
-            limit,
-        )?;
-        deliveries.retain(|delivery| !delivery.state.dead_lettered);
-        Ok(deliveries)
+        let partition = partition.clone();
+        self.read_with(move |transaction| {
+            let partition = &partition;
+            let partitions = transaction.open_table(PARTITIONS).map_err(unavailable)?;
+            let record = match partitions
+                .get((partition.subscription_id.as_str(), partition.topic.as_str()))
+                .map_err(unavailable)?
+            {
+                Some(bytes) => PartitionRecord::decode(bytes.value())?,
+                None => return Ok(Vec::new()),
+            };
+            if record.pending == 0 {
+                return Ok(Vec::new());
+            }
+            let mut deliveries = read_partition(
+                &transaction,
+                partition,
+                record.dead_through.saturating_add(1),
+                limit,
+            )?;
+            deliveries.retain(|delivery| !delivery.state.dead_lettered);
+            Ok(deliveries)
+        })
+        .await
     }
 
     /// One process owns the file, so there are no leases and `fence` is not checked.
@@ -397,57 +416,63 @@ impl Store for EmbeddedStore {
         page_token: Option<&str>,
     ) -> Result<Page<PendingDelivery>, StoreError> {
         let after = page_token.map(records::decode_pending_token).transpose()?;
-        let transaction = self.read()?;
-        {
-            let subscriptions = transaction.open_table(SUBSCRIPTIONS).map_err(unavailable)?;
-            if subscriptions
-                .get(subscription_id)
-                .map_err(unavailable)?
-                .is_none()
+        let subscription_id = subscription_id.to_string();
+        let topic = topic.map(str::to_string);
+        self.read_with(move |transaction| {
+            let subscription_id = subscription_id.as_str();
+            let topic = topic.as_deref();
             {
-                return Err(StoreError::NotFound(format!(
-                    "subscription {subscription_id}"
-                )));
-            }
-        }
-        let start_after = |candidate: &str| match &after {
-            Some((token_topic, sequence)) if token_topic == candidate => sequence + 1,
-            _ => 0,
-        };
-        // Fetch one more than asked to learn whether another page follows.
-        let wanted = page_size + 1;
-        let mut items = Vec::new();
-        match topic {
-            Some(topic) => {
-                let partition = PartitionKey::new(topic, subscription_id);
-                items = read_partition(&transaction, &partition, start_after(topic), wanted)?;
-            }
-            None => {
-                let pending = transaction
-                    .open_table(PENDING_PARTITIONS)
-                    .map_err(unavailable)?;
-                let first_topic = after.as_ref().map_or("", |(topic, _)| topic.as_str());
-                let range = pending
-                    .range((subscription_id, first_topic)..)
-                    .map_err(unavailable)?;
-                for entry in range {
-                    let (key, _) = entry.map_err(unavailable)?;
-                    let (owner, topic) = key.value();
-                    if owner != subscription_id || items.len() >= wanted {
-                        break;
-                    }
-                    let partition = PartitionKey::new(topic, subscription_id);
-                    let left = wanted - items.len();
-                    items.extend(read_partition(
-                        &transaction,
-                        &partition,
-                        start_after(topic),
-                        left,
-                    )?);
+                let subscriptions = transaction.open_table(SUBSCRIPTIONS).map_err(unavailable)?;
+                if subscriptions
+                    .get(subscription_id)
+                    .map_err(unavailable)?
+                    .is_none()
+                {
+                    return Err(StoreError::NotFound(format!(
+                        "subscription {subscription_id}"
+                    )));
                 }
             }
-        }
-        Ok(records::pending_page(items, page_size))
+            let start_after = |candidate: &str| match &after {
+                Some((token_topic, sequence)) if token_topic == candidate => sequence + 1,
+                _ => 0,
+            };
+            // Fetch one more than asked to learn whether another page follows.
+            let wanted = page_size + 1;
+            let mut items = Vec::new();
+            match topic {
+                Some(topic) => {
+                    let partition = PartitionKey::new(topic, subscription_id);
+                    items = read_partition(&transaction, &partition, start_after(topic), wanted)?;
+                }
+                None => {
+                    let pending = transaction
+                        .open_table(PENDING_PARTITIONS)
+                        .map_err(unavailable)?;
+                    let first_topic = after.as_ref().map_or("", |(topic, _)| topic.as_str());
+                    let range = pending
+                        .range((subscription_id, first_topic)..)
+                        .map_err(unavailable)?;
+                    for entry in range {
+                        let (key, _) = entry.map_err(unavailable)?;
+                        let (owner, topic) = key.value();
+                        if owner != subscription_id || items.len() >= wanted {
+                            break;
+                        }
+                        let partition = PartitionKey::new(topic, subscription_id);
+                        let left = wanted - items.len();
+                        items.extend(read_partition(
+                            &transaction,
+                            &partition,
+                            start_after(topic),
+                            left,
+                        )?);
+                    }
+                }
+            }
+            Ok(records::pending_page(items, page_size))
+        })
+        .await
     }
 
     fn health(&self) -> Option<watch::Receiver<bool>> {
@@ -455,17 +480,19 @@ impl Store for EmbeddedStore {
     }
 
     async fn pending_partitions(&self) -> Result<Vec<PartitionKey>, StoreError> {
-        let transaction = self.read()?;
-        let table = transaction
-            .open_table(PENDING_PARTITIONS)
-            .map_err(unavailable)?;
-        let mut partitions = Vec::new();
-        for entry in table.iter().map_err(unavailable)? {
-            let (key, _) = entry.map_err(unavailable)?;
-            let (subscription_id, topic) = key.value();
-            partitions.push(PartitionKey::new(topic, subscription_id));
-        }
-        Ok(partitions)
+        self.read_with(move |transaction| {
+            let table = transaction
+                .open_table(PENDING_PARTITIONS)
+                .map_err(unavailable)?;
+            let mut partitions = Vec::new();
+            for entry in table.iter().map_err(unavailable)? {
+                let (key, _) = entry.map_err(unavailable)?;
+                let (subscription_id, topic) = key.value();
+                partitions.push(PartitionKey::new(topic, subscription_id));
+            }
+            Ok(partitions)
+        })
+        .await
     }
 }
 
