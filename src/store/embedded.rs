@@ -83,6 +83,9 @@ pub struct EmbeddedStore {
     commands: mpsc::SyncSender<Command>,
     writer: Option<std::thread::JoinHandle<()>>,
     health: watch::Receiver<bool>,
+    /// Test-only: milliseconds the writer sleeps before its next batch.
+    #[cfg(feature = "fault-injection")]
+    stall: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Drop for EmbeddedStore {
@@ -163,6 +166,8 @@ impl EmbeddedStore {
         let slot: DatabaseSlot = Arc::new(RwLock::new(Some(Arc::new(database))));
         let (commands, receiver) = mpsc::sync_channel(WRITE_QUEUE);
         let (health_sender, health) = watch::channel(true);
+        #[cfg(feature = "fault-injection")]
+        let stall = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let writer = Writer {
             database: slot.clone(),
             path,
@@ -173,6 +178,8 @@ impl EmbeddedStore {
             last_sweep: Instant::now(),
             health: health_sender,
             last_probe: Instant::now(),
+            #[cfg(feature = "fault-injection")]
+            stall: stall.clone(),
         };
         let writer = std::thread::Builder::new()
             .name("herald-store-writer".into())
@@ -183,7 +190,19 @@ impl EmbeddedStore {
             commands,
             writer: Some(writer),
             health,
+            #[cfg(feature = "fault-injection")]
+            stall,
         })
+    }
+
+    /// Makes the writer sleep `duration` before its next batch, as a stalled disk would.
+    /// Test-only (feature `fault-injection`).
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_writer_stall(&self, duration: Duration) {
+        self.stall.store(
+            duration.as_millis() as u64,
+            std::sync::atomic::Ordering::SeqCst,
+        );
     }
 
     /// Queues a command for the writer and waits for its result. A full queue is backpressure:
@@ -560,13 +579,22 @@ struct Writer {
     /// False from a failed write until a write succeeds again.
     health: watch::Sender<bool>,
     last_probe: Instant,
+    #[cfg(feature = "fault-injection")]
+    stall: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Writer {
     fn run(mut self, receiver: mpsc::Receiver<Command>) {
         loop {
             let first = match receiver.recv_timeout(MAX_LAZY_INTERVAL) {
-                Ok(command) => command,
+                Ok(command) => {
+                    #[cfg(feature = "fault-injection")]
+                    {
+                        let stall = self.stall.swap(0, std::sync::atomic::Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(stall));
+                    }
+                    command
+                }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if !*self.health.borrow() {
                         self.probe();

@@ -229,3 +229,47 @@ async fn a_damaged_or_foreign_data_file_refuses_to_start_and_says_what_to_do() {
     );
     assert!(stderr.contains("move it aside"), "{stderr}");
 }
+
+/// A stalled writer: writes beyond the bounded queue wait (backpressure), then are refused with
+/// `Overloaded`, which the API answers as RESOURCE_EXHAUSTED; the queued ones go through.
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_write_queue_is_backpressure_then_overloaded() {
+    use herald::model::PartitionKey;
+    use herald::store::{EmbeddedStore, Store, StoreError};
+    let data_dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(EmbeddedStore::open(data_dir.path()).unwrap());
+    // A first write takes the writer into its stall; the queue then fills up behind it.
+    store.inject_writer_stall(Duration::from_secs(5));
+    let partition = PartitionKey::new("t", "sub_1");
+    let mut writes = Vec::new();
+    for sequence in 0..(8192 + 64) {
+        let store = store.clone();
+        let partition = partition.clone();
+        writes.push(tokio::spawn(async move {
+            store.complete_delivery(&partition, sequence, None).await
+        }));
+        if sequence == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let started = std::time::Instant::now();
+    let mut refused = 0;
+    let mut done = 0;
+    for write in writes {
+        match write.await.unwrap() {
+            Ok(()) => done += 1,
+            Err(StoreError::Overloaded(message)) => {
+                assert!(message.contains("write queue"), "{message}");
+                refused += 1;
+            }
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    println!(
+        "{done} writes done, {refused} refused after {:?}",
+        started.elapsed()
+    );
+    assert!(refused > 0, "the queue never filled up");
+    assert!(done >= 8192, "queued writes went through: {done}");
+}
