@@ -21,6 +21,13 @@ const BATCH_SIZE: usize = 16;
 /// First pause before retrying a store call that failed; doubles up to [`STORE_RETRY_MAX`].
 const STORE_RETRY_DELAY: Duration = Duration::from_millis(200);
 const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
+/// The pause after the `failures`-th failed store call in a row (0-based).
+fn store_retry_delay(failures: u32) -> Duration {
+    STORE_RETRY_DELAY
+        .saturating_mul(1 << failures.min(8))
+        .min(STORE_RETRY_MAX)
+}
+
 /// How long a partition task with nothing to deliver waits for new work before it exits. A
 /// steady trickle of events then costs no task start and no subscription read per event.
 const LINGER: Duration = Duration::from_secs(2);
@@ -181,10 +188,8 @@ impl<'a> PartitionWorker<'a> {
 
     /// Waits a growing pause after the `failures`-th failed store call.
     async fn store_pause(&mut self, failures: u32) -> Result<(), Stop> {
-        let delay = STORE_RETRY_DELAY
-            .saturating_mul(1 << failures.min(8))
-            .min(STORE_RETRY_MAX);
-        self.sleep_until(Instant::now() + delay).await
+        self.sleep_until(Instant::now() + store_retry_delay(failures))
+            .await
     }
 
     async fn next_batch(&mut self) -> Result<Vec<PendingDelivery>, Stop> {
@@ -335,9 +340,7 @@ impl<'a> PartitionWorker<'a> {
                     tracing::warn!(partition = %self.partition, sequence, %error, "cannot record the outcome of a delivery; retrying");
                     // Not cut short by shutdown: the outcome is worth recording within the
                     // shutdown grace.
-                    let delay = STORE_RETRY_DELAY
-                        .saturating_mul(1 << failures.min(8))
-                        .min(STORE_RETRY_MAX);
+                    let delay = store_retry_delay(failures);
                     tokio::time::sleep_until((Instant::now() + delay).min(self.renewal_due()))
                         .await;
                     self.hold_lease().await?;
