@@ -21,11 +21,13 @@ chaos:
 bench:
 	scripts/bench.sh $(ARGS)
 
-## Formatting and clippy, as CI runs them.
+## Formatting, clippy, and the API's `buf lint` and `buf breaking` (against the previous
+## commit; `buf` installs once from the npm registry), as CI runs them.
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets --features fault-injection -- -D warnings
 	$(CARGO) clippy -- -D warnings
+	scripts/buf.sh
 
 fmt:
 	$(CARGO) fmt --all

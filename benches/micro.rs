@@ -7,19 +7,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use herald::delivery::webhook;
 use herald::model::{Event, NewEvent, OnExhausted, PartitionKey, RetryPolicy, Subscription};
+use herald::signing;
 use herald::store::records;
 use herald::store::{EmbeddedStore, Store};
 
 fn signing(criterion: &mut Criterion) {
-    let key = webhook::decode_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+    let key = signing::decode_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
     let body = vec![b'x'; 1024];
     let mut group = criterion.benchmark_group("signing");
     group.throughput(Throughput::Bytes(body.len() as u64));
     group.bench_function("sign 1 KiB", |bencher| {
         bencher.iter(|| {
-            webhook::sign(
+            signing::sign(
                 &key,
                 black_box("evt_01a2210f7dd2760f377bcaca7d4f"),
                 1_795_850_993,

@@ -7,13 +7,14 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
-use crate::api::BrokerService;
+use crate::api::BrokerApi;
 use crate::broker::{Broker, Limits};
 use crate::config::{ServeConfig, StoreKind};
 use crate::delivery::{Engine, EngineConfig};
 use crate::error::Error;
-use crate::proto::broker_server::BrokerServer;
-use crate::store::{DynamoStore, EmbeddedStore, Store, StoreError, dynamodb};
+use crate::proto::broker_service_server::BrokerServiceServer;
+use crate::store::dynamodb::{self, RequestCounts};
+use crate::store::{DynamoStore, EmbeddedStore, Store, StoreError};
 
 /// How often the DynamoDB request counters are logged.
 const REQUEST_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
@@ -32,8 +33,17 @@ pub async fn run(
     config
         .validate()
         .map_err(|message| Error::invalid("config", message))?;
-    let store = open_store(&config).await?;
-    run_with_store(config, store, listener, shutdown).await
+    if config.store == StoreKind::Embedded {
+        let store = open_store(&config).await?;
+        return run_with_store(config, store, listener, shutdown).await;
+    }
+    let store = open_dynamodb(&config).await?;
+    let counts = store.request_counters();
+    let reporter = tokio::spawn(report_requests(counts.clone()));
+    let result = run_with_store(config, store, listener, shutdown).await;
+    reporter.abort();
+    log_requests(&counts);
+    result
 }
 
 /// Opens the configured store: the embedded one, or the DynamoDB table (created first with
@@ -44,39 +54,39 @@ pub async fn open_store(config: &ServeConfig) -> Result<Arc<dyn Store>, Error> {
             &config.data_dir,
             config.store_cache_mib * 1024 * 1024,
         )?)),
-        StoreKind::Dynamodb => {
-            let dynamo = config.dynamodb.to_config();
-            let client = dynamodb::client_from_env(&dynamo).await;
-            if config.create_table {
-                match dynamodb::create_table(&client, &dynamo.table).await {
-                    Ok(()) => tracing::info!(table = %dynamo.table, "created DynamoDB table"),
-                    Err(StoreError::Conflict(_)) => {}
-                    Err(error) => return Err(error.into()),
-                }
-            }
-            let store = DynamoStore::new(client, &dynamo.table)
-                .with_repair_after(config.fanout_repair_after);
-            store.check().await?;
-            Ok(Arc::new(store))
-        }
+        StoreKind::Dynamodb => Ok(open_dynamodb(config).await?),
     }
 }
 
-/// Logs the store's request counters every minute and once at shutdown.
-async fn report_requests(store: Arc<dyn Store>, mut shutdown: crate::shutdown::Shutdown) {
-    loop {
-        let stop = tokio::select! {
-            _ = tokio::time::sleep(REQUEST_REPORT_INTERVAL) => false,
-            _ = shutdown.fired() => true,
-        };
-        if let Some(counts) = store.request_counts() {
-            let total: u64 = counts.values().sum();
-            tracing::info!(total, ?counts, "DynamoDB requests sent since start");
-        }
-        if stop {
-            return;
+/// Opens the DynamoDB table (created first with `--create-table`) and checks that it answers.
+async fn open_dynamodb(config: &ServeConfig) -> Result<Arc<DynamoStore>, Error> {
+    let dynamo = config.dynamodb.to_config();
+    let client = dynamodb::client_from_env(&dynamo).await;
+    if config.create_table {
+        match dynamodb::create_table(&client, &dynamo.table).await {
+            Ok(()) => tracing::info!(table = %dynamo.table, "created DynamoDB table"),
+            Err(StoreError::Conflict(_)) => {}
+            Err(error) => return Err(error.into()),
         }
     }
+    let store =
+        DynamoStore::new(client, &dynamo.table).with_repair_after(config.fanout_repair_after);
+    store.check().await?;
+    Ok(Arc::new(store))
+}
+
+/// Logs the DynamoDB request counters every minute (and [`run`] once more at shutdown).
+async fn report_requests(counts: Arc<RequestCounts>) {
+    loop {
+        tokio::time::sleep(REQUEST_REPORT_INTERVAL).await;
+        log_requests(&counts);
+    }
+}
+
+fn log_requests(counts: &RequestCounts) {
+    let total = counts.total();
+    let counts = counts.snapshot();
+    tracing::info!(total, ?counts, "DynamoDB requests sent since start");
 }
 
 /// Reports the broker `NOT_SERVING` while the store cannot write, `SERVING` again once it
@@ -89,11 +99,13 @@ async fn follow_store_health(
     loop {
         let healthy = *store_health.borrow_and_update();
         if healthy {
-            reporter.set_serving::<BrokerServer<BrokerService>>().await;
+            reporter
+                .set_serving::<BrokerServiceServer<BrokerApi>>()
+                .await;
         } else {
             tracing::warn!("the store cannot write: reporting NOT_SERVING");
             reporter
-                .set_not_serving::<BrokerServer<BrokerService>>()
+                .set_not_serving::<BrokerServiceServer<BrokerApi>>()
                 .await;
         }
         tokio::select! {
@@ -122,9 +134,6 @@ pub async fn run_with_store(
     );
     let resumed = engine.resume().await?;
     tracing::info!(partitions = resumed, "resumed pending deliveries");
-    if store.request_counts().is_some() {
-        tokio::spawn(report_requests(store.clone(), trigger.handle()));
-    }
 
     let store_health = store.health();
     let broker = Arc::new(Broker::new(
@@ -139,11 +148,11 @@ pub async fn run_with_store(
     // Large enough that an oversized payload reaches our own check and its precise message.
     let max_message = (config.max_payload_bytes + MESSAGE_OVERHEAD).max(4 * 1024 * 1024);
     let broker_service =
-        BrokerServer::new(BrokerService::new(broker)).max_decoding_message_size(max_message);
+        BrokerServiceServer::new(BrokerApi::new(broker)).max_decoding_message_size(max_message);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
-        .set_serving::<BrokerServer<BrokerService>>()
+        .set_serving::<BrokerServiceServer<BrokerApi>>()
         .await;
     if let Some(store_health) = store_health {
         tokio::spawn(follow_store_health(
@@ -174,7 +183,7 @@ pub async fn run_with_store(
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             health_reporter
-                .set_not_serving::<BrokerServer<BrokerService>>()
+                .set_not_serving::<BrokerServiceServer<BrokerApi>>()
                 .await;
         })
         .await;

@@ -4,12 +4,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::delivery::{Engine, webhook};
+use crate::delivery::Engine;
 use crate::error::Error;
 use crate::model::{
     NewEvent, OnExhausted, Page, PendingDelivery, Published, RetryPolicy, Subscription, now_millis,
 };
-use crate::store::Store;
+use crate::store::{DeliveryLog, Store, SubscriptionStore};
 use crate::validate;
 
 /// Content type of events published without one.
@@ -71,7 +71,8 @@ pub struct SubscribeInput {
 
 /// The broker service.
 pub struct Broker {
-    store: Arc<dyn Store>,
+    subscriptions: Arc<dyn SubscriptionStore>,
+    log: Arc<dyn DeliveryLog>,
     engine: Engine,
     limits: Limits,
 }
@@ -80,7 +81,8 @@ impl Broker {
     /// Creates the service over a store and a running engine.
     pub fn new(store: Arc<dyn Store>, engine: Engine, limits: Limits) -> Self {
         Broker {
-            store,
+            subscriptions: store.clone(),
+            log: store,
             engine,
             limits,
         }
@@ -108,7 +110,7 @@ impl Broker {
         validate::idempotency_key(&input.idempotency_key)?;
         validate::attributes(&input.attributes)?;
         let event = NewEvent {
-            id: new_id("evt"),
+            id: crate::ids::new_id("evt"),
             topic: input.topic,
             payload: input.payload,
             content_type,
@@ -118,11 +120,11 @@ impl Broker {
         // The store call and the wake-up run in their own task: if the client gives up (a
         // deadline, a dropped connection) while the commit is in flight, the commit still
         // completes and its partitions are still woken.
-        let store = self.store.clone();
+        let log = self.log.clone();
         let engine = self.engine.clone();
         let window = self.limits.idempotency_window;
         tokio::spawn(async move {
-            let published = store.publish(&event, window).await?;
+            let published = log.publish(&event, window).await?;
             engine.notify(&published.partitions);
             Ok(published)
         })
@@ -135,7 +137,7 @@ impl Broker {
         validate::endpoint(&input.endpoint)?;
         validate::patterns(&input.topics)?;
         let secret = if input.secret.is_empty() {
-            webhook::generate_secret()
+            crate::signing::generate_secret()
         } else {
             validate::secret(&input.secret)?;
             input.secret
@@ -157,7 +159,7 @@ impl Broker {
         topics.sort();
         topics.dedup();
         let subscription = Subscription {
-            id: new_id("sub"),
+            id: crate::ids::new_id("sub"),
             endpoint: input.endpoint,
             topics,
             secret,
@@ -165,14 +167,16 @@ impl Broker {
             on_exhausted: input.on_exhausted.unwrap_or(OnExhausted::DeadLetter),
             created_at: now_millis(),
         };
-        self.store.create_subscription(&subscription).await?;
+        self.subscriptions
+            .create_subscription(&subscription)
+            .await?;
         Ok(subscription)
     }
 
     /// Returns a subscription, or `NotFound`.
     pub async fn get_subscription(&self, id: &str) -> Result<Subscription, Error> {
         require_id("id", id)?;
-        Ok(self.store.get_subscription(id).await?)
+        Ok(self.subscriptions.get_subscription(id).await?)
     }
 
     /// Lists subscriptions, paged.
@@ -183,16 +187,19 @@ impl Broker {
     ) -> Result<Page<Subscription>, Error> {
         let page_size = validate::page_size(page_size)?;
         let token = Some(page_token).filter(|token| !token.is_empty());
-        Ok(self.store.list_subscriptions(page_size, token).await?)
+        Ok(self
+            .subscriptions
+            .list_subscriptions(page_size, token)
+            .await?)
     }
 
     /// Deletes a subscription; returns the number of pending deliveries dropped.
     pub async fn unsubscribe(&self, id: &str) -> Result<u64, Error> {
         require_id("id", id)?;
         // In its own task, so that a client giving up does not stop it halfway.
-        let store = self.store.clone();
+        let subscriptions = self.subscriptions.clone();
         let id = id.to_string();
-        tokio::spawn(async move { store.delete_subscription(&id).await })
+        tokio::spawn(async move { subscriptions.delete_subscription(&id).await })
             .await
             .map_err(|error| Error::Internal(format!("unsubscribe task failed: {error}")))?
             .map_err(Error::from)
@@ -214,7 +221,7 @@ impl Broker {
         let page_size = validate::page_size(page_size)?;
         let token = Some(page_token).filter(|token| !token.is_empty());
         Ok(self
-            .store
+            .log
             .list_pending(subscription_id, topic, page_size, token)
             .await?)
     }
@@ -228,45 +235,4 @@ fn require_id(field: &'static str, id: &str) -> Result<(), Error> {
         return Err(Error::NotFound(format!("subscription {id}")));
     }
     Ok(())
-}
-
-/// The time part of the last id made by this process.
-static LAST_ID_TIME: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// A new id `{prefix}_{time:014x}{random:014x}`: unique, and ordered by creation: `time` is the
-/// creation time in microseconds since the epoch, bumped past the previous id's so that two ids
-/// made by one process in the same microsecond still sort in creation order.
-pub fn new_id(prefix: &str) -> String {
-    let now = crate::model::now_micros();
-    let previous = LAST_ID_TIME
-        .fetch_update(
-            std::sync::atomic::Ordering::SeqCst,
-            std::sync::atomic::Ordering::SeqCst,
-            |last| Some(now.max(last + 1)),
-        )
-        .expect("the update always succeeds");
-    let time = now.max(previous + 1);
-    let random: u64 = rand::random::<u64>() & ((1 << 56) - 1);
-    format!("{prefix}_{time:014x}{random:014x}")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_are_unique_sort_in_creation_order_and_start_with_the_creation_time() {
-        let before = crate::model::now_micros();
-        let ids: Vec<String> = (0..1000).map(|_| new_id("sub")).collect();
-        let mut sorted = ids.clone();
-        sorted.sort();
-        sorted.dedup();
-        assert_eq!(sorted, ids, "unique and already in creation order");
-        for id in &ids {
-            assert_eq!(id.len(), 4 + 28);
-            let micros = u64::from_str_radix(&id[4..18], 16).unwrap();
-            // Bumped past the previous id by at most one microsecond per id.
-            assert!(micros >= before && micros <= crate::model::now_micros() + 1000);
-        }
-    }
 }

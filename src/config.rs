@@ -7,6 +7,59 @@ use std::time::Duration;
 
 use crate::model::RetryPolicy;
 
+/// Every default setting, in one place: the flags, [`ServeConfig::with_data_dir`] (tests and
+/// embedding programs) and [`RetryPolicy::default`] all read them from here.
+pub mod defaults {
+    use crate::model::RetryPolicy;
+
+    /// `--listen`.
+    pub const LISTEN: &str = "127.0.0.1:50051";
+    /// `--data-dir`.
+    pub const DATA_DIR: &str = "./herald-data";
+    /// `--store-cache-mib`: enough for the hot part of a large backlog, far below redb's 1 GiB.
+    pub const STORE_CACHE_MIB: usize = 64;
+    /// `--table`.
+    pub const TABLE: &str = "herald";
+    /// `--partition-lease`.
+    pub const PARTITION_LEASE: &str = "10s";
+    /// `--rescan-interval`.
+    pub const RESCAN_INTERVAL: &str = "5s";
+    /// `--fanout-repair-after`.
+    pub const FANOUT_REPAIR_AFTER: &str = "10s";
+    /// `--max-payload-bytes`.
+    pub const MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+    /// `--idempotency-window`.
+    pub const IDEMPOTENCY_WINDOW: &str = "24h";
+    /// `--delivery-concurrency`.
+    pub const DELIVERY_CONCURRENCY: usize = 256;
+    /// `--default-initial-backoff`.
+    pub const INITIAL_BACKOFF: &str = "1s";
+    /// `--default-max-backoff`.
+    pub const MAX_BACKOFF: &str = "10m";
+    /// `--default-max-attempts`.
+    pub const MAX_ATTEMPTS: u32 = 12;
+    /// `--default-request-timeout`.
+    pub const REQUEST_TIMEOUT: &str = "10s";
+    /// `--shutdown-grace`.
+    pub const SHUTDOWN_GRACE: &str = "10s";
+
+    /// The retry policy new subscriptions get unless the flags or the request say otherwise.
+    pub fn retry_policy() -> RetryPolicy {
+        let duration = |text| super::parse_duration(text).expect("default durations parse");
+        RetryPolicy {
+            initial_backoff: duration(INITIAL_BACKOFF),
+            max_backoff: duration(MAX_BACKOFF),
+            max_attempts: MAX_ATTEMPTS,
+            request_timeout: duration(REQUEST_TIMEOUT),
+        }
+    }
+
+    /// `--store-cache-mib` in bytes.
+    pub const fn store_cache_bytes() -> usize {
+        STORE_CACHE_MIB * 1024 * 1024
+    }
+}
+
 /// Which backend holds the broker's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum StoreKind {
@@ -20,15 +73,15 @@ pub enum StoreKind {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeConfig {
     /// Address for the gRPC server. Port 0 picks a free port (printed at start).
-    #[arg(long, env = "HERALD_LISTEN", default_value = "127.0.0.1:50051")]
+    #[arg(long, env = "HERALD_LISTEN", default_value = defaults::LISTEN)]
     pub listen: SocketAddr,
 
     /// Directory of the embedded store (created if missing).
-    #[arg(long, env = "HERALD_DATA_DIR", default_value = "./herald-data")]
+    #[arg(long, env = "HERALD_DATA_DIR", default_value = defaults::DATA_DIR)]
     pub data_dir: PathBuf,
 
     /// Page cache of the embedded store, in MiB.
-    #[arg(long, env = "HERALD_STORE_CACHE_MIB", default_value_t = 64)]
+    #[arg(long, env = "HERALD_STORE_CACHE_MIB", default_value_t = defaults::STORE_CACHE_MIB)]
     pub store_cache_mib: usize,
 
     /// Where state lives: `embedded` (default) or `dynamodb`.
@@ -46,47 +99,47 @@ pub struct ServeConfig {
     /// How long an instance's claim on a partition lasts without renewal (DynamoDB: how soon
     /// another instance takes over the partitions of one that died). Renewed every third of
     /// it; a worker starts no request with less than a third left.
-    #[arg(long, env = "HERALD_PARTITION_LEASE", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "HERALD_PARTITION_LEASE", default_value = defaults::PARTITION_LEASE, value_parser = parse_duration)]
     pub partition_lease: Duration,
 
     /// DynamoDB: how often to look for pending partitions this instance was not told about.
-    #[arg(long, env = "HERALD_RESCAN_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "HERALD_RESCAN_INTERVAL", default_value = defaults::RESCAN_INTERVAL, value_parser = parse_duration)]
     pub rescan_interval: Duration,
 
     /// DynamoDB: age after which another instance finishes a fan-out its publisher left.
-    #[arg(long, env = "HERALD_FANOUT_REPAIR_AFTER", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "HERALD_FANOUT_REPAIR_AFTER", default_value = defaults::FANOUT_REPAIR_AFTER, value_parser = parse_duration)]
     pub fanout_repair_after: Duration,
 
     /// Largest accepted event payload, in bytes.
-    #[arg(long, env = "HERALD_MAX_PAYLOAD_BYTES", default_value_t = 256 * 1024)]
+    #[arg(long, env = "HERALD_MAX_PAYLOAD_BYTES", default_value_t = defaults::MAX_PAYLOAD_BYTES)]
     pub max_payload_bytes: usize,
 
     /// How long idempotency keys are remembered (e.g. `24h`, `90m`, `30s`).
-    #[arg(long, env = "HERALD_IDEMPOTENCY_WINDOW", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "HERALD_IDEMPOTENCY_WINDOW", default_value = defaults::IDEMPOTENCY_WINDOW, value_parser = parse_duration)]
     pub idempotency_window: Duration,
 
     /// Most HTTP deliveries in flight at once, over all partitions.
-    #[arg(long, env = "HERALD_DELIVERY_CONCURRENCY", default_value_t = 256)]
+    #[arg(long, env = "HERALD_DELIVERY_CONCURRENCY", default_value_t = defaults::DELIVERY_CONCURRENCY)]
     pub delivery_concurrency: usize,
 
     /// Default first backoff cap of new subscriptions.
-    #[arg(long, env = "HERALD_DEFAULT_INITIAL_BACKOFF", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "HERALD_DEFAULT_INITIAL_BACKOFF", default_value = defaults::INITIAL_BACKOFF, value_parser = parse_duration)]
     pub default_initial_backoff: Duration,
 
     /// Default largest backoff of new subscriptions.
-    #[arg(long, env = "HERALD_DEFAULT_MAX_BACKOFF", default_value = "10m", value_parser = parse_duration)]
+    #[arg(long, env = "HERALD_DEFAULT_MAX_BACKOFF", default_value = defaults::MAX_BACKOFF, value_parser = parse_duration)]
     pub default_max_backoff: Duration,
 
     /// Default attempts before an event is exhausted.
-    #[arg(long, env = "HERALD_DEFAULT_MAX_ATTEMPTS", default_value_t = 12)]
+    #[arg(long, env = "HERALD_DEFAULT_MAX_ATTEMPTS", default_value_t = defaults::MAX_ATTEMPTS)]
     pub default_max_attempts: u32,
 
     /// Default per-request timeout of new subscriptions.
-    #[arg(long, env = "HERALD_DEFAULT_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "HERALD_DEFAULT_REQUEST_TIMEOUT", default_value = defaults::REQUEST_TIMEOUT, value_parser = parse_duration)]
     pub default_request_timeout: Duration,
 
     /// How long shutdown waits for in-flight deliveries before leaving them pending.
-    #[arg(long, env = "HERALD_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "HERALD_SHUTDOWN_GRACE", default_value = defaults::SHUTDOWN_GRACE, value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 }
 
@@ -97,7 +150,7 @@ pub struct DynamoArgs {
     #[arg(
         long = "table",
         env = "HERALD_DYNAMODB_TABLE",
-        default_value = "herald"
+        default_value = defaults::TABLE
     )]
     pub table: String,
 
@@ -126,28 +179,30 @@ impl ServeConfig {
     /// The configuration a test or embedding program starts from: every default, with the
     /// given data directory and listen address.
     pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        let duration = |text| parse_duration(text).expect("default durations parse");
+        let retry = defaults::retry_policy();
         ServeConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: data_dir.into(),
-            store_cache_mib: 64,
+            store_cache_mib: defaults::STORE_CACHE_MIB,
             store: StoreKind::Embedded,
             dynamodb: DynamoArgs {
-                table: "herald".into(),
+                table: defaults::TABLE.into(),
                 region: None,
                 endpoint: None,
             },
             create_table: false,
-            partition_lease: Duration::from_secs(10),
-            rescan_interval: Duration::from_secs(5),
-            fanout_repair_after: Duration::from_secs(10),
-            max_payload_bytes: 256 * 1024,
-            idempotency_window: Duration::from_secs(24 * 3600),
-            delivery_concurrency: 256,
-            default_initial_backoff: Duration::from_secs(1),
-            default_max_backoff: Duration::from_secs(600),
-            default_max_attempts: 12,
-            default_request_timeout: Duration::from_secs(10),
-            shutdown_grace: Duration::from_secs(10),
+            partition_lease: duration(defaults::PARTITION_LEASE),
+            rescan_interval: duration(defaults::RESCAN_INTERVAL),
+            fanout_repair_after: duration(defaults::FANOUT_REPAIR_AFTER),
+            max_payload_bytes: defaults::MAX_PAYLOAD_BYTES,
+            idempotency_window: duration(defaults::IDEMPOTENCY_WINDOW),
+            delivery_concurrency: defaults::DELIVERY_CONCURRENCY,
+            default_initial_backoff: retry.initial_backoff,
+            default_max_backoff: retry.max_backoff,
+            default_max_attempts: retry.max_attempts,
+            default_request_timeout: retry.request_timeout,
+            shutdown_grace: duration(defaults::SHUTDOWN_GRACE),
         }
     }
 
@@ -252,6 +307,17 @@ mod tests {
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn the_flags_and_with_data_dir_share_every_default() {
+        use clap::{Args, FromArgMatches};
+        let command = ServeConfig::augment_args(clap::Command::new("serve"));
+        let parsed = ServeConfig::from_arg_matches(&command.get_matches_from(["serve"])).unwrap();
+        let mut built = ServeConfig::with_data_dir(defaults::DATA_DIR);
+        built.listen = defaults::LISTEN.parse().unwrap();
+        assert_eq!(format!("{parsed:?}"), format!("{built:?}"));
+        assert_eq!(RetryPolicy::default(), parsed.default_retry_policy());
     }
 
     #[test]

@@ -3,15 +3,18 @@
 //! event it has acknowledged.
 //!
 //! # Layout
-//! - [`config`]: `herald serve` settings (flags and `HERALD_*` variables).
+//! - [`config`]: `herald serve` settings (flags and `HERALD_*` variables) and every default.
 //! - [`app`]: composition root; [`app::run`] serves on a given listener until shutdown.
 //! - [`shutdown`]: the OS-signal future and the handle passed to background tasks.
 //! - [`api`]: the gRPC adapter over [`broker`].
 //! - [`broker`]: the operations (publish, subscribe, ...), validated by [`validate`].
 //! - [`model`]: domain types.
-//! - [`store`]: the [`store::Store`] trait and its backends.
+//! - [`store`]: the storage contract, split by job (subscriptions, delivery log, leases), and
+//!   its backends.
 //! - [`delivery`]: partition workers, HTTP signing and sending, backoff.
 //! - [`error`]: the crate error and its mapping to gRPC status codes.
+//! - [`ids`]: resource ids that sort in creation order.
+//! - [`signing`]: Standard Webhooks secrets and signatures.
 //! - [`cli`]: the `herald` command-line client and test sink.
 //! - [`proto`]: generated gRPC types of `proto/herald/v1/broker.proto`.
 
@@ -25,8 +28,10 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod error;
+pub mod ids;
 pub mod model;
 pub mod shutdown;
+pub mod signing;
 pub mod store;
 pub mod validate;
 

@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
 
 /// Milliseconds since the Unix epoch.
 pub type UnixMillis = u64;
@@ -25,7 +24,7 @@ pub fn now_micros() -> u64 {
 }
 
 /// What to do with an event once its delivery attempts are exhausted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnExhausted {
     /// Park the event as dead-lettered and go on with the next one of the partition.
     DeadLetter,
@@ -34,7 +33,7 @@ pub enum OnExhausted {
 }
 
 /// Retry settings of one subscription; every field is filled in (server defaults applied).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Backoff cap before the second attempt; doubles with each further attempt.
     pub initial_backoff: Duration,
@@ -47,18 +46,14 @@ pub struct RetryPolicy {
 }
 
 impl Default for RetryPolicy {
+    /// The defaults of `herald serve` ([`crate::config::defaults`]).
     fn default() -> Self {
-        RetryPolicy {
-            initial_backoff: Duration::from_secs(1),
-            max_backoff: Duration::from_secs(600),
-            max_attempts: 12,
-            request_timeout: Duration::from_secs(10),
-        }
+        crate::config::defaults::retry_policy()
     }
 }
 
 /// A registered receiver of events.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subscription {
     /// Server-assigned id, `sub_...`; ids sort by creation time.
     pub id: String,
@@ -184,7 +179,7 @@ impl std::fmt::Display for PartitionKey {
 }
 
 /// Delivery progress of one event in one partition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeliveryState {
     /// Attempts made so far.
     pub attempts: u32,

@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::delivery::webhook;
 use crate::error::Error;
 use crate::model::RetryPolicy;
 
@@ -128,7 +127,7 @@ pub fn endpoint(endpoint: &str) -> Result<(), Error> {
 
 /// Checks a caller-supplied secret.
 pub fn secret(secret: &str) -> Result<(), Error> {
-    webhook::decode_secret(secret)
+    crate::signing::decode_secret(secret)
         .map(|_| ())
         .map_err(|error| Error::invalid("secret", error.to_string()))
 }

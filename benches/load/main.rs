@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use herald::config::parse_duration;
 use herald::proto;
-use herald::proto::broker_client::BrokerClient;
+use herald::proto::broker_service_client::BrokerServiceClient;
 use tonic::transport::Channel;
 
 use receiver::Receiver;
@@ -89,7 +89,7 @@ impl PublishFigures {
 /// Publishes from `publishers` concurrent tasks round-robin over `topics` until `duration`
 /// passes (or `total` events are sent), at most `pace` events per second overall.
 async fn publish_load(
-    clients: &[BrokerClient<Channel>],
+    clients: &[BrokerServiceClient<Channel>],
     publishers: usize,
     topics: &[String],
     payload: usize,
@@ -270,7 +270,7 @@ async fn backlog_phase(args: &Args, receiver: &Receiver, herald: &mut Herald) ->
     }
 }
 
-async fn clients(address: std::net::SocketAddr, count: usize) -> Vec<BrokerClient<Channel>> {
+async fn clients(address: std::net::SocketAddr, count: usize) -> Vec<BrokerServiceClient<Channel>> {
     let mut clients = Vec::new();
     for _ in 0..count {
         let channel = Channel::from_shared(format!("http://{address}"))
@@ -279,7 +279,7 @@ async fn clients(address: std::net::SocketAddr, count: usize) -> Vec<BrokerClien
             .connect()
             .await
             .expect("connect");
-        clients.push(BrokerClient::new(channel).max_decoding_message_size(8 << 20));
+        clients.push(BrokerServiceClient::new(channel).max_decoding_message_size(8 << 20));
     }
     clients
 }
@@ -287,7 +287,7 @@ async fn clients(address: std::net::SocketAddr, count: usize) -> Vec<BrokerClien
 /// Creates `per_topic` subscriptions on each topic, the `index`-th one at the receiver path
 /// `/{kind(index)}/...` (`ok`, `fail` or `hold`), and returns their ids.
 async fn subscribe_all(
-    client: &mut BrokerClient<Channel>,
+    client: &mut BrokerServiceClient<Channel>,
     receiver: &Receiver,
     topics: &[String],
     per_topic: usize,

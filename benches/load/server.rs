@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use herald::proto;
-use herald::proto::broker_server::{Broker as BrokerApi, BrokerServer};
+use herald::proto::broker_service_server::{BrokerService as BrokerApi, BrokerServiceServer};
 use herald::store::dynamodb::RequestCounts;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::oneshot;
@@ -63,7 +63,7 @@ impl Herald {
                     ))
                     .build();
                 let client = aws_sdk_dynamodb::Client::from_conf(config);
-                let table = herald::broker::new_id("herald-bench").replace('_', "-");
+                let table = herald::ids::new_id("herald-bench").replace('_', "-");
                 herald::store::dynamodb::create_table(&client, &table)
                     .await
                     .expect("create table");
@@ -237,7 +237,7 @@ pub async fn start_empty_broker() -> (SocketAddr, oneshot::Sender<()>) {
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {
         tonic::transport::Server::builder()
-            .add_service(BrokerServer::new(EmptyBroker))
+            .add_service(BrokerServiceServer::new(EmptyBroker))
             // Like Herald's listener: TCP_NODELAY, so both sides of the comparison are alike.
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

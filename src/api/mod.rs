@@ -9,22 +9,22 @@ use tonic::{Request, Response, Status};
 
 use crate::broker::Broker;
 use crate::proto;
-use crate::proto::broker_server::Broker as BrokerApi;
+use crate::proto::broker_service_server::BrokerService;
 
-/// The `herald.v1.Broker` gRPC service.
-pub struct BrokerService {
+/// The `herald.v1.BrokerService` gRPC service.
+pub struct BrokerApi {
     broker: Arc<Broker>,
 }
 
-impl BrokerService {
+impl BrokerApi {
     /// Wraps the domain service.
     pub fn new(broker: Arc<Broker>) -> Self {
-        BrokerService { broker }
+        BrokerApi { broker }
     }
 }
 
 #[tonic::async_trait]
-impl BrokerApi for BrokerService {
+impl BrokerService for BrokerApi {
     async fn publish(
         &self,
         request: Request<proto::PublishRequest>,

@@ -6,7 +6,7 @@ use anyhow::Context;
 
 use crate::config::parse_duration;
 use crate::proto;
-use crate::proto::broker_client::BrokerClient;
+use crate::proto::broker_service_client::BrokerServiceClient;
 
 /// Where the server is.
 #[derive(Debug, Clone, clap::Args)]
@@ -102,8 +102,10 @@ fn parse_attribute(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("`{text}` is not key=value"))
 }
 
-async fn connect(server: &ServerArgs) -> anyhow::Result<BrokerClient<tonic::transport::Channel>> {
-    BrokerClient::connect(server.server.clone())
+async fn connect(
+    server: &ServerArgs,
+) -> anyhow::Result<BrokerServiceClient<tonic::transport::Channel>> {
+    BrokerServiceClient::connect(server.server.clone())
         .await
         .with_context(|| format!("cannot connect to {}", server.server))
 }

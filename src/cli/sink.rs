@@ -14,7 +14,8 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::delivery::webhook::{self, headers};
+use crate::delivery::webhook::headers;
+use crate::signing;
 
 /// `herald sink` settings.
 #[derive(Debug, clap::Args)]
@@ -38,7 +39,7 @@ pub async fn run(args: SinkArgs) -> anyhow::Result<()> {
     let key = args
         .secret
         .as_deref()
-        .map(webhook::decode_secret)
+        .map(signing::decode_secret)
         .transpose()
         .context("invalid --secret")?;
     let state = Arc::new(SinkState {
@@ -83,7 +84,7 @@ async fn handle(
 
     let signature_check = match (&state.key, timestamp.parse::<u64>()) {
         (None, _) => "unchecked",
-        (Some(key), Ok(timestamp)) if webhook::verify(key, &id, timestamp, &body, &signature) => {
+        (Some(key), Ok(timestamp)) if signing::verify(key, &id, timestamp, &body, &signature) => {
             "ok"
         }
         (Some(_), _) => "INVALID",

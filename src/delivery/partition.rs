@@ -146,7 +146,7 @@ impl<'a> PartitionWorker<'a> {
 
     fn leases(&self) -> Option<&'a dyn PartitionLeases> {
         let inner: &'a Arc<Inner> = self.inner;
-        inner.store.leases()
+        inner.leases.as_deref()
     }
 
     fn check_shutdown(&self) -> Result<(), Stop> {
@@ -197,7 +197,7 @@ impl<'a> PartitionWorker<'a> {
         loop {
             match self
                 .inner
-                .store
+                .log
                 .next_deliveries(self.partition, BATCH_SIZE)
                 .await
             {
@@ -317,16 +317,11 @@ impl<'a> PartitionWorker<'a> {
         let mut failures = 0;
         loop {
             let fence = self.lease.as_ref().map(Lease::token);
-            let store = &self.inner.store;
+            let log = &self.inner.log;
             let result = match &outcome {
-                Outcome::Completed => {
-                    store
-                        .complete_delivery(self.partition, sequence, fence)
-                        .await
-                }
+                Outcome::Completed => log.complete_delivery(self.partition, sequence, fence).await,
                 Outcome::Failed(error, failure) => {
-                    store
-                        .record_failure(self.partition, sequence, error, *failure, fence)
+                    log.record_failure(self.partition, sequence, error, *failure, fence)
                         .await
                 }
             };

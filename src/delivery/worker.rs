@@ -1,5 +1,5 @@
 //! Partition scheduling. One task per partition with pending work delivers its events strictly
-//! in sequence order, one at a time ([`crate::delivery::partition`]); a shared semaphore bounds
+//! in sequence order, one at a time (`partition`); a shared semaphore bounds
 //! the HTTP requests in flight over all partitions. A publish wakes the tasks of the partitions
 //! it wrote to (no polling); a task with nothing left to deliver waits a moment for more, then
 //! exits. On a shared store a task first claims its partition's lease
@@ -19,7 +19,7 @@ use crate::delivery::partition::{PartitionWorker, Stop};
 use crate::delivery::webhook;
 use crate::model::{PartitionKey, Subscription};
 use crate::shutdown::Shutdown;
-use crate::store::{PartitionLeases, Store, StoreError};
+use crate::store::{DeliveryLog, PartitionLeases, Store, StoreError, SubscriptionStore};
 
 /// Pause before retrying a subscription read that failed.
 const STORE_RETRY_DELAY: Duration = Duration::from_millis(500);
@@ -54,7 +54,12 @@ pub struct Engine {
 
 /// What every partition task shares.
 pub(crate) struct Inner {
-    pub(crate) store: Arc<dyn Store>,
+    /// Where each partition's subscription (endpoint, secret, policy) is read.
+    pub(crate) subscriptions: Arc<dyn SubscriptionStore>,
+    /// Deliveries and their outcomes.
+    pub(crate) log: Arc<dyn DeliveryLog>,
+    /// The store's partition leases; `None` on a store that one process owns.
+    pub(crate) leases: Option<Arc<dyn PartitionLeases>>,
     config: EngineConfig,
     pub(crate) client: reqwest::Client,
     pub(crate) permits: Semaphore,
@@ -69,7 +74,9 @@ impl Engine {
     pub fn new(store: Arc<dyn Store>, config: EngineConfig, shutdown: Shutdown) -> Self {
         Engine {
             inner: Arc::new(Inner {
-                store,
+                subscriptions: store.clone(),
+                log: store.clone(),
+                leases: store.leases(),
                 config,
                 client: webhook::client(),
                 permits: Semaphore::new(config.concurrency),
@@ -98,7 +105,7 @@ impl Engine {
     }
 
     async fn rescan(&self) -> Result<usize, StoreError> {
-        let partitions = self.inner.store.pending_partitions().await?;
+        let partitions = self.inner.log.pending_partitions().await?;
         let count = partitions.len();
         self.notify(&partitions);
         Ok(count)
@@ -211,12 +218,12 @@ async fn load_subscription(
 ) -> Option<(Subscription, Vec<u8>)> {
     loop {
         match inner
-            .store
+            .subscriptions
             .get_subscription(&partition.subscription_id)
             .await
         {
             Ok(subscription) => {
-                return match webhook::decode_secret(&subscription.secret) {
+                return match crate::signing::decode_secret(&subscription.secret) {
                     Ok(key) => Some((subscription, key)),
                     Err(error) => {
                         tracing::error!(%partition, %error, "subscription has an unusable secret");
@@ -236,7 +243,7 @@ async fn load_subscription(
 }
 
 async fn run_partition(inner: Arc<Inner>, partition: PartitionKey, signal: Arc<Signal>) {
-    let leases = inner.store.leases();
+    let leases = inner.leases.as_deref();
     let lease = match leases {
         Some(leases) => match claim(&inner, leases, &partition).await {
             Some(lease) => Some(lease),

@@ -1,4 +1,11 @@
-//! Byte encodings of the embedded store's values and of page tokens.
+//! Byte encodings of stored records and of page tokens.
+//!
+//! Every record kind is an explicit stored struct with a version tag, never the serde form of
+//! a domain type, so that renaming a field of the API's types cannot silently change what is
+//! on disk. JSON records carry `"v"`; a record without it was written before versions existed
+//! (version 0) and is still read. The partition record is binary: a version byte and three
+//! little-endian words (24 bytes without the version byte is version 0). The tests at the end
+//! decode records in every earlier format.
 
 use std::collections::BTreeMap;
 
@@ -6,11 +13,38 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{DeliveryState, Event, Page, PendingDelivery, Subscription, UnixMillis};
+use std::time::Duration;
+
+use crate::model::{
+    DeliveryState, Event, OnExhausted, Page, PendingDelivery, RetryPolicy, Subscription, UnixMillis,
+};
 use crate::store::StoreError;
 
 /// Longest `last_error` kept per delivery, in bytes.
 const MAX_ERROR_LEN: usize = 512;
+
+/// Version written into every JSON record (`"v"`).
+const JSON_RECORD_VERSION: u32 = 1;
+/// Version byte of binary partition records.
+const PARTITION_RECORD_VERSION: u8 = 1;
+
+/// The version of a JSON record: its `"v"`, or 0 if it has none.
+#[derive(Deserialize)]
+struct VersionTag {
+    #[serde(default)]
+    v: u32,
+}
+
+/// Refuses a record written by a newer Herald than this one.
+fn check_version(v: u32, what: &str) -> Result<(), StoreError> {
+    if v > JSON_RECORD_VERSION {
+        return Err(StoreError::Corrupt(format!(
+            "{what} has format version {v}, newer than this Herald reads ({JSON_RECORD_VERSION}): \
+             run the newer version"
+        )));
+    }
+    Ok(())
+}
 
 /// Per-partition bookkeeping.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -24,26 +58,32 @@ pub struct PartitionRecord {
 }
 
 impl PartitionRecord {
-    /// Fixed 24-byte little-endian encoding.
-    pub fn encode(&self) -> [u8; 24] {
-        let mut bytes = [0u8; 24];
-        bytes[0..8].copy_from_slice(&self.last_enqueued.to_le_bytes());
-        bytes[8..16].copy_from_slice(&self.dead_through.to_le_bytes());
-        bytes[16..24].copy_from_slice(&self.pending.to_le_bytes());
+    /// Version byte, then three little-endian words.
+    pub fn encode(&self) -> [u8; 25] {
+        let mut bytes = [0u8; 25];
+        bytes[0] = PARTITION_RECORD_VERSION;
+        bytes[1..9].copy_from_slice(&self.last_enqueued.to_le_bytes());
+        bytes[9..17].copy_from_slice(&self.dead_through.to_le_bytes());
+        bytes[17..25].copy_from_slice(&self.pending.to_le_bytes());
         bytes
     }
 
-    /// Inverse of [`PartitionRecord::encode`].
+    /// Inverse of [`PartitionRecord::encode`]; also reads version 0 (the words alone).
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
-        if bytes.len() != 24 {
-            return Err(StoreError::Internal(format!(
-                "partition record of {} bytes",
-                bytes.len()
-            )));
-        }
+        let words = match bytes {
+            [PARTITION_RECORD_VERSION, words @ ..] if words.len() == 24 => words,
+            words if words.len() == 24 => words,
+            _ => {
+                return Err(StoreError::Corrupt(format!(
+                    "partition record of {} bytes, version {:?}",
+                    bytes.len(),
+                    bytes.first()
+                )));
+            }
+        };
         let word = |index: usize| {
             let mut buffer = [0u8; 8];
-            buffer.copy_from_slice(&bytes[index * 8..index * 8 + 8]);
+            buffer.copy_from_slice(&words[index * 8..index * 8 + 8]);
             u64::from_le_bytes(buffer)
         };
         Ok(PartitionRecord {
@@ -57,6 +97,9 @@ impl PartitionRecord {
 /// A pending delivery's progress.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliveryRecord {
+    /// Format version (0 for records written before versions existed).
+    #[serde(default)]
+    pub v: u32,
     /// Attempts made so far.
     pub attempts: u32,
     /// When the next attempt is due.
@@ -70,6 +113,32 @@ pub struct DeliveryRecord {
 }
 
 impl DeliveryRecord {
+    /// A new record in the current format.
+    pub fn new(next_attempt_at: UnixMillis, previous_sequence: u64) -> Self {
+        DeliveryRecord {
+            v: JSON_RECORD_VERSION,
+            attempts: 0,
+            next_attempt_at,
+            dead_lettered: false,
+            previous_sequence,
+            last_error: None,
+        }
+    }
+
+    /// JSON, in the current format (records are upgraded as they are read or made).
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("records serialize")
+    }
+
+    /// Inverse of [`DeliveryRecord::encode`], for every version so far.
+    pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        let mut record: DeliveryRecord = from_json(bytes, "delivery record")?;
+        check_version(record.v, "delivery record")?;
+        // Upgraded in memory: written back in the current format.
+        record.v = JSON_RECORD_VERSION;
+        Ok(record)
+    }
+
     /// The public view of the progress.
     pub fn state(&self) -> DeliveryState {
         DeliveryState {
@@ -92,6 +161,8 @@ impl DeliveryRecord {
 /// The event fields stored beside the payload.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct EventHeader {
+    #[serde(default)]
+    v: u32,
     id: String,
     content_type: String,
     attributes: BTreeMap<String, String>,
@@ -101,6 +172,7 @@ struct EventHeader {
 /// Encodes an event as `u32 header length | JSON header | payload bytes`.
 pub fn encode_event(event: &Event) -> Vec<u8> {
     let header = EventHeader {
+        v: JSON_RECORD_VERSION,
         id: event.id.clone(),
         content_type: event.content_type.clone(),
         attributes: event.attributes.clone(),
@@ -121,6 +193,7 @@ pub fn decode_event(topic: &str, sequence: u64, bytes: &[u8]) -> Result<Event, S
     let header_end = 4 + u32::from_le_bytes(length_bytes) as usize;
     let header: EventHeader = serde_json::from_slice(bytes.get(4..header_end).ok_or_else(corrupt)?)
         .map_err(|_| corrupt())?;
+    check_version(header.v, "event record")?;
     Ok(Event {
         id: header.id,
         topic: topic.to_string(),
@@ -135,6 +208,9 @@ pub fn decode_event(topic: &str, sequence: u64, bytes: &[u8]) -> Result<Event, S
 /// What an idempotency key remembers of the original publish.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IdempotencyRecord {
+    /// Format version ([`IdempotencyRecord::current`] makes new ones).
+    #[serde(default)]
+    pub v: u32,
     /// Original event id.
     pub event_id: String,
     /// Original sequence.
@@ -147,13 +223,155 @@ pub struct IdempotencyRecord {
     pub expires_at: UnixMillis,
 }
 
-/// Serializes a record as JSON.
-pub fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
-    serde_json::to_vec(value).expect("records serialize")
+impl IdempotencyRecord {
+    /// A new record in the current format.
+    pub fn current(
+        event_id: String,
+        sequence: u64,
+        published_at: UnixMillis,
+        subscription_count: u32,
+        expires_at: UnixMillis,
+    ) -> Self {
+        IdempotencyRecord {
+            v: JSON_RECORD_VERSION,
+            event_id,
+            sequence,
+            published_at,
+            subscription_count,
+            expires_at,
+        }
+    }
+
+    /// JSON, in the current format (records are upgraded as they are read or made).
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("records serialize")
+    }
+
+    /// Inverse of [`IdempotencyRecord::encode`], for every version so far.
+    pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        let mut record: IdempotencyRecord = from_json(bytes, "idempotency record")?;
+        check_version(record.v, "idempotency record")?;
+        // Upgraded in memory: written back in the current format.
+        record.v = JSON_RECORD_VERSION;
+        Ok(record)
+    }
 }
 
-/// Parses a JSON record, mapping failure to `Internal`.
-pub fn from_json<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
+/// A subscription as stored (version 1): durations in milliseconds, the exhaustion policy by
+/// name.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredSubscription {
+    v: u32,
+    id: String,
+    endpoint: String,
+    topics: Vec<String>,
+    secret: String,
+    initial_backoff_ms: u64,
+    max_backoff_ms: u64,
+    max_attempts: u32,
+    request_timeout_ms: u64,
+    on_exhausted: String,
+    created_at: UnixMillis,
+}
+
+/// A subscription as stored before versions existed (version 0): the serde form of the domain
+/// type of that time, frozen here.
+#[derive(Debug, Deserialize)]
+struct StoredSubscriptionV0 {
+    id: String,
+    endpoint: String,
+    topics: Vec<String>,
+    secret: String,
+    retry_policy: RetryPolicyV0,
+    on_exhausted: String,
+    created_at: UnixMillis,
+}
+
+#[derive(Debug, Deserialize)]
+struct RetryPolicyV0 {
+    initial_backoff: Duration,
+    max_backoff: Duration,
+    max_attempts: u32,
+    request_timeout: Duration,
+}
+
+fn on_exhausted_name(policy: OnExhausted) -> &'static str {
+    match policy {
+        OnExhausted::DeadLetter => "dead_letter",
+        OnExhausted::Block => "block",
+    }
+}
+
+fn on_exhausted_from(name: &str, what: &str) -> Result<OnExhausted, StoreError> {
+    match name {
+        "dead_letter" | "DeadLetter" => Ok(OnExhausted::DeadLetter),
+        "block" | "Block" => Ok(OnExhausted::Block),
+        other => Err(StoreError::Corrupt(format!(
+            "{what}: unknown exhaustion policy `{other}`"
+        ))),
+    }
+}
+
+/// Encodes a subscription in the current format.
+pub fn encode_subscription(subscription: &Subscription) -> Vec<u8> {
+    let millis = |duration: Duration| duration.as_millis() as u64;
+    let policy = &subscription.retry_policy;
+    let stored = StoredSubscription {
+        v: JSON_RECORD_VERSION,
+        id: subscription.id.clone(),
+        endpoint: subscription.endpoint.clone(),
+        topics: subscription.topics.clone(),
+        secret: subscription.secret.clone(),
+        initial_backoff_ms: millis(policy.initial_backoff),
+        max_backoff_ms: millis(policy.max_backoff),
+        max_attempts: policy.max_attempts,
+        request_timeout_ms: millis(policy.request_timeout),
+        on_exhausted: on_exhausted_name(subscription.on_exhausted).to_string(),
+        created_at: subscription.created_at,
+    };
+    serde_json::to_vec(&stored).expect("records serialize")
+}
+
+/// Inverse of [`encode_subscription`], for every version so far.
+pub fn decode_subscription(bytes: &[u8], what: &str) -> Result<Subscription, StoreError> {
+    let version: VersionTag = from_json(bytes, what)?;
+    check_version(version.v, what)?;
+    if version.v == 0 {
+        let old: StoredSubscriptionV0 = from_json(bytes, what)?;
+        return Ok(Subscription {
+            id: old.id,
+            endpoint: old.endpoint,
+            topics: old.topics,
+            secret: old.secret,
+            retry_policy: RetryPolicy {
+                initial_backoff: old.retry_policy.initial_backoff,
+                max_backoff: old.retry_policy.max_backoff,
+                max_attempts: old.retry_policy.max_attempts,
+                request_timeout: old.retry_policy.request_timeout,
+            },
+            on_exhausted: on_exhausted_from(&old.on_exhausted, what)?,
+            created_at: old.created_at,
+        });
+    }
+    let stored: StoredSubscription = from_json(bytes, what)?;
+    Ok(Subscription {
+        id: stored.id,
+        endpoint: stored.endpoint,
+        topics: stored.topics,
+        secret: stored.secret,
+        retry_policy: RetryPolicy {
+            initial_backoff: Duration::from_millis(stored.initial_backoff_ms),
+            max_backoff: Duration::from_millis(stored.max_backoff_ms),
+            max_attempts: stored.max_attempts,
+            request_timeout: Duration::from_millis(stored.request_timeout_ms),
+        },
+        on_exhausted: on_exhausted_from(&stored.on_exhausted, what)?,
+        created_at: stored.created_at,
+    })
+}
+
+/// Parses a JSON record, mapping failure to `Corrupt`.
+fn from_json<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|error| StoreError::Corrupt(format!("{what}: {error}")))
 }
 
@@ -223,6 +441,9 @@ mod tests {
         };
         assert_eq!(PartitionRecord::decode(&record.encode()).unwrap(), record);
         assert!(PartitionRecord::decode(&[1, 2]).is_err());
+        let mut newer = record.encode();
+        newer[0] = 2;
+        assert!(PartitionRecord::decode(&newer).is_err());
     }
 
     #[test]
@@ -257,16 +478,92 @@ mod tests {
 
     #[test]
     fn long_errors_are_cut_on_a_char_boundary() {
-        let mut record = DeliveryRecord {
-            attempts: 0,
-            next_attempt_at: 0,
-            dead_lettered: false,
-            previous_sequence: 0,
-            last_error: None,
-        };
+        let mut record = DeliveryRecord::new(0, 0);
         record.set_error(&"é".repeat(600));
         let error = record.last_error.unwrap();
         assert!(error.len() <= MAX_ERROR_LEN);
         assert!(error.chars().all(|character| character == 'é'));
+    }
+
+    /// Records exactly as the first release wrote them (version 0, before version tags).
+    mod version_0 {
+        use super::*;
+
+        pub const SUBSCRIPTION: &str = r#"{"id":"sub_1","endpoint":"http://127.0.0.1:9/hook","topics":["a","b*"],"secret":"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw","retry_policy":{"initial_backoff":{"secs":1,"nanos":500000000},"max_backoff":{"secs":600,"nanos":0},"max_attempts":12,"request_timeout":{"secs":10,"nanos":0}},"on_exhausted":"Block","created_at":1764000000000}"#;
+        pub const DELIVERY: &str = r#"{"attempts":3,"next_attempt_at":1764000000123,"dead_lettered":true,"previous_sequence":41,"last_error":"HTTP 500"}"#;
+        pub const IDEMPOTENCY: &str = r#"{"event_id":"evt_1","sequence":42,"published_at":5,"subscription_count":3,"expires_at":99}"#;
+        pub const EVENT_HEADER: &str = r#"{"id":"evt_1","content_type":"application/json","attributes":{"k":"v"},"published_at":5}"#;
+
+        #[test]
+        fn every_record_kind_reads() {
+            let subscription = decode_subscription(SUBSCRIPTION.as_bytes(), "sub").unwrap();
+            assert_eq!(subscription.id, "sub_1");
+            assert_eq!(subscription.topics, ["a", "b*"]);
+            assert_eq!(
+                subscription.retry_policy.initial_backoff,
+                Duration::from_millis(1500)
+            );
+            assert_eq!(subscription.retry_policy.max_attempts, 12);
+            assert_eq!(subscription.on_exhausted, OnExhausted::Block);
+            assert_eq!(subscription.created_at, 1764000000000);
+            // Written again, it is the current format and reads back the same.
+            let current = encode_subscription(&subscription);
+            assert!(String::from_utf8_lossy(&current).starts_with(r#"{"v":1,"#));
+            assert_eq!(decode_subscription(&current, "sub").unwrap(), subscription);
+
+            let delivery = DeliveryRecord::decode(DELIVERY.as_bytes()).unwrap();
+            assert_eq!(
+                (
+                    delivery.attempts,
+                    delivery.dead_lettered,
+                    delivery.previous_sequence
+                ),
+                (3, true, 41)
+            );
+            assert_eq!(delivery.last_error.as_deref(), Some("HTTP 500"));
+            let again = DeliveryRecord::decode(&delivery.encode()).unwrap();
+            assert_eq!(again.v, 1);
+            assert_eq!(again.state(), delivery.state());
+
+            let key = IdempotencyRecord::decode(IDEMPOTENCY.as_bytes()).unwrap();
+            assert_eq!(
+                (key.sequence, key.subscription_count, key.expires_at),
+                (42, 3, 99)
+            );
+
+            let mut event = (EVENT_HEADER.len() as u32).to_le_bytes().to_vec();
+            event.extend_from_slice(EVENT_HEADER.as_bytes());
+            event.extend_from_slice(b"payload");
+            let event = decode_event("t", 7, &event).unwrap();
+            assert_eq!(
+                (event.id.as_str(), event.payload.as_slice()),
+                ("evt_1", &b"payload"[..])
+            );
+
+            let mut partition = Vec::new();
+            for word in [9u64, 4, 2] {
+                partition.extend_from_slice(&word.to_le_bytes());
+            }
+            assert_eq!(
+                PartitionRecord::decode(&partition).unwrap(),
+                PartitionRecord {
+                    last_enqueued: 9,
+                    dead_through: 4,
+                    pending: 2
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn records_from_a_newer_version_are_refused_with_what_to_do() {
+        let newer = br#"{"v":2,"id":"sub_1"}"#;
+        let error = decode_subscription(newer, "subscription sub_1").unwrap_err();
+        assert!(
+            matches!(&error, StoreError::Corrupt(text) if text.contains("newer")),
+            "{error}"
+        );
+        let delivery = br#"{"v":9,"attempts":0,"next_attempt_at":0,"dead_lettered":false,"previous_sequence":0,"last_error":null}"#;
+        assert!(DeliveryRecord::decode(delivery).is_err());
     }
 }

@@ -546,7 +546,7 @@ async fn reflection_lists_the_services_and_health_reports_serving(backend: Backe
         .await
         .unwrap();
     let mut health = HealthClient::new(channel.clone());
-    for service in ["", "herald.v1.Broker"] {
+    for service in ["", "herald.v1.BrokerService"] {
         let response = health
             .check(HealthCheckRequest {
                 service: service.into(),
@@ -563,7 +563,7 @@ async fn reflection_lists_the_services_and_health_reports_serving(backend: Backe
     let mut reflection = ServerReflectionClient::new(channel.clone());
     let requests = [
         MessageRequest::ListServices(String::new()),
-        MessageRequest::FileContainingSymbol("herald.v1.Broker".into()),
+        MessageRequest::FileContainingSymbol("herald.v1.BrokerService".into()),
     ];
     let request_stream =
         tokio_stream::iter(requests.into_iter().map(|message| ServerReflectionRequest {
@@ -584,7 +584,10 @@ async fn reflection_lists_the_services_and_health_reports_serving(backend: Backe
         .into_iter()
         .map(|service| service.name)
         .collect();
-    assert!(names.contains(&"herald.v1.Broker".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"herald.v1.BrokerService".to_string()),
+        "{names:?}"
+    );
     assert!(
         names.contains(&"grpc.health.v1.Health".to_string()),
         "{names:?}"

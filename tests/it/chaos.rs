@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use herald::proto::broker_client::BrokerClient;
+use herald::proto::broker_service_client::BrokerServiceClient;
 use rand::Rng;
 use serde_json::json;
 use tonic::transport::Channel;
@@ -89,7 +89,7 @@ async fn publisher(
     origin: Instant,
     until: Instant,
 ) -> Vec<serde_json::Value> {
-    let mut clients: HashMap<SocketAddr, BrokerClient<Channel>> = HashMap::new();
+    let mut clients: HashMap<SocketAddr, BrokerServiceClient<Channel>> = HashMap::new();
     let mut acknowledgements = Vec::new();
     let mut count = 0;
     while Instant::now() < until {
@@ -116,7 +116,7 @@ async fn publisher(
                     .unwrap()
                     .connect_timeout(Duration::from_millis(500))
                     .connect_lazy();
-                BrokerClient::new(channel)
+                BrokerServiceClient::new(channel)
             });
             let mut request = publish_request(topic, key.clone());
             request.idempotency_key = key.clone();

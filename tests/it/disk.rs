@@ -71,7 +71,7 @@ async fn broker_health(address: std::net::SocketAddr) -> i32 {
         .unwrap();
     HealthClient::new(channel)
         .check(HealthCheckRequest {
-            service: "herald.v1.Broker".into(),
+            service: "herald.v1.BrokerService".into(),
         })
         .await
         .unwrap()
@@ -236,7 +236,7 @@ async fn a_damaged_or_foreign_data_file_refuses_to_start_and_says_what_to_do() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_write_queue_is_backpressure_then_overloaded() {
     use herald::model::PartitionKey;
-    use herald::store::{EmbeddedStore, Store, StoreError};
+    use herald::store::{DeliveryLog, EmbeddedStore, StoreError};
     let data_dir = tempfile::tempdir().unwrap();
     let store = std::sync::Arc::new(EmbeddedStore::open(data_dir.path()).unwrap());
     // A first write takes the writer into its stall; the queue then fills up behind it.

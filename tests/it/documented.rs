@@ -428,7 +428,7 @@ async fn the_table_is_created_by_the_command_or_at_start() {
     let name = |suffix: &str| {
         format!(
             "{}-{suffix}",
-            herald::broker::new_id("created").replace('_', "-")
+            herald::ids::new_id("created").replace('_', "-")
         )
     };
     // `herald dynamodb create-table`, then again: the second says it exists.

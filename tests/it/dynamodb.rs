@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use herald::model::{FailureOutcome, NewEvent, PartitionKey, now_millis};
 use herald::proto;
-use herald::store::{DynamoStore, PartitionLeases, Store, StoreError};
+use herald::store::{
+    DeliveryLog, DynamoStore, PartitionLeases, Store, StoreError, SubscriptionStore,
+};
 use tonic::Code;
 
 use crate::support::dynamo::{self, PrivateServer};

@@ -1,36 +1,15 @@
-//! Publishing on DynamoDB: sequence allocation, fan-out, idempotency, and finishing fan-outs
-//! whose publisher died.
+//! Publishing on DynamoDB: sequence allocation, fan-out (see `fanout` for fan-outs
+//! larger than one transaction) and idempotency.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Put, TransactWriteItem, Update};
 
+use super::errors::{cancellation_reasons, conflict_pause, sdk_error};
 use super::schema::{self, Item, get_n, get_s, n, s};
-use super::{
-    DynamoStore, MAX_CONFLICT_RETRIES, TRANSACTION_LIMIT, TopicState, cancellation_reasons,
-    conflict_pause, sdk_error,
-};
+use super::{DynamoStore, MAX_CONFLICT_RETRIES, TRANSACTION_LIMIT};
 use crate::model::{Event, NewEvent, PartitionKey, Published, now_micros, now_millis};
 use crate::store::StoreError;
-
-/// What a worker may deliver of a topic.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Horizon {
-    /// The topic's last committed sequence.
-    pub last_sequence: u64,
-    /// The smallest sequence whose fan-out is unfinished.
-    pub oldest_open: Option<u64>,
-}
-
-impl Horizon {
-    /// The first sequence that may not be delivered yet.
-    pub fn limit(&self) -> u64 {
-        self.oldest_open
-            .unwrap_or(u64::MAX)
-            .min(self.last_sequence.saturating_add(1))
-    }
-}
 
 /// Position of the items every publish transaction starts with.
 const VERSION_ITEM: usize = 0;
@@ -226,7 +205,7 @@ impl DynamoStore {
         }))
     }
 
-    fn put(&self, item: Item) -> TransactWriteItem {
+    pub(super) fn put(&self, item: Item) -> TransactWriteItem {
         TransactWriteItem::builder()
             .put(
                 Put::builder()
@@ -326,126 +305,35 @@ impl DynamoStore {
             )
             .build()
     }
+}
 
-    /// Writes the remaining deliveries of an open fan-out, then closes it. Every write is
-    /// conditional on the fan-out still being open, so a publisher that resumes after another
-    /// instance finished its fan-out cannot bring back deliveries that were already made.
-    async fn write_open_fanout(
-        &self,
-        topic: &str,
-        sequence: u64,
-        deliveries: Vec<Item>,
-    ) -> Result<(), StoreError> {
-        for chunk in deliveries.chunks(TRANSACTION_LIMIT - 1) {
-            let check = ConditionCheck::builder()
-                .table_name(&self.table)
-                .set_key(Some(schema::topic_key(topic)))
-                .condition_expression("contains(open_fanouts, :sequence)")
-                .expression_attribute_values(":sequence", n(sequence))
-                .build()
-                .expect("complete condition check");
-            let mut items = vec![TransactWriteItem::builder().condition_check(check).build()];
-            items.extend(chunk.iter().cloned().map(|item| self.put(item)));
-            if let Err(error) = self.transact(items).await {
-                return match cancellation_reasons(&error) {
-                    // Someone else finished it.
-                    Some(reasons)
-                        if reasons.first().map(String::as_str)
-                            == Some("ConditionalCheckFailed") =>
-                    {
-                        Ok(())
-                    }
-                    _ => Err(sdk_error(error)),
-                };
-            }
+/// What this instance last saw of a topic item.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct TopicState {
+    pub(super) last_sequence: u64,
+    pub(super) last_version: u64,
+}
+
+impl DynamoStore {
+    async fn topic_state(&self, topic: &str) -> Result<TopicState, StoreError> {
+        if let Some(state) = self.topics.lock().expect("cache lock").get(topic) {
+            return Ok(*state);
         }
-        self.counts.add("UpdateItem");
-        self.client
-            .update_item()
-            .table_name(&self.table)
-            .set_key(Some(schema::topic_key(topic)))
-            .update_expression("DELETE open_fanouts :open")
-            .expression_attribute_values(":open", AttributeValue::Ns(vec![sequence.to_string()]))
-            .send()
-            .await
-            .map_err(sdk_error)?;
-        Ok(())
-    }
-
-    /// The first sequence of `topic` that a worker may not deliver yet: one past the last
-    /// sequence committed, or the smallest sequence whose fan-out is unfinished if lower.
-    /// Finishes an unfinished fan-out older than the repair delay first. `None` if the topic
-    /// has never been published.
-    ///
-    /// Read this before the deliveries: every event at or below the returned last sequence is
-    /// then either fully fanned out before the read of the deliveries, or still open here.
-    pub(super) async fn delivery_horizon(
-        &self,
-        topic: &str,
-    ) -> Result<Option<Horizon>, StoreError> {
-        for _ in 0..3 {
-            let Some(item) = self.get_item(schema::topic_key(topic)).await? else {
-                return Ok(None);
-            };
-            let last_sequence = get_n(&item, "last_seq")?;
-            let oldest_open = match item.get("open_fanouts") {
-                Some(AttributeValue::Ns(open)) => open
-                    .iter()
-                    .filter_map(|sequence| sequence.parse::<u64>().ok())
-                    .min(),
-                _ => None,
-            };
-            match oldest_open {
-                Some(oldest)
-                    if Duration::from_micros(now_micros().saturating_sub(oldest))
-                        >= self.repair_after =>
-                {
-                    self.finish_fanout(topic, oldest).await?;
-                }
-                _ => {
-                    return Ok(Some(Horizon {
-                        last_sequence,
-                        oldest_open,
-                    }));
-                }
-            }
-        }
-        Err(StoreError::Unavailable(format!(
-            "cannot finish the fan-outs of {topic}"
-        )))
-    }
-
-    /// Rewrites every delivery of an unfinished fan-out from the list its event item keeps,
-    /// then closes it.
-    async fn finish_fanout(&self, topic: &str, sequence: u64) -> Result<(), StoreError> {
-        tracing::warn!(
-            topic,
-            sequence,
-            "finishing a fan-out left unfinished by its publisher"
-        );
-        let deliveries = match self.get_item(schema::event_key(topic, sequence)).await? {
-            Some(event) => {
-                let fanout: Vec<(String, u64)> = serde_json::from_str(get_s(&event, "fanout")?)
-                    .map_err(|_| {
-                        StoreError::Corrupt(format!("fan-out record of {topic}/{sequence}"))
-                    })?;
-                let due = get_n(&event, "published_at")?;
-                fanout
-                    .into_iter()
-                    .map(|(id, previous)| {
-                        schema::delivery_item(
-                            &PartitionKey::new(topic, id),
-                            sequence,
-                            previous,
-                            due,
-                        )
-                    })
-                    .collect()
-            }
-            None => Vec::new(),
+        let state = match self.get_item(schema::topic_key(topic)).await? {
+            Some(item) => TopicState {
+                last_sequence: get_n(&item, "last_seq")?,
+                last_version: get_n(&item, "last_version")?,
+            },
+            None => TopicState::default(),
         };
-        self.write_open_fanout(topic, sequence, deliveries).await?;
-        self.fanouts_repaired.fetch_add(1, Ordering::SeqCst);
-        Ok(())
+        self.topics
+            .lock()
+            .expect("cache lock")
+            .insert(topic.to_string(), state);
+        Ok(state)
+    }
+
+    fn forget_topic(&self, topic: &str) {
+        self.topics.lock().expect("cache lock").remove(topic);
     }
 }

@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::types::{Delete, Put, TransactWriteItem};
 
+use super::errors::{cancellation_reasons, conflict_pause, sdk_error};
 use super::schema::{self, Item, get_n, get_s, n, s};
-use super::{DynamoStore, MAX_CONFLICT_RETRIES, cancellation_reasons, conflict_pause, sdk_error};
+use super::{DynamoStore, MAX_CONFLICT_RETRIES};
 use crate::model::{PartitionKey, Subscription, now_millis};
-use crate::store::records::{self, from_json};
-use crate::store::{Store, StoreError};
+use crate::store::records;
+use crate::store::{StoreError, SubscriptionStore};
 
 impl DynamoStore {
     pub(super) async fn unsubscribe(&self, id: &str) -> Result<u64, StoreError> {
@@ -80,7 +81,10 @@ impl DynamoStore {
         tombstone.insert("deleted_at".into(), n(now_millis()));
         tombstone.insert(
             "data".into(),
-            s(String::from_utf8(records::to_json(subscription)).expect("JSON is UTF-8")),
+            s(
+                String::from_utf8(records::encode_subscription(subscription))
+                    .expect("JSON is UTF-8"),
+            ),
         );
         for attempt in 0..MAX_CONFLICT_RETRIES {
             let version = self.read_version().await?;
@@ -142,7 +146,6 @@ impl DynamoStore {
     }
 
     async fn delete_tombstone(&self, id: &str) -> Result<(), StoreError> {
-        self.counts.add("DeleteItem");
         self.client
             .delete_item()
             .table_name(&self.table)
@@ -213,5 +216,5 @@ fn partial(id: &str, dropped: u64, cause: impl std::fmt::Display) -> StoreError 
 }
 
 fn decode(item: &Item) -> Result<Subscription, StoreError> {
-    from_json(get_s(item, "data")?.as_bytes(), "subscription tombstone")
+    records::decode_subscription(get_s(item, "data")?.as_bytes(), "subscription tombstone")
 }

@@ -29,7 +29,7 @@ pub fn client(endpoint: &str) -> Client {
 
 /// Creates a table with a unique name on `endpoint`.
 pub async fn fresh_table(endpoint: &str) -> String {
-    let name = herald::broker::new_id("herald-test").replace('_', "-");
+    let name = herald::ids::new_id("herald-test").replace('_', "-");
     herald::store::dynamodb::create_table(&client(endpoint), &name)
         .await
         .expect("create test table");

@@ -1,7 +1,6 @@
 //! A store wrapper that fails chosen write calls, as a store outage between a delivery and its
 //! bookkeeping would. Every call is passed to the real store unless a fault is armed for it.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -10,7 +9,9 @@ use async_trait::async_trait;
 use herald::model::{
     FailureOutcome, NewEvent, Page, PartitionKey, PendingDelivery, Published, Subscription,
 };
-use herald::store::{LeaseToken, PartitionLeases, Store, StoreError};
+use herald::store::{
+    DeliveryLog, LeaseToken, PartitionLeases, Store, StoreError, SubscriptionStore,
+};
 
 /// Wraps a real store; `fail_completions(n)` / `fail_failures(n)` make the next `n` calls of
 /// `complete_delivery` / `record_failure` fail with `Unavailable` without reaching the store;
@@ -66,7 +67,7 @@ fn injected() -> StoreError {
 }
 
 #[async_trait]
-impl Store for FaultyStore {
+impl SubscriptionStore for FaultyStore {
     async fn create_subscription(&self, subscription: &Subscription) -> Result<(), StoreError> {
         self.inner.create_subscription(subscription).await
     }
@@ -86,7 +87,10 @@ impl Store for FaultyStore {
     async fn delete_subscription(&self, id: &str) -> Result<u64, StoreError> {
         self.inner.delete_subscription(id).await
     }
+}
 
+#[async_trait]
+impl DeliveryLog for FaultyStore {
     async fn publish(
         &self,
         event: &NewEvent,
@@ -153,16 +157,14 @@ impl Store for FaultyStore {
     async fn pending_partitions(&self) -> Result<Vec<PartitionKey>, StoreError> {
         self.inner.pending_partitions().await
     }
+}
+
+impl Store for FaultyStore {
+    fn leases(self: Arc<Self>) -> Option<Arc<dyn PartitionLeases>> {
+        self.inner.clone().leases()
+    }
 
     fn health(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
         self.inner.health()
-    }
-
-    fn leases(&self) -> Option<&dyn PartitionLeases> {
-        self.inner.leases()
-    }
-
-    fn request_counts(&self) -> Option<BTreeMap<&'static str, u64>> {
-        self.inner.request_counts()
     }
 }

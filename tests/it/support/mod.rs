@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use herald::config::ServeConfig;
 use herald::proto;
-use herald::proto::broker_client::BrokerClient;
+use herald::proto::broker_service_client::BrokerServiceClient;
 use herald::store::Store;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
@@ -171,7 +171,7 @@ impl Deployment {
 /// A server running inside the test process.
 pub struct TestApp {
     pub address: SocketAddr,
-    pub client: BrokerClient<Channel>,
+    pub client: BrokerServiceClient<Channel>,
     pub deployment: Deployment,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), herald::error::Error>>>,
@@ -222,7 +222,7 @@ pub async fn spawn_app_with_store(
 
 impl TestApp {
     /// A new client connection.
-    pub async fn client(&self) -> BrokerClient<Channel> {
+    pub async fn client(&self) -> BrokerServiceClient<Channel> {
         connect(self.address).await
     }
 
@@ -239,11 +239,11 @@ impl TestApp {
 }
 
 /// Connects a client, retrying briefly while the server starts.
-pub async fn connect(address: SocketAddr) -> BrokerClient<Channel> {
+pub async fn connect(address: SocketAddr) -> BrokerServiceClient<Channel> {
     let url = format!("http://{address}");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match BrokerClient::connect(url.clone()).await {
+        match BrokerServiceClient::connect(url.clone()).await {
             Ok(client) => return client,
             Err(error) if Instant::now() >= deadline => panic!("cannot connect to {url}: {error}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -356,7 +356,7 @@ pub fn publish_request(topic: &str, payload: impl Into<Vec<u8>>) -> proto::Publi
 
 /// Every pending delivery of a subscription (all pages).
 pub async fn all_pending(
-    client: &mut BrokerClient<Channel>,
+    client: &mut BrokerServiceClient<Channel>,
     subscription_id: &str,
 ) -> Vec<proto::PendingDelivery> {
     let mut page_token = String::new();

@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use herald::delivery::webhook::{self, headers};
+use herald::delivery::webhook::headers;
+use herald::signing;
 use http_body_util::{BodyExt, Full};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -59,8 +60,8 @@ impl Received {
 
     /// True if the signature verifies with `secret`.
     pub fn signature_valid(&self, secret: &str) -> bool {
-        let key = webhook::decode_secret(secret).expect("valid secret");
-        webhook::verify(&key, &self.id, self.timestamp, &self.body, &self.signature)
+        let key = signing::decode_secret(secret).expect("valid secret");
+        signing::verify(&key, &self.id, self.timestamp, &self.body, &self.signature)
     }
 }
 

@@ -1,0 +1,109 @@
+//! The delivery log: events, their fan-out into per-partition deliveries, and each delivery's
+//! progress.
+//!
+//! # Lifecycle of a delivery
+//! A publish stores the event and one delivery per matching subscription, in partition
+//! `{topic}#{subscription_id}` under the event's sequence. A delivery is then
+//!
+//! - **pending**: returned by [`DeliveryLog::next_deliveries`] once it is the partition's
+//!   head (every delivery with a smaller sequence is completed or dead-lettered) and listed by
+//!   [`DeliveryLog::list_pending`];
+//! - **retrying**: still pending, with `attempts` and `next_attempt_at` advanced by
+//!   [`DeliveryLog::record_failure`] with [`FailureOutcome::RetryAt`];
+//! - **completed**: removed by [`DeliveryLog::complete_delivery`]; once no delivery of an event
+//!   is left, the event itself is removed;
+//! - **dead-lettered**: kept (listed by `list_pending`, never returned by `next_deliveries`)
+//!   after [`DeliveryLog::record_failure`] with [`FailureOutcome::DeadLetter`]; the partition's
+//!   `dead_through` mark moves past it, so the next delivery becomes the head.
+//!
+//! Deleting the subscription removes all of its deliveries, dead-lettered ones included.
+//!
+//! # Atomicity
+//! Each call applies all of its effects or none, except a DynamoDB fan-out larger than one
+//! transaction: it is written in chunks behind an "open fan-out" mark on the event, and every
+//! reader of the topic's partitions finishes (repairs) an open fan-out before reading past it,
+//! so no partition sees a later sequence before an earlier one.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::model::{FailureOutcome, NewEvent, Page, PartitionKey, PendingDelivery, Published};
+use crate::store::{LeaseToken, StoreError};
+
+/// Events and per-partition delivery progress.
+///
+/// Writes that a delivery worker makes for its partition (`complete_delivery`,
+/// `record_failure`) take the worker's lease token on a shared store and are refused with
+/// [`StoreError::LeaseLost`] if the lease is no longer that token's.
+#[async_trait]
+pub trait DeliveryLog: Send + Sync {
+    /// Assigns the event its sequence and stores it together with one pending delivery per
+    /// matching subscription, durably.
+    ///
+    /// The sequence is strictly greater than that of every event of the same topic whose
+    /// publish returned before this call began, and every partition receives its deliveries in
+    /// sequence order: once a delivery of sequence `n` is readable, no delivery with a smaller
+    /// sequence can appear in that partition later.
+    ///
+    /// If `event.idempotency_key` matches a publish on the same topic within
+    /// `idempotency_window`, nothing is written and the original outcome is returned with
+    /// `duplicate = true`.
+    async fn publish(
+        &self,
+        event: &NewEvent,
+        idempotency_window: Duration,
+    ) -> Result<Published, StoreError>;
+
+    /// Returns up to `limit` deliveries of the partition that are neither completed nor
+    /// dead-lettered, in sequence order, starting at the partition's head. Empty if there are
+    /// none (or the partition is unknown).
+    async fn next_deliveries(
+        &self,
+        partition: &PartitionKey,
+        limit: usize,
+    ) -> Result<Vec<PendingDelivery>, StoreError>;
+
+    /// Marks the delivery of `sequence` in `partition` as done and removes it. Completing a
+    /// delivery that is not pending is a no-op (`Ok`), so a retried call is harmless.
+    /// `LeaseLost` if `fence` is given and is no longer the partition's lease.
+    ///
+    /// May be made durable lazily: after a crash a completed delivery can reappear (it is then
+    /// sent again, which at-least-once allows); it is never lost.
+    async fn complete_delivery(
+        &self,
+        partition: &PartitionKey,
+        sequence: u64,
+        fence: Option<&LeaseToken>,
+    ) -> Result<(), StoreError>;
+
+    /// Records a failed attempt at the delivery of `sequence`: increments its attempt count,
+    /// stores `error`, and either schedules the next attempt or dead-letters it (which moves the
+    /// partition's head past it). A no-op if the delivery is not pending. `LeaseLost` if
+    /// `fence` is given and is no longer the partition's lease.
+    async fn record_failure(
+        &self,
+        partition: &PartitionKey,
+        sequence: u64,
+        error: &str,
+        outcome: FailureOutcome,
+        fence: Option<&LeaseToken>,
+    ) -> Result<(), StoreError>;
+
+    /// Lists the pending deliveries of a subscription (dead-lettered included), ordered by
+    /// topic then sequence, optionally only those of `topic`. At most `page_size` entries
+    /// starting after `page_token`; the cost of a page does not depend on the backlog size.
+    /// `NotFound` if the subscription does not exist.
+    async fn list_pending(
+        &self,
+        subscription_id: &str,
+        topic: Option<&str>,
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<Page<PendingDelivery>, StoreError>;
+
+    /// At least every partition that has a delivery that is neither completed nor
+    /// dead-lettered (it may list others), so the worker can resume after a restart and pick up
+    /// partitions that another instance left.
+    async fn pending_partitions(&self) -> Result<Vec<PartitionKey>, StoreError>;
+}

@@ -1,0 +1,309 @@
+//! The delivery log on DynamoDB: deliveries are items under their partition's key, dead
+//! letters under a sibling key, events under their topic's key with a reference count.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::types::{Delete, Put, TransactWriteItem, Update};
+
+use super::schema::{self, Item, get_n, n, s};
+use super::{DynamoStore, SWEEP_BUDGET};
+use crate::model::{FailureOutcome, NewEvent, Page, PartitionKey, PendingDelivery, Published};
+use crate::store::records;
+use crate::store::{DeliveryLog, LeaseToken, StoreError, SubscriptionStore};
+
+impl DynamoStore {
+    /// Removes one pending (or dead-lettered) delivery and drops its reference to the event,
+    /// deleting the event with its last reference. Returns false if it was not there.
+    /// With `fence`, refused with `LeaseLost` unless the token holds the partition's lease.
+    pub(super) async fn remove_delivery(
+        &self,
+        delivery_key: Item,
+        topic: &str,
+        sequence: u64,
+        fence: Option<(&PartitionKey, &LeaseToken)>,
+    ) -> Result<bool, StoreError> {
+        let delete_delivery = || {
+            TransactWriteItem::builder()
+                .delete(
+                    Delete::builder()
+                        .table_name(&self.table)
+                        .set_key(Some(delivery_key.clone()))
+                        .condition_expression("attribute_exists(pk)")
+                        .build()
+                        .expect("complete delete"),
+                )
+                .build()
+        };
+        let decrement = TransactWriteItem::builder()
+            .update(
+                Update::builder()
+                    .table_name(&self.table)
+                    .set_key(Some(schema::event_key(topic, sequence)))
+                    .update_expression("ADD pending :minus_one")
+                    .condition_expression("pending > :one")
+                    .expression_attribute_values(":minus_one", n(-1))
+                    .expression_attribute_values(":one", n(1))
+                    .build()
+                    .expect("complete update"),
+            )
+            .build();
+        let Some(reasons) = self
+            .transact_fenced(vec![delete_delivery(), decrement], fence)
+            .await?
+        else {
+            return Ok(true);
+        };
+        if reasons.first().map(String::as_str) == Some("ConditionalCheckFailed") {
+            return Ok(false);
+        }
+        // The decrement's condition failed: this is the last reference, so delete the event
+        // with it.
+        let delete_event = TransactWriteItem::builder()
+            .delete(
+                Delete::builder()
+                    .table_name(&self.table)
+                    .set_key(Some(schema::event_key(topic, sequence)))
+                    .build()
+                    .expect("complete delete"),
+            )
+            .build();
+        match self
+            .transact_fenced(vec![delete_delivery(), delete_event], fence)
+            .await?
+        {
+            None => Ok(true),
+            Some(_) => Ok(false),
+        }
+    }
+}
+
+#[async_trait]
+impl DeliveryLog for DynamoStore {
+    async fn publish(
+        &self,
+        event: &NewEvent,
+        idempotency_window: Duration,
+    ) -> Result<Published, StoreError> {
+        self.publish_event(event, idempotency_window).await
+    }
+
+    async fn next_deliveries(
+        &self,
+        partition: &PartitionKey,
+        limit: usize,
+    ) -> Result<Vec<PendingDelivery>, StoreError> {
+        // The head blocked by a young unfinished fan-out is not waited for here (the worker
+        // lingers and reads again, and the rescan looks again at topics with a fan-out open);
+        // a head committed after the topic item was read is read again, a few times.
+        let mut rereads = 0;
+        let fields = loop {
+            let Some(horizon) = self.delivery_horizon(&partition.topic).await? else {
+                return Ok(Vec::new());
+            };
+            let items = self.query_after(&partition.encode(), None, limit).await?;
+            let Some(head) = items.first() else {
+                return Ok(Vec::new());
+            };
+            let mut fields = Vec::new();
+            for item in &items {
+                let delivery = schema::delivery_fields(item, false)?;
+                if delivery.sequence >= horizon.limit() {
+                    break;
+                }
+                fields.push(delivery);
+            }
+            if !fields.is_empty() {
+                break fields;
+            }
+            // The head was committed after the topic was read: read again.
+            if schema::get_sequence(head)? > horizon.last_sequence && rereads < 3 {
+                rereads += 1;
+                continue;
+            }
+            return Ok(Vec::new());
+        };
+        let sequences: Vec<u64> = fields.iter().map(|delivery| delivery.sequence).collect();
+        let mut events = self.batch_get_events(&partition.topic, &sequences).await?;
+        fields
+            .into_iter()
+            .map(|delivery| {
+                let event = events.remove(&delivery.sequence).ok_or_else(|| {
+                    StoreError::Internal(format!(
+                        "delivery {partition}/{} has no event item",
+                        delivery.sequence
+                    ))
+                })?;
+                Ok(schema::pending_delivery(partition, delivery, event))
+            })
+            .collect()
+    }
+
+    async fn complete_delivery(
+        &self,
+        partition: &PartitionKey,
+        sequence: u64,
+        fence: Option<&LeaseToken>,
+    ) -> Result<(), StoreError> {
+        self.remove_delivery(
+            schema::delivery_key(partition, sequence),
+            &partition.topic,
+            sequence,
+            fence.map(|token| (partition, token)),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn record_failure(
+        &self,
+        partition: &PartitionKey,
+        sequence: u64,
+        error: &str,
+        outcome: FailureOutcome,
+        fence: Option<&LeaseToken>,
+    ) -> Result<(), StoreError> {
+        let mut holder = records::DeliveryRecord::new(0, 0);
+        holder.set_error(error);
+        let error = holder.last_error.unwrap_or_default();
+        let fence = fence.map(|token| (partition, token));
+        let items = match outcome {
+            FailureOutcome::RetryAt(at) => {
+                let update = Update::builder()
+                    .table_name(&self.table)
+                    .set_key(Some(schema::delivery_key(partition, sequence)))
+                    .update_expression(
+                        "SET attempts = attempts + :one, next_attempt_at = :at, last_error = :error",
+                    )
+                    .condition_expression("attribute_exists(pk)")
+                    .expression_attribute_values(":one", n(1))
+                    .expression_attribute_values(":at", n(at))
+                    .expression_attribute_values(":error", s(error))
+                    .build()
+                    .expect("complete update");
+                vec![TransactWriteItem::builder().update(update).build()]
+            }
+            FailureOutcome::DeadLetter => {
+                let Some(item) = self
+                    .get_item(schema::delivery_key(partition, sequence))
+                    .await?
+                else {
+                    return Ok(());
+                };
+                let mut dead = item.clone();
+                dead.extend(schema::dead_key(partition, sequence));
+                dead.insert("attempts".into(), n(get_n(&item, "attempts")? + 1));
+                dead.insert("last_error".into(), s(error));
+                vec![
+                    TransactWriteItem::builder()
+                        .delete(
+                            Delete::builder()
+                                .table_name(&self.table)
+                                .set_key(Some(schema::delivery_key(partition, sequence)))
+                                .condition_expression("attribute_exists(pk)")
+                                .build()
+                                .expect("complete delete"),
+                        )
+                        .build(),
+                    TransactWriteItem::builder()
+                        .put(
+                            Put::builder()
+                                .table_name(&self.table)
+                                .set_item(Some(dead))
+                                .build()
+                                .expect("complete put"),
+                        )
+                        .build(),
+                ]
+            }
+        };
+        // A cancellation for the delivery's own condition means it is no longer pending.
+        self.transact_fenced(items, fence).await.map(|_| ())
+    }
+
+    async fn list_pending(
+        &self,
+        subscription_id: &str,
+        topic: Option<&str>,
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<Page<PendingDelivery>, StoreError> {
+        let after = page_token.map(records::decode_pending_token).transpose()?;
+        let subscription = self.get_subscription(subscription_id).await?;
+        let topics = match topic {
+            Some(topic) => vec![topic.to_string()],
+            None => self
+                .topics()
+                .await?
+                .into_iter()
+                .filter(|topic| subscription.matches(topic))
+                .collect(),
+        };
+        let wanted = page_size + 1;
+        let mut items = Vec::new();
+        for topic in topics {
+            if items.len() >= wanted {
+                break;
+            }
+            let start = match &after {
+                Some((token_topic, _)) if topic < *token_topic => continue,
+                Some((token_topic, sequence)) if topic == *token_topic => {
+                    Some(schema::sequence_key(*sequence))
+                }
+                _ => None,
+            };
+            let partition = PartitionKey::new(topic.as_str(), subscription_id);
+            let left = wanted - items.len();
+            let live = self
+                .query_after(&partition.encode(), start.as_deref(), left)
+                .await?;
+            let dead = self
+                .query_after(&schema::dead_pk(&partition), start.as_deref(), left)
+                .await?;
+            let mut merged = Vec::new();
+            for item in &live {
+                merged.push(schema::delivery_fields(item, false)?);
+            }
+            for item in &dead {
+                merged.push(schema::delivery_fields(item, true)?);
+            }
+            merged.sort_by_key(|delivery| delivery.sequence);
+            merged.truncate(left);
+            let sequences: Vec<u64> = merged.iter().map(|delivery| delivery.sequence).collect();
+            let mut events = self.batch_get_events(&topic, &sequences).await?;
+            for delivery in merged {
+                let Some(event) = events.remove(&delivery.sequence) else {
+                    continue;
+                };
+                items.push(schema::pending_delivery(&partition, delivery, event));
+            }
+        }
+        Ok(records::pending_page(items, page_size))
+    }
+
+    /// The first call probes every partition of every topic. Later calls probe only the
+    /// partitions of topics published since the previous call (or with a fan-out open then),
+    /// plus those whose lease ran out (an instance that stopped renewing or handed over), so an
+    /// idle fleet costs a few requests per rescan. Expired leases are looked at first and a
+    /// failure of one part does not stop the other; then a bounded share of what interrupted
+    /// unsubscribes left is removed.
+    async fn pending_partitions(&self) -> Result<Vec<PartitionKey>, StoreError> {
+        self.forget_subscriptions();
+        let set = self.subscription_set().await?;
+        let mut found = std::collections::BTreeSet::new();
+        let leases = self.expired_leases(&set, &mut found).await;
+        let topics = self.changed_topics(&set, &mut found).await;
+        if let Err(error) = self.finish_unsubscribes(SWEEP_BUDGET).await {
+            // Left for the next rescan.
+            tracing::warn!(%error, "cannot finish an interrupted unsubscribe yet");
+        }
+        match (leases, topics) {
+            (Err(error), Err(_)) => Err(error),
+            (Err(error), Ok(())) | (Ok(()), Err(error)) => {
+                tracing::warn!(%error, "rescan incomplete; the next one tries again");
+                Ok(found.into_iter().collect())
+            }
+            (Ok(()), Ok(())) => Ok(found.into_iter().collect()),
+        }
+    }
+}

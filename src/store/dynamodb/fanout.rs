@@ -1,0 +1,155 @@
+//! Fan-outs larger than one transaction: the rest of the deliveries written behind an "open
+//! fan-out" mark on the topic, the delivery horizon every reader respects, and finishing a
+//! fan-out whose publisher died (called from the read path, by any instance).
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, TransactWriteItem};
+
+use super::errors::{cancellation_reasons, sdk_error};
+use super::schema::{self, Item, get_n, get_s, n};
+use super::{DynamoStore, TRANSACTION_LIMIT};
+use crate::model::{PartitionKey, now_micros};
+use crate::store::StoreError;
+
+/// What a worker may deliver of a topic.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Horizon {
+    /// The topic's last committed sequence.
+    pub last_sequence: u64,
+    /// The smallest sequence whose fan-out is unfinished.
+    pub oldest_open: Option<u64>,
+}
+
+impl Horizon {
+    /// The first sequence that may not be delivered yet.
+    pub fn limit(&self) -> u64 {
+        self.oldest_open
+            .unwrap_or(u64::MAX)
+            .min(self.last_sequence.saturating_add(1))
+    }
+}
+
+impl DynamoStore {
+    /// Writes the remaining deliveries of an open fan-out, then closes it. Every write is
+    /// conditional on the fan-out still being open, so a publisher that resumes after another
+    /// instance finished its fan-out cannot bring back deliveries that were already made.
+    pub(super) async fn write_open_fanout(
+        &self,
+        topic: &str,
+        sequence: u64,
+        deliveries: Vec<Item>,
+    ) -> Result<(), StoreError> {
+        for chunk in deliveries.chunks(TRANSACTION_LIMIT - 1) {
+            let check = ConditionCheck::builder()
+                .table_name(&self.table)
+                .set_key(Some(schema::topic_key(topic)))
+                .condition_expression("contains(open_fanouts, :sequence)")
+                .expression_attribute_values(":sequence", n(sequence))
+                .build()
+                .expect("complete condition check");
+            let mut items = vec![TransactWriteItem::builder().condition_check(check).build()];
+            items.extend(chunk.iter().cloned().map(|item| self.put(item)));
+            if let Err(error) = self.transact(items).await {
+                return match cancellation_reasons(&error) {
+                    // Someone else finished it.
+                    Some(reasons)
+                        if reasons.first().map(String::as_str)
+                            == Some("ConditionalCheckFailed") =>
+                    {
+                        Ok(())
+                    }
+                    _ => Err(sdk_error(error)),
+                };
+            }
+        }
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(schema::topic_key(topic)))
+            .update_expression("DELETE open_fanouts :open")
+            .expression_attribute_values(":open", AttributeValue::Ns(vec![sequence.to_string()]))
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        Ok(())
+    }
+
+    /// The first sequence of `topic` that a worker may not deliver yet: one past the last
+    /// sequence committed, or the smallest sequence whose fan-out is unfinished if lower.
+    /// Finishes an unfinished fan-out older than the repair delay first. `None` if the topic
+    /// has never been published.
+    ///
+    /// Read this before the deliveries: every event at or below the returned last sequence is
+    /// then either fully fanned out before the read of the deliveries, or still open here.
+    pub(super) async fn delivery_horizon(
+        &self,
+        topic: &str,
+    ) -> Result<Option<Horizon>, StoreError> {
+        for _ in 0..3 {
+            let Some(item) = self.get_item(schema::topic_key(topic)).await? else {
+                return Ok(None);
+            };
+            let last_sequence = get_n(&item, "last_seq")?;
+            let oldest_open = match item.get("open_fanouts") {
+                Some(AttributeValue::Ns(open)) => open
+                    .iter()
+                    .filter_map(|sequence| sequence.parse::<u64>().ok())
+                    .min(),
+                _ => None,
+            };
+            match oldest_open {
+                Some(oldest)
+                    if Duration::from_micros(now_micros().saturating_sub(oldest))
+                        >= self.repair_after =>
+                {
+                    self.finish_fanout(topic, oldest).await?;
+                }
+                _ => {
+                    return Ok(Some(Horizon {
+                        last_sequence,
+                        oldest_open,
+                    }));
+                }
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "cannot finish the fan-outs of {topic}"
+        )))
+    }
+
+    /// Rewrites every delivery of an unfinished fan-out from the list its event item keeps,
+    /// then closes it.
+    async fn finish_fanout(&self, topic: &str, sequence: u64) -> Result<(), StoreError> {
+        tracing::warn!(
+            topic,
+            sequence,
+            "finishing a fan-out left unfinished by its publisher"
+        );
+        let deliveries = match self.get_item(schema::event_key(topic, sequence)).await? {
+            Some(event) => {
+                let fanout: Vec<(String, u64)> = serde_json::from_str(get_s(&event, "fanout")?)
+                    .map_err(|_| {
+                        StoreError::Corrupt(format!("fan-out record of {topic}/{sequence}"))
+                    })?;
+                let due = get_n(&event, "published_at")?;
+                fanout
+                    .into_iter()
+                    .map(|(id, previous)| {
+                        schema::delivery_item(
+                            &PartitionKey::new(topic, id),
+                            sequence,
+                            previous,
+                            due,
+                        )
+                    })
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        self.write_open_fanout(topic, sequence, deliveries).await?;
+        self.fanouts_repaired.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}

@@ -1,0 +1,177 @@
+//! The table reads and writes every part of the store builds on: consistent gets, queries and
+//! batch gets, and transactions fenced by a partition lease.
+
+use std::collections::HashMap;
+
+use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{KeysAndAttributes, TransactWriteItem};
+
+use super::errors::{cancellation_reasons, conflict_pause, sdk_error};
+use super::schema::{self, Item, s};
+use super::{BATCH_GET_LIMIT, DynamoStore};
+use crate::model::{Event, PartitionKey};
+use crate::store::{LeaseToken, StoreError};
+
+impl DynamoStore {
+    pub(super) async fn get_item(&self, key: Item) -> Result<Option<Item>, StoreError> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(key))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        Ok(output.item)
+    }
+
+    /// Queries one partition key for sort keys strictly after `after` (all if `None`), in
+    /// order, at most `limit` items.
+    pub(super) async fn query_after(
+        &self,
+        pk: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Item>, StoreError> {
+        let mut items = Vec::new();
+        let mut start: Option<Item> = after.map(|sk| schema::key(pk, sk));
+        while items.len() < limit {
+            let output = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("pk = :pk")
+                .expression_attribute_values(":pk", s(pk))
+                .consistent_read(true)
+                .limit((limit - items.len()).min(1000) as i32)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(sdk_error)?;
+            items.extend(output.items.unwrap_or_default());
+            match output.last_evaluated_key {
+                Some(key) if !key.is_empty() => start = Some(key),
+                _ => break,
+            }
+        }
+        Ok(items)
+    }
+
+    pub(super) async fn transact(
+        &self,
+        items: Vec<TransactWriteItem>,
+    ) -> Result<(), SdkError<TransactWriteItemsError>> {
+        self.client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .send()
+            .await
+            .map(|_| ())
+    }
+
+    /// Reads events by sequence, keyed by sequence.
+    pub(super) async fn batch_get_events(
+        &self,
+        topic: &str,
+        sequences: &[u64],
+    ) -> Result<HashMap<u64, Event>, StoreError> {
+        let keys = sequences
+            .iter()
+            .map(|sequence| schema::event_key(topic, *sequence))
+            .collect();
+        let mut events = HashMap::new();
+        for item in self.batch_get(keys).await? {
+            let event = schema::event_from_item(topic, &item)?;
+            events.insert(event.sequence, event);
+        }
+        Ok(events)
+    }
+
+    /// Reads items by key (consistently), in batches of 100, retrying what DynamoDB leaves
+    /// unprocessed. Missing items are left out.
+    pub(super) async fn batch_get(&self, keys: Vec<Item>) -> Result<Vec<Item>, StoreError> {
+        let mut items = Vec::new();
+        for chunk in keys.chunks(BATCH_GET_LIMIT) {
+            let mut keys = chunk.to_vec();
+            let mut attempt = 0;
+            while !keys.is_empty() {
+                let output = self
+                    .client
+                    .batch_get_item()
+                    .request_items(
+                        &self.table,
+                        KeysAndAttributes::builder()
+                            .set_keys(Some(keys))
+                            .consistent_read(true)
+                            .build()
+                            .expect("complete keys"),
+                    )
+                    .send()
+                    .await
+                    .map_err(sdk_error)?;
+                items.extend(
+                    output
+                        .responses
+                        .and_then(|mut responses| responses.remove(&self.table))
+                        .unwrap_or_default(),
+                );
+                keys = output
+                    .unprocessed_keys
+                    .and_then(|mut unprocessed| unprocessed.remove(&self.table))
+                    .map(|keys| keys.keys)
+                    .unwrap_or_default();
+                if !keys.is_empty() {
+                    attempt += 1;
+                    if attempt > 10 {
+                        return Err(StoreError::Unavailable(
+                            "DynamoDB keeps leaving batch reads unprocessed".into(),
+                        ));
+                    }
+                    conflict_pause(attempt).await;
+                }
+            }
+        }
+        Ok(items)
+    }
+
+    /// Runs a transaction whose last item is `fence`'s lease check, if given. Returns the
+    /// cancellation reasons of the other items if it was cancelled for them; `LeaseLost` if it
+    /// was cancelled by the lease check.
+    pub(super) async fn transact_fenced(
+        &self,
+        mut items: Vec<TransactWriteItem>,
+        fence: Option<(&PartitionKey, &LeaseToken)>,
+    ) -> Result<Option<Vec<String>>, StoreError> {
+        let checked = items.len();
+        if let Some((partition, token)) = fence {
+            items.push(self.lease_check(partition, token));
+        }
+        let Err(error) = self.transact(items).await else {
+            return Ok(None);
+        };
+        let Some(reasons) = cancellation_reasons(&error) else {
+            return Err(sdk_error(error));
+        };
+        let failed =
+            |index: usize| reasons.get(index).map(String::as_str) == Some("ConditionalCheckFailed");
+        let own_failure = (0..checked).any(failed);
+        if let Some((partition, _)) = fence
+            && failed(checked)
+            && !own_failure
+        {
+            return Err(StoreError::LeaseLost(format!(
+                "another worker holds the lease of {partition}"
+            )));
+        }
+        if own_failure {
+            return Ok(Some(reasons));
+        }
+        // A conflict with another transaction: nothing was written.
+        Err(StoreError::Unavailable(format!(
+            "transaction conflict: {}",
+            DisplayErrorContext(&error)
+        )))
+    }
+}

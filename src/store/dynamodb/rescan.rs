@@ -1,0 +1,120 @@
+//! Finding partitions with work: topics that changed since the last rescan, and partitions
+//! whose lease ran out.
+
+use std::collections::{BTreeSet, HashMap};
+
+use aws_sdk_dynamodb::types::AttributeValue;
+
+use super::DynamoStore;
+use super::schema::{self, get_n, get_s};
+use super::subscriptions::SubscriptionSet;
+use crate::model::{PartitionKey, now_millis};
+use crate::store::StoreError;
+
+/// What the rescan last saw of a topic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct TopicMark {
+    last_sequence: u64,
+    open_fanout: bool,
+}
+
+impl DynamoStore {
+    /// The last sequence of each of `topics`, and whether a fan-out of it is open.
+    pub(super) async fn topic_marks(
+        &self,
+        topics: &[String],
+    ) -> Result<HashMap<String, TopicMark>, StoreError> {
+        let keys = topics
+            .iter()
+            .map(|topic| schema::topic_key(topic))
+            .collect();
+        let mut sequences = HashMap::new();
+        for item in self.batch_get(keys).await? {
+            let topic = get_s(&item, schema::PK)?
+                .strip_prefix("TOPIC#")
+                .ok_or_else(|| StoreError::Corrupt("topic item key".into()))?
+                .to_string();
+            let open_fanout = matches!(
+                item.get("open_fanouts"),
+                Some(AttributeValue::Ns(open)) if !open.is_empty()
+            );
+            sequences.insert(
+                topic,
+                TopicMark {
+                    last_sequence: get_n(&item, "last_seq")?,
+                    open_fanout,
+                },
+            );
+        }
+        Ok(sequences)
+    }
+
+    /// Every topic ever published, in name order.
+    pub(super) async fn topics(&self) -> Result<Vec<String>, StoreError> {
+        self.query_after(schema::TOPICS_PK, None, usize::MAX)
+            .await?
+            .iter()
+            .map(|item| get_s(item, schema::SK).map(str::to_string))
+            .collect()
+    }
+
+    /// Adds the partitions whose lease ran out (their holder died, froze or handed over).
+    pub(super) async fn expired_leases(
+        &self,
+        set: &SubscriptionSet,
+        found: &mut BTreeSet<PartitionKey>,
+    ) -> Result<(), StoreError> {
+        let now = now_millis();
+        for shard in 0..schema::LEASE_SHARDS {
+            for lease in self
+                .query_after(&schema::lease_shard_pk(shard), None, usize::MAX)
+                .await?
+            {
+                if get_n(&lease, "lease_until")? < now
+                    && let Some(partition) = PartitionKey::decode(get_s(&lease, schema::SK)?)
+                    && set.subscriptions.contains_key(&partition.subscription_id)
+                {
+                    found.insert(partition);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the partitions with pending work among the topics that changed since the last
+    /// successful call (all of them on the first), and remembers what it saw.
+    pub(super) async fn changed_topics(
+        &self,
+        set: &SubscriptionSet,
+        found: &mut BTreeSet<PartitionKey>,
+    ) -> Result<(), StoreError> {
+        let topics = self.topics().await?;
+        let marks = self.topic_marks(&topics).await?;
+        let previous = self.rescanned.lock().expect("rescan lock").clone();
+        for topic in &topics {
+            let mark = marks.get(topic).copied().unwrap_or_default();
+            // Unchanged since the last look, and no fan-out was open then (an open fan-out's
+            // remaining deliveries appear without the sequence moving: its publisher or a
+            // repair writes them later).
+            let unchanged = previous
+                .as_ref()
+                .and_then(|previous| previous.get(topic))
+                .is_some_and(|last| *last == mark && !last.open_fanout);
+            if unchanged {
+                continue;
+            }
+            for subscription_id in set.index.matching(topic) {
+                let partition = PartitionKey::new(topic.as_str(), subscription_id);
+                if !self
+                    .query_after(&partition.encode(), None, 1)
+                    .await?
+                    .is_empty()
+                {
+                    found.insert(partition);
+                }
+            }
+        }
+        *self.rescanned.lock().expect("rescan lock") = Some(marks);
+        Ok(())
+    }
+}

@@ -1,0 +1,207 @@
+//! The embedded store's delivery log: publishes and outcomes go through the writer; reads
+//! (next deliveries, listings) run in read transactions.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redb::{ReadTransaction, ReadableTable};
+
+use super::EmbeddedStore;
+use super::schema::{DELIVERIES, EVENTS, PARTITIONS, PENDING_PARTITIONS, SUBSCRIPTIONS};
+use super::unavailable;
+use super::writer::Command;
+use crate::model::{FailureOutcome, NewEvent, Page, PartitionKey, PendingDelivery, Published};
+use crate::store::records::{self, DeliveryRecord, PartitionRecord, decode_event};
+use crate::store::{DeliveryLog, LeaseToken, StoreError};
+
+#[async_trait]
+impl DeliveryLog for EmbeddedStore {
+    async fn publish(
+        &self,
+        event: &NewEvent,
+        idempotency_window: Duration,
+    ) -> Result<Published, StoreError> {
+        let event = event.clone();
+        self.submit(|reply| Command::Publish(event, idempotency_window, reply))
+            .await
+    }
+
+    async fn next_deliveries(
+        &self,
+        partition: &PartitionKey,
+        limit: usize,
+    ) -> Result<Vec<PendingDelivery>, StoreError> {
+        let partition = partition.clone();
+        self.read_with(move |transaction| {
+            let partition = &partition;
+            let partitions = transaction.open_table(PARTITIONS).map_err(unavailable)?;
+            let record = match partitions
+                .get((partition.subscription_id.as_str(), partition.topic.as_str()))
+                .map_err(unavailable)?
+            {
+                Some(bytes) => PartitionRecord::decode(bytes.value())?,
+                None => return Ok(Vec::new()),
+            };
+            if record.pending == 0 {
+                return Ok(Vec::new());
+            }
+            let mut deliveries = read_partition(
+                &transaction,
+                partition,
+                record.dead_through.saturating_add(1),
+                limit,
+            )?;
+            deliveries.retain(|delivery| !delivery.state.dead_lettered);
+            Ok(deliveries)
+        })
+        .await
+    }
+
+    /// One process owns the file, so there are no leases and `fence` is not checked.
+    async fn complete_delivery(
+        &self,
+        partition: &PartitionKey,
+        sequence: u64,
+        _fence: Option<&LeaseToken>,
+    ) -> Result<(), StoreError> {
+        let partition = partition.clone();
+        self.submit(|reply| Command::Complete(partition, sequence, reply))
+            .await
+    }
+
+    async fn record_failure(
+        &self,
+        partition: &PartitionKey,
+        sequence: u64,
+        error: &str,
+        outcome: FailureOutcome,
+        _fence: Option<&LeaseToken>,
+    ) -> Result<(), StoreError> {
+        let partition = partition.clone();
+        let error = error.to_string();
+        self.submit(|reply| Command::Failure(partition, sequence, error, outcome, reply))
+            .await
+    }
+
+    async fn list_pending(
+        &self,
+        subscription_id: &str,
+        topic: Option<&str>,
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<Page<PendingDelivery>, StoreError> {
+        let after = page_token.map(records::decode_pending_token).transpose()?;
+        let subscription_id = subscription_id.to_string();
+        let topic = topic.map(str::to_string);
+        self.read_with(move |transaction| {
+            let subscription_id = subscription_id.as_str();
+            let topic = topic.as_deref();
+            {
+                let subscriptions = transaction.open_table(SUBSCRIPTIONS).map_err(unavailable)?;
+                if subscriptions
+                    .get(subscription_id)
+                    .map_err(unavailable)?
+                    .is_none()
+                {
+                    return Err(StoreError::NotFound(format!(
+                        "subscription {subscription_id}"
+                    )));
+                }
+            }
+            let start_after = |candidate: &str| match &after {
+                Some((token_topic, sequence)) if token_topic == candidate => sequence + 1,
+                _ => 0,
+            };
+            // Fetch one more than asked to learn whether another page follows.
+            let wanted = page_size + 1;
+            let mut items = Vec::new();
+            match topic {
+                Some(topic) => {
+                    let partition = PartitionKey::new(topic, subscription_id);
+                    items = read_partition(&transaction, &partition, start_after(topic), wanted)?;
+                }
+                None => {
+                    let pending = transaction
+                        .open_table(PENDING_PARTITIONS)
+                        .map_err(unavailable)?;
+                    let first_topic = after.as_ref().map_or("", |(topic, _)| topic.as_str());
+                    let range = pending
+                        .range((subscription_id, first_topic)..)
+                        .map_err(unavailable)?;
+                    for entry in range {
+                        let (key, _) = entry.map_err(unavailable)?;
+                        let (owner, topic) = key.value();
+                        if owner != subscription_id || items.len() >= wanted {
+                            break;
+                        }
+                        let partition = PartitionKey::new(topic, subscription_id);
+                        let left = wanted - items.len();
+                        items.extend(read_partition(
+                            &transaction,
+                            &partition,
+                            start_after(topic),
+                            left,
+                        )?);
+                    }
+                }
+            }
+            Ok(records::pending_page(items, page_size))
+        })
+        .await
+    }
+
+    async fn pending_partitions(&self) -> Result<Vec<PartitionKey>, StoreError> {
+        self.read_with(move |transaction| {
+            let table = transaction
+                .open_table(PENDING_PARTITIONS)
+                .map_err(unavailable)?;
+            let mut partitions = Vec::new();
+            for entry in table.iter().map_err(unavailable)? {
+                let (key, _) = entry.map_err(unavailable)?;
+                let (subscription_id, topic) = key.value();
+                partitions.push(PartitionKey::new(topic, subscription_id));
+            }
+            Ok(partitions)
+        })
+        .await
+    }
+}
+
+/// Reads up to `limit` deliveries of a partition with sequence >= `from`, joined with events.
+fn read_partition(
+    transaction: &ReadTransaction,
+    partition: &PartitionKey,
+    from: u64,
+    limit: usize,
+) -> Result<Vec<PendingDelivery>, StoreError> {
+    let deliveries = transaction.open_table(DELIVERIES).map_err(unavailable)?;
+    let events = transaction.open_table(EVENTS).map_err(unavailable)?;
+    let key = partition.encode();
+    let mut result = Vec::new();
+    for entry in deliveries
+        .range((key.as_str(), from)..=(key.as_str(), u64::MAX))
+        .map_err(unavailable)?
+    {
+        if result.len() >= limit {
+            break;
+        }
+        let (entry_key, value) = entry.map_err(unavailable)?;
+        let (_, sequence) = entry_key.value();
+        let record = DeliveryRecord::decode(value.value())?;
+        let event_bytes = events
+            .get((partition.topic.as_str(), sequence))
+            .map_err(unavailable)?
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!("delivery {key}/{sequence} has no event record"))
+            })?;
+        let event = decode_event(&partition.topic, sequence, event_bytes.value())?;
+        result.push(PendingDelivery {
+            partition: partition.clone(),
+            event,
+            state: record.state(),
+            last_error: record.last_error.clone(),
+            previous_sequence: record.previous_sequence,
+        });
+    }
+    Ok(result)
+}

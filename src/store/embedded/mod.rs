@@ -1,0 +1,179 @@
+//! The embedded single-node backend, on redb (one file, `herald.redb`, in the data directory).
+//!
+//! Reads run on blocking threads, each in its own read transaction. Every write goes through
+//! one writer thread (`writer`) that takes all commands queued while the previous commit was
+//! syncing and applies them in one transaction (`tables`): group commit, so durability costs
+//! one fsync per batch, not per event. The writer also owns the in-memory topic index used for
+//! fan-out, and assigns sequences, so the order of sequences is the order of commits.
+//!
+//! One process owns the file, so the store has no partition leases.
+
+mod delivery_log;
+mod schema;
+mod subscriptions;
+mod tables;
+mod writer;
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use redb::{Database, ReadTransaction, ReadableDatabase};
+use tokio::sync::{oneshot, watch};
+
+use crate::store::{PartitionLeases, Store, StoreError};
+use writer::{Command, Reply, Writer};
+
+/// Writes waiting for the writer at most; more wait for room (backpressure).
+const WRITE_QUEUE: usize = 8192;
+/// How long a write waits for room in a full queue before it is refused.
+const QUEUE_WAIT: Duration = Duration::from_secs(2);
+
+/// The open database. The writer replaces it (reopens the file) after a write fails, since
+/// redb refuses every later write after an I/O error; `None` while that is under way.
+type DatabaseSlot = Arc<RwLock<Option<Arc<Database>>>>;
+
+/// The embedded store. Cheap to share behind an `Arc`.
+pub struct EmbeddedStore {
+    database: DatabaseSlot,
+    commands: mpsc::SyncSender<Command>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    health: watch::Receiver<bool>,
+    /// Test-only: milliseconds the writer sleeps before its next batch.
+    #[cfg(feature = "fault-injection")]
+    stall: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Drop for EmbeddedStore {
+    /// Stops the writer after the commands already queued and waits for it, so the database
+    /// file is closed cleanly before the store is gone.
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::sync_channel(1);
+        drop(std::mem::replace(&mut self.commands, closed));
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+fn unavailable(error: impl Into<redb::Error>) -> StoreError {
+    StoreError::Unavailable(error.into().to_string())
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the store in `data_dir` with the default page cache.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(data_dir, crate::config::defaults::store_cache_bytes())
+    }
+
+    /// Opens (creating if needed) the store in `data_dir`, with a page cache of at most
+    /// `cache_bytes`, and starts its writer thread. Returns `Unavailable` if the directory or
+    /// file cannot be opened (for example when another process holds it), `Internal` with what
+    /// to do if the file is not a Herald store or is damaged.
+    pub fn open_with_cache(data_dir: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|error| {
+            StoreError::Unavailable(format!("cannot create {}: {error}", data_dir.display()))
+        })?;
+        let path = data_dir.join("herald.redb");
+        let database = schema::open_database(&path, cache_bytes)?;
+        let index = schema::load_index(&database)?;
+        let slot: DatabaseSlot = Arc::new(RwLock::new(Some(Arc::new(database))));
+        let (commands, receiver) = mpsc::sync_channel(WRITE_QUEUE);
+        let (health_sender, health) = watch::channel(true);
+        #[cfg(feature = "fault-injection")]
+        let stall = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let writer = Writer::new(
+            slot.clone(),
+            path,
+            cache_bytes,
+            index,
+            health_sender,
+            #[cfg(feature = "fault-injection")]
+            stall.clone(),
+        );
+        let writer = std::thread::Builder::new()
+            .name("herald-store-writer".into())
+            .spawn(move || writer.run(receiver))
+            .map_err(|error| StoreError::Internal(format!("cannot start writer: {error}")))?;
+        Ok(EmbeddedStore {
+            database: slot,
+            commands,
+            writer: Some(writer),
+            health,
+            #[cfg(feature = "fault-injection")]
+            stall,
+        })
+    }
+
+    /// Makes the writer sleep `duration` before its next batch, as a stalled disk would.
+    /// Test-only (feature `fault-injection`).
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_writer_stall(&self, duration: Duration) {
+        self.stall.store(
+            duration.as_millis() as u64,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+
+    /// Queues a command for the writer and waits for its result. A full queue is backpressure:
+    /// the caller waits for room up to [`QUEUE_WAIT`], then gets `Overloaded`.
+    async fn submit<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, StoreError> {
+        let (reply, response) = oneshot::channel();
+        let mut command = command(reply);
+        let deadline = Instant::now() + QUEUE_WAIT;
+        loop {
+            match self.commands.try_send(command) {
+                Ok(()) => break,
+                Err(mpsc::TrySendError::Full(returned)) if Instant::now() < deadline => {
+                    command = returned;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err(mpsc::TrySendError::Full(_)) => {
+                    return Err(StoreError::Overloaded(format!(
+                        "the store's write queue stayed full ({WRITE_QUEUE} writes waiting) for \
+                         {QUEUE_WAIT:?}; nothing was written"
+                    )));
+                }
+                Err(mpsc::TrySendError::Disconnected(_)) => {
+                    return Err(StoreError::Unavailable("store writer stopped".into()));
+                }
+            }
+        }
+        response
+            .await
+            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+    }
+
+    /// Runs a read on a blocking thread (redb reads are synchronous), off the async workers.
+    async fn read_with<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(ReadTransaction) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let slot = self.database.clone();
+        tokio::task::spawn_blocking(move || {
+            let transaction = current(&slot)?.begin_read().map_err(unavailable)?;
+            job(transaction)
+        })
+        .await
+        .map_err(|error| StoreError::Internal(format!("read task failed: {error}")))?
+    }
+}
+
+/// The database in the slot, or `Unavailable` while it is being reopened.
+fn current(slot: &DatabaseSlot) -> Result<Arc<Database>, StoreError> {
+    slot.read()
+        .expect("database slot lock")
+        .clone()
+        .ok_or_else(|| StoreError::Unavailable("the store is reopening after a write error".into()))
+}
+
+impl Store for EmbeddedStore {
+    fn leases(self: Arc<Self>) -> Option<Arc<dyn PartitionLeases>> {
+        None
+    }
+
+    fn health(&self) -> Option<watch::Receiver<bool>> {
+        Some(self.health.clone())
+    }
+}

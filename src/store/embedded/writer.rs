@@ -1,0 +1,354 @@
+//! The writer thread: takes queued commands in batches and applies each batch in one redb
+//! transaction (group commit); turns the store unhealthy after a failed write, reopens the file
+//! and probes until it can write again.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use redb::Durability;
+use tokio::sync::{oneshot, watch};
+
+use super::schema::{PROBES, load_index, open_database};
+use super::tables::Tables;
+use super::{DatabaseSlot, current, unavailable};
+use crate::model::{FailureOutcome, NewEvent, PartitionKey, Published, Subscription, now_millis};
+use crate::store::StoreError;
+use crate::store::topic_index::TopicIndex;
+
+/// Most commands applied in one transaction.
+const MAX_BATCH: usize = 2048;
+/// Lazily durable commits are followed by a synced one within this interval.
+const MAX_LAZY_INTERVAL: Duration = Duration::from_millis(500);
+/// How often expired idempotency keys are swept.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// How often an unhealthy store probes whether it can write again.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a reopen waits for readers to let go of the old file.
+const REOPEN_WAIT: Duration = Duration::from_secs(2);
+
+pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+pub(super) enum Command {
+    CreateSubscription(Subscription, Reply<()>),
+    DeleteSubscription(String, Reply<u64>),
+    Publish(NewEvent, Duration, Reply<Published>),
+    Complete(PartitionKey, u64, Reply<()>),
+    Failure(PartitionKey, u64, String, FailureOutcome, Reply<()>),
+}
+
+impl Command {
+    /// Completions and failure records may be lost in a crash (the delivery is then retried);
+    /// everything else is acknowledged only once synced.
+    fn needs_sync(&self) -> bool {
+        !matches!(self, Command::Complete(..) | Command::Failure(..))
+    }
+}
+
+/// A command's result, held until the batch commits.
+enum Outcome {
+    Unit(Reply<()>, Result<(), StoreError>),
+    Count(Reply<u64>, Result<u64, StoreError>),
+    Published(Reply<Published>, Result<Published, StoreError>),
+}
+
+impl Outcome {
+    fn send(self, batch_error: Option<&StoreError>) {
+        // A receiver that went away (client cancelled) needs no answer.
+        match self {
+            Outcome::Unit(reply, result) => {
+                let _ = reply.send(batch_error.map_or(result, |error| Err(error.clone())));
+            }
+            Outcome::Count(reply, result) => {
+                let _ = reply.send(batch_error.map_or(result, |error| Err(error.clone())));
+            }
+            Outcome::Published(reply, result) => {
+                let _ = reply.send(batch_error.map_or(result, |error| Err(error.clone())));
+            }
+        }
+    }
+}
+
+/// The single writer: owns the topic index and applies command batches.
+pub(super) struct Writer {
+    database: DatabaseSlot,
+    path: PathBuf,
+    cache_bytes: usize,
+    index: TopicIndex,
+    last_sync: Instant,
+    /// True while a commit made with `Durability::None` awaits a synced one.
+    unsynced: bool,
+    last_sweep: Instant,
+    /// False from a failed write until a write succeeds again.
+    health: watch::Sender<bool>,
+    last_probe: Instant,
+    #[cfg(feature = "fault-injection")]
+    stall: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Writer {
+    pub(super) fn new(
+        database: DatabaseSlot,
+        path: PathBuf,
+        cache_bytes: usize,
+        index: TopicIndex,
+        health: watch::Sender<bool>,
+        #[cfg(feature = "fault-injection")] stall: Arc<std::sync::atomic::AtomicU64>,
+    ) -> Self {
+        Writer {
+            database,
+            path,
+            cache_bytes,
+            index,
+            last_sync: Instant::now(),
+            unsynced: false,
+            last_sweep: Instant::now(),
+            health,
+            last_probe: Instant::now(),
+            #[cfg(feature = "fault-injection")]
+            stall,
+        }
+    }
+
+    pub(super) fn run(mut self, receiver: mpsc::Receiver<Command>) {
+        loop {
+            let first = match receiver.recv_timeout(MAX_LAZY_INTERVAL) {
+                Ok(command) => {
+                    #[cfg(feature = "fault-injection")]
+                    {
+                        let stall = self.stall.swap(0, std::sync::atomic::Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(stall));
+                    }
+                    command
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if !*self.health.borrow() {
+                        self.probe();
+                    } else if self.unsynced {
+                        // Idle: make lazily recorded completions durable too.
+                        self.apply_batch(Vec::new());
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    // Closing: make lazily recorded completions durable before the file closes.
+                    if self.unsynced {
+                        self.apply_batch(Vec::new());
+                    }
+                    break;
+                }
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match receiver.try_recv() {
+                    Ok(command) => batch.push(command),
+                    Err(_) => break,
+                }
+            }
+            self.apply_batch(batch);
+        }
+    }
+
+    fn apply_batch(&mut self, batch: Vec<Command>) {
+        let sync = batch.is_empty()
+            || batch.iter().any(Command::needs_sync)
+            || self.last_sync.elapsed() >= MAX_LAZY_INTERVAL;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut index_changed = false;
+        let result = self.write_batch(batch, sync, &mut outcomes, &mut index_changed);
+        let error = result.err();
+        if let Some(error) = &error {
+            tracing::error!(%error, "store batch failed; nothing in it was written");
+            self.set_healthy(false);
+            self.recover(index_changed);
+        } else {
+            self.set_healthy(true);
+            if sync {
+                self.last_sync = Instant::now();
+                self.unsynced = false;
+            } else {
+                self.unsynced = true;
+            }
+        }
+        for outcome in outcomes {
+            outcome.send(error.as_ref());
+        }
+    }
+
+    fn set_healthy(&self, healthy: bool) {
+        self.health.send_if_modified(|current| {
+            let changed = *current != healthy;
+            *current = healthy;
+            changed
+        });
+    }
+
+    /// After a failed batch: reopens the file if it refuses writes (redb does after an I/O
+    /// error), and rebuilds the topic index from what is stored if the batch had changed it.
+    fn recover(&mut self, index_changed: bool) {
+        let writable = current(&self.database)
+            .and_then(|database| database.begin_write().map_err(unavailable))
+            .map(|transaction| {
+                let _ = transaction.abort();
+            })
+            .is_ok();
+        if !writable {
+            // Reloads the index too, when it succeeds.
+            self.reopen();
+            return;
+        }
+        if index_changed {
+            match current(&self.database).and_then(|database| load_index(&database)) {
+                Ok(index) => self.index = index,
+                Err(error) => tracing::error!(%error, "cannot reload topic index"),
+            }
+        }
+    }
+
+    /// Closes and reopens the database file. Returns false if it cannot be reopened yet (the
+    /// slot is then empty and every call answers `Unavailable` until a later probe succeeds).
+    fn reopen(&mut self) -> bool {
+        let old = self.database.write().expect("database slot lock").take();
+        drop(old);
+        let deadline = Instant::now() + REOPEN_WAIT;
+        loop {
+            match open_database(&self.path, self.cache_bytes) {
+                Ok(database) => {
+                    // The index follows what is stored: a batch that failed may have changed it.
+                    match load_index(&database) {
+                        Ok(index) => self.index = index,
+                        Err(error) => {
+                            tracing::error!(%error, "cannot reload the topic index");
+                            return false;
+                        }
+                    }
+                    *self.database.write().expect("database slot lock") = Some(Arc::new(database));
+                    // Lazily durable commits not synced before the error may be gone: their
+                    // deliveries are sent again (at-least-once).
+                    self.unsynced = false;
+                    tracing::warn!(path = %self.path.display(), "reopened the store after a write error");
+                    return true;
+                }
+                // Readers still hold the old file for a moment.
+                Err(StoreError::Unavailable(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot reopen the store yet");
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// While unhealthy and idle: tries a small synced write, at most every
+    /// [`PROBE_INTERVAL`]; health turns back once it succeeds.
+    fn probe(&mut self) {
+        if self.last_probe.elapsed() < PROBE_INTERVAL {
+            return;
+        }
+        self.last_probe = Instant::now();
+        if current(&self.database).is_err() && !self.reopen() {
+            return;
+        }
+        let result = current(&self.database).and_then(|database| {
+            let transaction = database.begin_write().map_err(unavailable)?;
+            {
+                let mut probes = transaction.open_table(PROBES).map_err(unavailable)?;
+                probes.insert("last", now_millis()).map_err(unavailable)?;
+            }
+            transaction.commit().map_err(unavailable)
+        });
+        match result {
+            Ok(()) => {
+                tracing::warn!("the store can write again");
+                self.set_healthy(true);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the store still cannot write");
+                self.recover(false);
+            }
+        }
+    }
+
+    fn write_batch(
+        &mut self,
+        batch: Vec<Command>,
+        sync: bool,
+        outcomes: &mut Vec<Outcome>,
+        index_changed: &mut bool,
+    ) -> Result<(), StoreError> {
+        let mut transaction = current(&self.database)?
+            .begin_write()
+            .map_err(unavailable)?;
+        let durability = if sync {
+            Durability::Immediate
+        } else {
+            Durability::None
+        };
+        transaction
+            .set_durability(durability)
+            .map_err(|error| StoreError::Internal(error.to_string()))?;
+        // Saves the allocator state with each synced commit, so that reopening after a crash
+        // does not walk the whole file.
+        transaction.set_quick_repair(sync);
+        {
+            let mut tables = Tables::open(&transaction).map_err(unavailable)?;
+            let now = now_millis();
+            for command in batch {
+                let outcome = match command {
+                    Command::CreateSubscription(subscription, reply) => {
+                        let result = tables.create_subscription(&subscription);
+                        if matches!(result, Ok(Ok(()))) {
+                            self.index.add(&subscription);
+                            *index_changed = true;
+                        }
+                        Outcome::Unit(reply, result?)
+                    }
+                    Command::DeleteSubscription(id, reply) => {
+                        let result = tables.delete_subscription(&id);
+                        if let Ok(Ok((subscription, _))) = &result {
+                            self.index.remove(subscription);
+                            *index_changed = true;
+                        }
+                        Outcome::Count(reply, result?.map(|(_, count)| count))
+                    }
+                    Command::Publish(event, window, reply) => {
+                        let result = tables.publish(&self.index, &event, window, now);
+                        Outcome::Published(reply, result?)
+                    }
+                    Command::Complete(partition, sequence, reply) => {
+                        Outcome::Unit(reply, Ok(tables.complete(&partition, sequence)?))
+                    }
+                    Command::Failure(partition, sequence, error, outcome, reply) => Outcome::Unit(
+                        reply,
+                        Ok(tables.record_failure(&partition, sequence, &error, &outcome)?),
+                    ),
+                };
+                outcomes.push(outcome);
+            }
+            if self.last_sweep.elapsed() >= SWEEP_INTERVAL {
+                tables.expire_idempotency_keys(now)?;
+                self.last_sweep = Instant::now();
+            }
+        }
+        // An error here may come after the data reached the file: the outcome is unknown.
+        transaction.commit().map_err(|error| {
+            let full = matches!(
+                &error,
+                redb::CommitError::Storage(redb::StorageError::Io(io))
+                    if io.kind() == std::io::ErrorKind::StorageFull
+            );
+            let text = redb::Error::from(error).to_string();
+            if full {
+                StoreError::StorageFull(format!(
+                    "the data directory's disk is full ({text}); this call may or may not have \
+                     taken effect"
+                ))
+            } else {
+                StoreError::Uncertain(text)
+            }
+        })
+    }
+}

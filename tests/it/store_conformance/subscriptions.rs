@@ -1,0 +1,120 @@
+//! The `SubscriptionStore` contract.
+
+use std::sync::Arc;
+
+use herald::model::PartitionKey;
+use herald::store::{Store, StoreError};
+
+use super::{DAY, event, subscription, subscription_with_time};
+
+on_backends!(
+    subscriptions_are_created_listed_and_deleted,
+    deleting_a_subscription_drops_its_backlog,
+);
+
+async fn subscriptions_are_created_listed_and_deleted(store: Arc<dyn Store>) {
+    for id in ["sub_a", "sub_b", "sub_c"] {
+        store
+            .create_subscription(&subscription(id, &["t"]))
+            .await
+            .unwrap();
+    }
+    assert!(matches!(
+        store
+            .create_subscription(&subscription("sub_b", &["t"]))
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        store.get_subscription("sub_b").await.unwrap(),
+        subscription_with_time(&store, "sub_b").await
+    );
+    assert!(matches!(
+        store.get_subscription("sub_x").await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    let first = store.list_subscriptions(2, None).await.unwrap();
+    let ids: Vec<&str> = first
+        .items
+        .iter()
+        .map(|subscription| subscription.id.as_str())
+        .collect();
+    assert_eq!(ids, ["sub_a", "sub_b"]);
+    let second = store
+        .list_subscriptions(2, first.next_token.as_deref())
+        .await
+        .unwrap();
+    let ids: Vec<&str> = second
+        .items
+        .iter()
+        .map(|subscription| subscription.id.as_str())
+        .collect();
+    assert_eq!(ids, ["sub_c"]);
+    assert_eq!(second.next_token, None);
+    assert!(matches!(
+        store.list_subscriptions(2, Some("not a token")).await,
+        Err(StoreError::InvalidArgument(_))
+    ));
+
+    assert_eq!(store.delete_subscription("sub_b").await.unwrap(), 0);
+    assert!(matches!(
+        store.delete_subscription("sub_b").await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        store
+            .list_subscriptions(10, None)
+            .await
+            .unwrap()
+            .items
+            .len(),
+        2
+    );
+}
+
+async fn deleting_a_subscription_drops_its_backlog(store: Arc<dyn Store>) {
+    store
+        .create_subscription(&subscription("sub_1", &["a", "b"]))
+        .await
+        .unwrap();
+    store
+        .create_subscription(&subscription("sub_2", &["a"]))
+        .await
+        .unwrap();
+    for index in 0..4 {
+        store
+            .publish(&event(&format!("evt_a{index}"), "a", None), DAY)
+            .await
+            .unwrap();
+    }
+    store
+        .publish(&event("evt_b", "b", None), DAY)
+        .await
+        .unwrap();
+    assert_eq!(store.delete_subscription("sub_1").await.unwrap(), 5);
+    assert!(
+        store
+            .next_deliveries(&PartitionKey::new("a", "sub_1"), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The other subscription still has its copy of the shared events.
+    let kept = store
+        .next_deliveries(&PartitionKey::new("a", "sub_2"), 10)
+        .await
+        .unwrap();
+    assert_eq!(kept.len(), 4);
+    assert_eq!(kept[0].event.payload, b"payload of evt_a0");
+    assert_eq!(
+        store.pending_partitions().await.unwrap(),
+        [PartitionKey::new("a", "sub_2")]
+    );
+    // New publishes no longer fan out to the deleted subscription.
+    let published = store
+        .publish(&event("evt_a9", "a", None), DAY)
+        .await
+        .unwrap();
+    assert_eq!(published.subscription_count, 1);
+}
