@@ -3,7 +3,9 @@
 # previous commit (`buf breaking`), with the `buf` CLI installed (once, cached) from the npm
 # registry as @bufbuild/buf.
 #
-#   scripts/buf.sh            lint, then breaking against HEAD~1 (BUF_AGAINST overrides)
+#   scripts/buf.sh            lint, then breaking against the previous commit: HEAD~1 on a
+#                             clean tree (what CI checks), HEAD while proto/ has uncommitted
+#                             changes (what a pre-commit check wants); BUF_AGAINST overrides
 #   scripts/buf.sh path       print the binary's path (installing it first)
 #
 # An intentional breaking change (there are no external users before 1.0) is landed by
@@ -35,7 +37,11 @@ if [ "${1-}" = path ]; then
   exit 0
 fi
 "$BIN" lint
-against=${BUF_AGAINST:-HEAD~1}
+if git diff --quiet HEAD -- proto; then
+  against=${BUF_AGAINST:-HEAD~1}
+else
+  against=${BUF_AGAINST:-HEAD}
+fi
 if git rev-parse --verify --quiet "$against^{commit}" >/dev/null; then
   "$BIN" breaking --against ".git#ref=$(git rev-parse "$against"),subdir=proto"
 else

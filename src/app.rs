@@ -123,12 +123,14 @@ pub async fn run_with_store(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let (trigger, shutdown_handle) = crate::shutdown::channel();
+    let endpoint_rules = Arc::new(config.endpoint_rules());
     let engine = Engine::new(
         store.clone(),
         EngineConfig {
             concurrency: config.delivery_concurrency,
             lease: config.partition_lease,
             rescan: (config.store == StoreKind::Dynamodb).then_some(config.rescan_interval),
+            endpoint_rules: endpoint_rules.clone(),
         },
         shutdown_handle,
     );
@@ -143,6 +145,7 @@ pub async fn run_with_store(
             max_payload_bytes: config.max_payload_bytes,
             idempotency_window: config.idempotency_window,
             default_retry_policy: config.default_retry_policy(),
+            endpoint_rules,
         },
     ));
     // Large enough that an oversized payload reaches our own check and its precise message.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::delivery::Engine;
+use crate::delivery::endpoint_policy::{self, AddressRules};
 use crate::error::Error;
 use crate::model::{
     NewEvent, OnExhausted, Page, PendingDelivery, Published, RetryPolicy, Subscription, now_millis,
@@ -24,6 +25,8 @@ pub struct Limits {
     pub idempotency_window: Duration,
     /// The policy new subscriptions start from.
     pub default_retry_policy: RetryPolicy,
+    /// Which endpoint addresses Subscribe accepts (deliveries check again at connect time).
+    pub endpoint_rules: Arc<AddressRules>,
 }
 
 /// A publish request.
@@ -68,6 +71,9 @@ pub struct SubscribeInput {
     /// Exhaustion behaviour; `None` means dead-letter.
     pub on_exhausted: Option<OnExhausted>,
 }
+
+/// How long Subscribe waits for an endpoint's name to resolve before accepting it unchecked.
+const RESOLVE_BOUND: Duration = Duration::from_secs(2);
 
 /// The broker service.
 pub struct Broker {
@@ -135,6 +141,7 @@ impl Broker {
     /// Validates and creates a subscription. The returned value carries the secret.
     pub async fn subscribe(&self, input: SubscribeInput) -> Result<Subscription, Error> {
         validate::endpoint(&input.endpoint)?;
+        self.check_endpoint_address(&input.endpoint).await?;
         validate::patterns(&input.topics)?;
         let secret = if input.secret.is_empty() {
             crate::signing::generate_secret()
@@ -171,6 +178,22 @@ impl Broker {
             .create_subscription(&subscription)
             .await?;
         Ok(subscription)
+    }
+
+    /// Refuses an endpoint whose literal address, or the address its name resolves to now,
+    /// the endpoint rules refuse. A name that does not resolve (within a bound) is accepted:
+    /// every delivery attempt checks the address it connects to.
+    async fn check_endpoint_address(&self, endpoint: &str) -> Result<(), Error> {
+        let url = reqwest::Url::parse(endpoint)
+            .map_err(|error| Error::invalid("endpoint", error.to_string()))?;
+        let Some(host) = url.host() else {
+            return Ok(());
+        };
+        let check = endpoint_policy::check_endpoint(&self.limits.endpoint_rules, &host);
+        match tokio::time::timeout(RESOLVE_BOUND, check).await {
+            Ok(Err(refused)) => Err(Error::invalid("endpoint", refused.to_string())),
+            Ok(Ok(())) | Err(_) => Ok(()),
+        }
     }
 
     /// Returns a subscription, or `NotFound`.

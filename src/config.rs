@@ -5,6 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ipnet::IpNet;
+
+use crate::delivery::endpoint_policy::{AddressRules, EndpointPolicy};
 use crate::model::RetryPolicy;
 
 /// Every default setting, in one place: the flags, [`ServeConfig::with_data_dir`] (tests and
@@ -42,6 +45,8 @@ pub mod defaults {
     pub const REQUEST_TIMEOUT: &str = "10s";
     /// `--shutdown-grace`.
     pub const SHUTDOWN_GRACE: &str = "10s";
+    /// `--endpoint-policy`.
+    pub const ENDPOINT_POLICY: &str = "allow-private";
 
     /// The retry policy new subscriptions get unless the flags or the request say otherwise.
     pub fn retry_policy() -> RetryPolicy {
@@ -138,6 +143,17 @@ pub struct ServeConfig {
     #[arg(long, env = "HERALD_DEFAULT_REQUEST_TIMEOUT", default_value = defaults::REQUEST_TIMEOUT, value_parser = parse_duration)]
     pub default_request_timeout: Duration,
 
+    /// Which webhook endpoint addresses are refused: `allow-private` (default: loopback and
+    /// private ranges allowed) or `public-only`. Link-local and cloud metadata addresses,
+    /// unspecified, multicast and broadcast addresses are refused under both.
+    #[arg(long, env = "HERALD_ENDPOINT_POLICY", value_enum, default_value = defaults::ENDPOINT_POLICY)]
+    pub endpoint_policy: EndpointPolicy,
+
+    /// CIDR ranges webhook endpoints may use whatever the policy says, comma-separated
+    /// (e.g. `10.1.0.0/16,169.254.169.254/32`).
+    #[arg(long, env = "HERALD_ENDPOINT_ALLOW", value_delimiter = ',')]
+    pub endpoint_allow: Vec<IpNet>,
+
     /// How long shutdown waits for in-flight deliveries before leaving them pending.
     #[arg(long, env = "HERALD_SHUTDOWN_GRACE", default_value = defaults::SHUTDOWN_GRACE, value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -203,6 +219,16 @@ impl ServeConfig {
             default_max_attempts: retry.max_attempts,
             default_request_timeout: retry.request_timeout,
             shutdown_grace: duration(defaults::SHUTDOWN_GRACE),
+            endpoint_policy: EndpointPolicy::AllowPrivate,
+            endpoint_allow: Vec::new(),
+        }
+    }
+
+    /// The endpoint address rules deliveries and Subscribe enforce.
+    pub fn endpoint_rules(&self) -> AddressRules {
+        AddressRules {
+            policy: self.endpoint_policy,
+            allow: self.endpoint_allow.clone(),
         }
     }
 

@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-
 /// Milliseconds since the Unix epoch.
 pub type UnixMillis = u64;
 

@@ -1,6 +1,8 @@
 //! The delivery engine: partition scheduling ([`worker`]), the HTTP attempt and its signature
-//! ([`webhook`]), and the backoff schedule ([`retry`]).
+//! ([`webhook`]), the backoff schedule ([`retry`]), and which addresses it may reach
+//! ([`endpoint_policy`]).
 
+pub mod endpoint_policy;
 pub mod lease;
 mod partition;
 pub mod retry;

@@ -1,6 +1,10 @@
 //! One HTTP delivery attempt, signed as Standard Webhooks specifies.
 
+use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::delivery::endpoint_policy::{AddressRules, PolicyResolver, Refused, refusal_in};
 
 use crate::model::{PendingDelivery, Subscription};
 
@@ -35,10 +39,18 @@ pub enum Attempt {
     },
 }
 
+/// Most bytes of a response body read; the rest is not read (the connection is dropped).
+pub const MAX_RESPONSE_BODY: usize = 64 * 1024;
+/// Most bytes of a failed response's body kept in `last_error`.
+const ERROR_EXCERPT: usize = 200;
+
 /// Builds the HTTP client shared by all deliveries: pooled connections, no redirects (a 3xx
-/// is a failure, as it is for every webhook sender that signs its requests), no proxy.
-pub fn client() -> reqwest::Client {
+/// is a failure, as it is for every webhook sender that signs its requests), no proxy, and
+/// names resolved under the endpoint `rules` (checked again on every connection).
+/// Response headers are bounded by hyper (100 headers, 400 KiB buffer).
+pub fn client(rules: Arc<AddressRules>) -> reqwest::Client {
     reqwest::Client::builder()
+        .dns_resolver(Arc::new(PolicyResolver::new(rules)))
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
         .pool_idle_timeout(Duration::from_secs(90))
@@ -49,13 +61,21 @@ pub fn client() -> reqwest::Client {
         .expect("the HTTP client configuration is valid")
 }
 
-/// Sends one attempt of `delivery` to the subscription's endpoint.
+/// Sends one attempt of `delivery` to the subscription's endpoint, unless the endpoint is a
+/// literal address the `rules` refuse (names are checked by the client's resolver).
 pub async fn send(
     client: &reqwest::Client,
+    rules: &AddressRules,
     subscription: &Subscription,
     key: &[u8],
     delivery: &PendingDelivery,
 ) -> Attempt {
+    if let Err(refused) = check_literal(rules, &subscription.endpoint) {
+        return Attempt::Failed {
+            error: refused.to_string(),
+            retry_after: None,
+        };
+    }
     let event = &delivery.event;
     let timestamp = crate::model::now_millis() / 1000;
     let signature = crate::signing::sign(key, &event.id, timestamp, &event.payload);
@@ -93,9 +113,10 @@ pub async fn send(
     } else {
         None
     };
-    // Read the (small) body so the connection goes back to the pool; a body that does not
-    // arrive within the timeout counts as a failure.
-    let body = response.bytes().await;
+    // Read a bounded body, so a small one lets the connection go back to the pool and a huge
+    // one costs no memory (the rest is never read: the connection is dropped). A body that
+    // does not arrive within the timeout counts as a failure.
+    let body = read_bounded(response, MAX_RESPONSE_BODY).await;
     if status.is_success() {
         return match body {
             Ok(_) => Attempt::Delivered,
@@ -105,14 +126,67 @@ pub async fn send(
             },
         };
     }
+    let excerpt = body.map(|body| excerpt(&body)).unwrap_or_default();
     Attempt::Failed {
-        error: format!("HTTP {status}"),
+        error: if excerpt.is_empty() {
+            format!("HTTP {status}")
+        } else {
+            format!("HTTP {status}: {excerpt}")
+        },
         retry_after,
     }
 }
 
+/// Reads at most `cap` bytes of the body (then stops).
+async fn read_bounded(
+    mut response: reqwest::Response,
+    cap: usize,
+) -> Result<Vec<u8>, reqwest::Error> {
+    let mut body = Vec::new();
+    while body.len() < cap {
+        match response.chunk().await? {
+            Some(chunk) => {
+                let room = cap - body.len();
+                body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            None => break,
+        }
+    }
+    Ok(body)
+}
+
+/// The start of a failed response's body as one line of printable text, for `last_error`.
+fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(ERROR_EXCERPT)]);
+    text.chars()
+        .map(|character| {
+            if character.is_control() {
+                ' '
+            } else {
+                character
+            }
+        })
+        .collect::<String>()
+        .trim()
+        .to_string()
+}
+
+/// Checks an endpoint whose host is a literal address (the resolver never sees those).
+fn check_literal(rules: &AddressRules, endpoint: &str) -> Result<(), Refused> {
+    let Ok(url) = reqwest::Url::parse(endpoint) else {
+        return Ok(());
+    };
+    match url.host() {
+        Some(url::Host::Ipv4(v4)) => rules.check(IpAddr::V4(v4)),
+        Some(url::Host::Ipv6(v6)) => rules.check(IpAddr::V6(v6)),
+        _ => Ok(()),
+    }
+}
+
 fn describe(error: &reqwest::Error, timeout: Duration) -> String {
-    if error.is_timeout() {
+    if let Some(refused) = refusal_in(error) {
+        refused.to_string()
+    } else if error.is_timeout() {
         format!("timed out after {} ms", timeout.as_millis())
     } else if error.is_connect() {
         "connection failed".to_string()

@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
+use crate::delivery::endpoint_policy::AddressRules;
 use crate::delivery::lease::Lease;
 use crate::delivery::partition::{PartitionWorker, Stop};
 use crate::delivery::webhook;
@@ -25,7 +26,7 @@ use crate::store::{DeliveryLog, PartitionLeases, Store, StoreError, Subscription
 const STORE_RETRY_DELAY: Duration = Duration::from_millis(500);
 
 /// Engine settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Most HTTP deliveries in flight at once.
     pub concurrency: usize,
@@ -35,6 +36,8 @@ pub struct EngineConfig {
     /// was not told about (left by another instance). `None` for a store only this process
     /// writes.
     pub rescan: Option<Duration>,
+    /// Which endpoint addresses deliveries may connect to.
+    pub endpoint_rules: Arc<AddressRules>,
 }
 
 /// Tells a partition task that new deliveries were stored.
@@ -77,9 +80,9 @@ impl Engine {
                 subscriptions: store.clone(),
                 log: store.clone(),
                 leases: store.leases(),
-                config,
-                client: webhook::client(),
+                client: webhook::client(config.endpoint_rules.clone()),
                 permits: Semaphore::new(config.concurrency),
+                config,
                 partitions: Mutex::new(HashMap::new()),
                 tasks: TaskTracker::new(),
                 shutdown,
@@ -156,6 +159,11 @@ impl Engine {
 }
 
 impl Inner {
+    /// Which endpoint addresses deliveries may connect to.
+    pub(crate) fn endpoint_rules(&self) -> &AddressRules {
+        &self.config.endpoint_rules
+    }
+
     /// Removes a partition whose task found no work, unless new work arrived meanwhile.
     /// Returns true if the task should exit.
     pub(crate) fn retire(&self, partition: &PartitionKey, signal: &Signal) -> bool {

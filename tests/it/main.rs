@@ -11,4 +11,5 @@ mod disk;
 mod documented;
 mod dynamodb;
 mod faults;
+mod security;
 mod store_conformance;

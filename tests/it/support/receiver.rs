@@ -26,7 +26,31 @@ pub enum Reply {
     Hang,
     /// 200 after this many milliseconds.
     Slow(u64),
+    /// `307 Temporary Redirect` to the cloud metadata address.
+    RedirectToMetadata,
+    /// This status with a body that never ends (64 KiB chunks of `x`, as fast as read).
+    Endless(u16),
 }
+
+/// A response body that never ends.
+struct EndlessBody;
+
+impl hyper::body::Body for EndlessBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        static CHUNK: [u8; 65536] = [b'x'; 65536];
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(
+            &CHUNK,
+        )))))
+    }
+}
+
+type Body = http_body_util::Either<Full<Bytes>, EndlessBody>;
 
 /// One request as received.
 #[derive(Debug, Clone)]
@@ -52,9 +76,9 @@ impl Received {
     /// True if the receiver answered 2xx.
     pub fn succeeded(&self) -> bool {
         match self.reply {
-            Reply::Status(status) => (200..300).contains(&status),
+            Reply::Status(status) | Reply::Endless(status) => (200..300).contains(&status),
             Reply::Slow(_) => true,
-            Reply::RetryAfter(..) | Reply::Hang => false,
+            Reply::RetryAfter(..) | Reply::Hang | Reply::RedirectToMetadata => false,
         }
     }
 
@@ -163,7 +187,7 @@ impl Receiver {
 async fn handle(
     state: Arc<State>,
     request: Request<hyper::body::Incoming>,
-) -> Result<Response<Full<Bytes>>, hyper::Error> {
+) -> Result<Response<Body>, hyper::Error> {
     let at = Instant::now();
     let path = request.uri().path().to_string();
     let header = |name: &str| {
@@ -206,8 +230,23 @@ async fn handle(
     received.reply = script(&received);
     let reply = received.reply;
     state.received.lock().unwrap().push(received);
+    if let Reply::Endless(status) = reply {
+        let mut response = Response::new(Body::Right(EndlessBody));
+        *response.status_mut() = hyper::StatusCode::from_u16(status).expect("valid status");
+        return Ok(response);
+    }
+    if reply == Reply::RedirectToMetadata {
+        let mut response = Response::new(Body::Left(Full::new(Bytes::new())));
+        *response.status_mut() = hyper::StatusCode::TEMPORARY_REDIRECT;
+        response.headers_mut().insert(
+            "location",
+            "http://169.254.169.254/latest/meta-data/".parse().unwrap(),
+        );
+        return Ok(response);
+    }
     let (status, retry_after) = match reply {
         Reply::Status(status) => (status, None),
+        Reply::RedirectToMetadata | Reply::Endless(_) => unreachable!("answered above"),
         Reply::RetryAfter(status, seconds) => (status, Some(seconds)),
         Reply::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -218,7 +257,7 @@ async fn handle(
             (200, None)
         }
     };
-    let mut response = Response::new(Full::new(Bytes::new()));
+    let mut response = Response::new(Body::Left(Full::new(Bytes::new())));
     *response.status_mut() = hyper::StatusCode::from_u16(status).expect("valid status");
     if let Some(seconds) = retry_after {
         response
