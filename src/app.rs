@@ -5,9 +5,12 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tonic::Status;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
 use crate::api::BrokerApi;
+use crate::auth::Keys;
 use crate::broker::{Broker, Limits};
 use crate::config::{ServeConfig, StoreKind};
 use crate::delivery::{Engine, EngineConfig};
@@ -18,6 +21,22 @@ use crate::store::{DynamoStore, EmbeddedStore, Store, StoreError};
 
 /// How often the DynamoDB request counters are logged.
 const REQUEST_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How often the API key file is checked for changes.
+const KEY_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The authentication layer of the Broker service (health and reflection stay open): checks
+/// the API key and hands the caller to the handlers, which check its roles and topics.
+#[derive(Clone)]
+struct Authenticate(Arc<Keys>);
+
+impl tonic::service::Interceptor for Authenticate {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        let caller = self.0.authenticate(request.metadata())?;
+        request.extensions_mut().insert(caller);
+        Ok(request)
+    }
+}
 
 /// Gap between the payload limit and the gRPC message limit, for the other request fields.
 const MESSAGE_OVERHEAD: usize = 1024 * 1024;
@@ -122,6 +141,11 @@ pub async fn run_with_store(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    // Bad keys fail the start before anything else does.
+    let keys = Arc::new(
+        Keys::load(config.key_source()).map_err(|message| Error::invalid("api_keys", message))?,
+    );
+    keys.watch(KEY_RELOAD_INTERVAL);
     let (trigger, shutdown_handle) = crate::shutdown::channel();
     let endpoint_rules = Arc::new(config.endpoint_rules());
     let engine = Engine::new(
@@ -150,8 +174,10 @@ pub async fn run_with_store(
     ));
     // Large enough that an oversized payload reaches our own check and its precise message.
     let max_message = (config.max_payload_bytes + MESSAGE_OVERHEAD).max(4 * 1024 * 1024);
-    let broker_service =
-        BrokerServiceServer::new(BrokerApi::new(broker)).max_decoding_message_size(max_message);
+    let broker_service = InterceptedService::new(
+        BrokerServiceServer::new(BrokerApi::new(broker)).max_decoding_message_size(max_message),
+        Authenticate(keys),
+    );
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use crate::auth::KeySource;
 use crate::delivery::endpoint_policy::{AddressRules, EndpointPolicy};
 use crate::model::RetryPolicy;
 
@@ -154,6 +155,19 @@ pub struct ServeConfig {
     #[arg(long, env = "HERALD_ENDPOINT_ALLOW", value_delimiter = ',')]
     pub endpoint_allow: Vec<IpNet>,
 
+    /// A JSON file of API keys (hashed; see `herald keys generate`), reloaded when it changes.
+    /// With keys, every Broker call needs `authorization: Bearer <key>`.
+    #[arg(long, env = "HERALD_API_KEYS_FILE", conflicts_with = "api_keys")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// The API key set as JSON text, instead of a file.
+    #[arg(long, env = "HERALD_API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<String>,
+
+    /// Serve without API keys on a non-loopback address (refused otherwise).
+    #[arg(long, env = "HERALD_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+
     /// How long shutdown waits for in-flight deliveries before leaving them pending.
     #[arg(long, env = "HERALD_SHUTDOWN_GRACE", default_value = defaults::SHUTDOWN_GRACE, value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -221,6 +235,18 @@ impl ServeConfig {
             shutdown_grace: duration(defaults::SHUTDOWN_GRACE),
             endpoint_policy: EndpointPolicy::AllowPrivate,
             endpoint_allow: Vec::new(),
+            api_keys_file: None,
+            api_keys: None,
+            insecure_no_auth: false,
+        }
+    }
+
+    /// Where the API keys come from.
+    pub fn key_source(&self) -> KeySource {
+        match (&self.api_keys_file, &self.api_keys) {
+            (Some(path), _) => KeySource::File(path.clone()),
+            (None, Some(text)) => KeySource::Inline(text.clone()),
+            (None, None) => KeySource::None,
         }
     }
 
@@ -265,6 +291,17 @@ impl ServeConfig {
         {
             return Err(format!(
                 "--table `{table}`: DynamoDB table names are 3 to 255 characters of [a-zA-Z0-9_.-]"
+            ));
+        }
+        if !self.listen.ip().is_loopback()
+            && matches!(self.key_source(), KeySource::None)
+            && !self.insecure_no_auth
+        {
+            return Err(format!(
+                "refusing to serve on {} without API keys: anyone who can reach it could \
+                 subscribe to every event. Give keys (--api-keys-file, HERALD_API_KEYS), or pass \
+                 --insecure-no-auth to accept unauthenticated calls from the network",
+                self.listen
             ));
         }
         if self.partition_lease < Duration::from_secs(1) {
@@ -359,5 +396,10 @@ mod tests {
         config.dynamodb.table = "x".into();
         config.max_payload_bytes = 1024;
         assert!(config.validate().unwrap_err().contains("--table"));
+        let mut config = ServeConfig::with_data_dir("x");
+        config.listen = "0.0.0.0:50051".parse().unwrap();
+        assert!(config.validate().unwrap_err().contains("without API keys"));
+        config.insecure_no_auth = true;
+        assert_eq!(config.validate(), Ok(()));
     }
 }

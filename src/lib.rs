@@ -6,7 +6,7 @@
 //! - [`config`]: `herald serve` settings (flags and `HERALD_*` variables) and every default.
 //! - [`app`]: composition root; [`app::run`] serves on a given listener until shutdown.
 //! - [`shutdown`]: the OS-signal future and the handle passed to background tasks.
-//! - [`api`]: the gRPC adapter over [`broker`].
+//! - [`api`]: the gRPC adapter over [`broker`]; [`auth`]: API keys and what each may call.
 //! - [`broker`]: the operations (publish, subscribe, ...), validated by [`validate`].
 //! - [`model`]: domain types.
 //! - [`store`]: the storage contract, split by job (subscriptions, delivery log, leases), and
@@ -23,6 +23,7 @@
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;

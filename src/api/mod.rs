@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use crate::auth::{self, Caller, Role};
 use crate::broker::Broker;
 use crate::proto;
 use crate::proto::broker_service_server::BrokerService;
@@ -21,6 +22,18 @@ impl BrokerApi {
     pub fn new(broker: Arc<Broker>) -> Self {
         BrokerApi { broker }
     }
+
+    /// For a key limited to some topics: fails unless the subscription is within them (an
+    /// unknown subscription is left to the call itself to report).
+    async fn require_subscription(&self, caller: &Caller, id: &str) -> Result<(), Status> {
+        if let Caller::Key(key) = caller
+            && !key.topics.is_empty()
+            && let Ok(subscription) = self.broker.get_subscription(id).await
+        {
+            caller.require_subscription(&subscription)?;
+        }
+        Ok(())
+    }
 }
 
 #[tonic::async_trait]
@@ -29,6 +42,9 @@ impl BrokerService for BrokerApi {
         &self,
         request: Request<proto::PublishRequest>,
     ) -> Result<Response<proto::PublishResponse>, Status> {
+        let caller = auth::caller(&request);
+        caller.require(Role::Publish, "Publish")?;
+        caller.require_topic(&request.get_ref().topic)?;
         let input = convert::publish_input(request.into_inner());
         let published = self.broker.publish(input).await?;
         Ok(Response::new(convert::publish_response(published)))
@@ -38,6 +54,9 @@ impl BrokerService for BrokerApi {
         &self,
         request: Request<proto::SubscribeRequest>,
     ) -> Result<Response<proto::Subscription>, Status> {
+        let caller = auth::caller(&request);
+        caller.require(Role::Subscribe, "Subscribe")?;
+        caller.require_patterns(&request.get_ref().topics)?;
         let input = convert::subscribe_input(request.into_inner())?;
         let subscription = self.broker.subscribe(input).await?;
         Ok(Response::new(convert::subscription(subscription, true)))
@@ -47,7 +66,10 @@ impl BrokerService for BrokerApi {
         &self,
         request: Request<proto::GetSubscriptionRequest>,
     ) -> Result<Response<proto::Subscription>, Status> {
+        let caller = auth::caller(&request);
+        caller.require(Role::Read, "GetSubscription")?;
         let subscription = self.broker.get_subscription(&request.get_ref().id).await?;
+        caller.require_subscription(&subscription)?;
         Ok(Response::new(convert::subscription(subscription, false)))
     }
 
@@ -55,6 +77,8 @@ impl BrokerService for BrokerApi {
         &self,
         request: Request<proto::ListSubscriptionsRequest>,
     ) -> Result<Response<proto::ListSubscriptionsResponse>, Status> {
+        let caller = auth::caller(&request);
+        caller.require(Role::Read, "ListSubscriptions")?;
         let request = request.into_inner();
         let page = self
             .broker
@@ -64,6 +88,9 @@ impl BrokerService for BrokerApi {
             subscriptions: page
                 .items
                 .into_iter()
+                // A key limited to some topics sees only the subscriptions within them (a page
+                // may then hold fewer than page_size).
+                .filter(|subscription| caller.may_see(subscription))
                 .map(|subscription| convert::subscription(subscription, false))
                 .collect(),
             next_page_token: page.next_token.unwrap_or_default(),
@@ -74,6 +101,10 @@ impl BrokerService for BrokerApi {
         &self,
         request: Request<proto::UnsubscribeRequest>,
     ) -> Result<Response<proto::UnsubscribeResponse>, Status> {
+        let caller = auth::caller(&request);
+        caller.require(Role::Subscribe, "Unsubscribe")?;
+        self.require_subscription(&caller, &request.get_ref().id)
+            .await?;
         let dropped_deliveries = self.broker.unsubscribe(&request.get_ref().id).await?;
         Ok(Response::new(proto::UnsubscribeResponse {
             dropped_deliveries,
@@ -84,6 +115,10 @@ impl BrokerService for BrokerApi {
         &self,
         request: Request<proto::ListPendingRequest>,
     ) -> Result<Response<proto::ListPendingResponse>, Status> {
+        let caller = auth::caller(&request);
+        caller.require(Role::Read, "ListPending")?;
+        self.require_subscription(&caller, &request.get_ref().subscription_id)
+            .await?;
         let request = request.into_inner();
         let page = self
             .broker

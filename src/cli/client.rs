@@ -6,6 +6,8 @@ use anyhow::Context;
 
 use crate::config::parse_duration;
 use crate::proto;
+use tonic::service::interceptor::InterceptedService;
+
 use crate::proto::broker_service_client::BrokerServiceClient;
 
 /// Where the server is.
@@ -14,7 +16,30 @@ pub struct ServerArgs {
     /// The server's gRPC address.
     #[arg(long, env = "HERALD_SERVER", default_value = "http://127.0.0.1:50051")]
     pub server: String,
+    /// API key, sent as `authorization: Bearer <key>` (needed when the server has keys).
+    #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
+
+/// Adds the API key to every call.
+#[derive(Clone)]
+pub struct Bearer(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Client = BrokerServiceClient<InterceptedService<tonic::transport::Channel, Bearer>>;
 
 /// `herald publish`.
 #[derive(Debug, clap::Args)]
@@ -102,12 +127,57 @@ fn parse_attribute(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("`{text}` is not key=value"))
 }
 
-async fn connect(
-    server: &ServerArgs,
-) -> anyhow::Result<BrokerServiceClient<tonic::transport::Channel>> {
-    BrokerServiceClient::connect(server.server.clone())
+async fn connect(server: &ServerArgs) -> anyhow::Result<Client> {
+    let bearer = match &server.api_key {
+        Some(key) => Some(
+            format!("Bearer {key}")
+                .parse()
+                .context("the API key is not valid header text")?,
+        ),
+        None => None,
+    };
+    let channel = tonic::transport::Endpoint::from_shared(server.server.clone())
+        .with_context(|| format!("`{}` is not a server address", server.server))?
+        .connect()
         .await
-        .with_context(|| format!("cannot connect to {}", server.server))
+        .with_context(|| format!("cannot connect to {}", server.server))?;
+    Ok(BrokerServiceClient::with_interceptor(
+        channel,
+        Bearer(bearer),
+    ))
+}
+
+/// `herald keys generate`.
+#[derive(Debug, clap::Args)]
+pub struct GenerateKeyArgs {
+    /// Who the key is for (shown in logs and error messages).
+    #[arg(long)]
+    name: String,
+    /// Roles: publish, subscribe, read, operate; repeatable or comma-separated.
+    #[arg(long = "role", required = true, value_delimiter = ',',
+          value_parser = ["publish", "subscribe", "read", "operate"])]
+    roles: Vec<String>,
+    /// Topic patterns the key is limited to; repeatable (default: every topic).
+    #[arg(long = "topic")]
+    topics: Vec<String>,
+}
+
+/// Prints a new API key (once) and the entry to add to the key file.
+pub fn generate_key(args: GenerateKeyArgs) -> anyhow::Result<()> {
+    crate::validate::patterns(&args.topics).map_err(|error| anyhow::anyhow!("{error}"))?;
+    let (key, hash) = crate::auth::generate_key();
+    let entry = serde_json::json!({
+        "name": args.name,
+        "roles": args.roles,
+        "topics": args.topics,
+        "sha256": hash,
+    });
+    println!("API key (shown once; give it to the client as HERALD_API_KEY):");
+    println!("{key}");
+    println!();
+    println!("Entry for the \"keys\" list of the server's --api-keys-file:");
+    println!("{entry}");
+    Ok(())
 }
 
 fn status_error(status: tonic::Status) -> anyhow::Error {

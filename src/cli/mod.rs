@@ -39,6 +39,16 @@ pub enum Command {
     /// DynamoDB administration.
     #[command(subcommand)]
     Dynamodb(DynamodbCommand),
+    /// API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+/// `herald keys ...`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Make a new API key: prints the key once and the hashed entry for the key file.
+    Generate(client::GenerateKeyArgs),
 }
 
 /// `herald dynamodb ...`.
@@ -58,6 +68,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Unsubscribe(args) => client::unsubscribe(args).await,
         Command::Pending(args) => client::pending(args).await,
         Command::Sink(args) => sink::run(args).await,
+        Command::Keys(KeysCommand::Generate(args)) => client::generate_key(args),
         Command::Dynamodb(DynamodbCommand::CreateTable(args)) => {
             let config = args.to_config();
             let client = crate::store::dynamodb::client_from_env(&config).await;

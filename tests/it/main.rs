@@ -3,6 +3,7 @@
 mod support;
 
 mod api;
+mod auth;
 mod chaos;
 mod cli;
 mod crash;

@@ -1,0 +1,303 @@
+//! API keys: unauthenticated and forbidden calls, topic limits, reloading the key file, the
+//! CLI's `--api-key`, and the refusal to serve on the network without keys.
+
+use std::time::Duration;
+
+use herald::proto;
+use tonic::{Code, Request};
+
+use crate::support::{
+    Backend, Deployment, HeraldProcess, connect, eventually, publish_request, spawn_app,
+    subscribe_request,
+};
+
+/// A new key and its key-set entry.
+fn key(name: &str, roles: &[&str], topics: &[&str]) -> (String, serde_json::Value) {
+    let (key, hash) = herald::auth::generate_key();
+    let entry = serde_json::json!({"name": name, "roles": roles, "topics": topics, "sha256": hash});
+    (key, entry)
+}
+
+fn key_set(entries: &[&serde_json::Value]) -> String {
+    serde_json::json!({ "keys": entries }).to_string()
+}
+
+fn with_key<T>(message: T, key: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_need_a_known_key_while_health_and_reflection_stay_open() {
+    let (publisher, entry) = key("billing", &["publish"], &[]);
+    let keys = key_set(&[&entry]);
+    let app = spawn_app(Backend::Embedded, |config| config.api_keys = Some(keys)).await;
+    let mut client = app.client.clone();
+
+    let missing = client.publish(publish_request("t", "x")).await.unwrap_err();
+    assert_eq!(missing.code(), Code::Unauthenticated);
+    assert!(
+        missing.message().contains("missing"),
+        "{}",
+        missing.message()
+    );
+    let (stranger, _) = herald::auth::generate_key();
+    let unknown = client
+        .publish(with_key(publish_request("t", "x"), &stranger))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::Unauthenticated);
+    assert_eq!(unknown.message(), "unknown API key");
+    client
+        .publish(with_key(publish_request("t", "x"), &publisher))
+        .await
+        .expect("a known key publishes");
+
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.address))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "herald.v1.BrokerService".into(),
+        })
+        .await
+        .expect("health needs no key");
+    assert_eq!(health.into_inner().status, 1);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_and_topic_limits_are_enforced_with_messages_naming_the_key() {
+    let (publisher, publisher_entry) = key("billing", &["publish"], &["fin:*"]);
+    let (manager, manager_entry) = key("fin-team", &["subscribe"], &["fin:*"]);
+    let (admin, admin_entry) = key("platform", &["subscribe", "publish"], &[]);
+    let (reader, reader_entry) = key("dashboard", &["read"], &[]);
+    let keys = key_set(&[
+        &publisher_entry,
+        &manager_entry,
+        &admin_entry,
+        &reader_entry,
+    ]);
+    let app = spawn_app(Backend::Embedded, |config| config.api_keys = Some(keys)).await;
+    let mut client = app.client.clone();
+
+    client
+        .publish(with_key(publish_request("fin:purchase", "x"), &publisher))
+        .await
+        .expect("within its topics");
+    let outside = client
+        .publish(with_key(publish_request("user:new", "x"), &publisher))
+        .await
+        .unwrap_err();
+    assert_eq!(outside.code(), Code::PermissionDenied);
+    assert!(
+        outside.message().contains("`billing`") && outside.message().contains("user:new"),
+        "{}",
+        outside.message()
+    );
+    let wrong_role = client
+        .subscribe(with_key(
+            subscribe_request("http://127.0.0.1:9/", &["fin:*"]),
+            &publisher,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong_role.code(), Code::PermissionDenied);
+    assert_eq!(
+        wrong_role.message(),
+        "API key `billing` (roles: publish) may not call Subscribe: it needs role `subscribe`"
+    );
+
+    // A manager limited to fin:* cannot subscribe beyond it, nor touch others' subscriptions.
+    let too_wide = client
+        .subscribe(with_key(
+            subscribe_request("http://127.0.0.1:9/", &["*"]),
+            &manager,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(too_wide.code(), Code::PermissionDenied);
+    let fin = client
+        .subscribe(with_key(
+            subscribe_request("http://127.0.0.1:9/", &["fin:eu:*"]),
+            &manager,
+        ))
+        .await
+        .expect("within its topics")
+        .into_inner();
+    let user = client
+        .subscribe(with_key(
+            subscribe_request("http://127.0.0.1:9/", &["user:*"]),
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let denied = client
+        .unsubscribe(with_key(
+            proto::UnsubscribeRequest {
+                id: user.id.clone(),
+            },
+            &manager,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let seen = client
+        .list_subscriptions(with_key(
+            proto::ListSubscriptionsRequest::default(),
+            &manager,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<String> = seen.subscriptions.into_iter().map(|sub| sub.id).collect();
+    assert_eq!(ids, [fin.id], "a limited key sees only its subscriptions");
+
+    // A reader reads everything and changes nothing.
+    let all = client
+        .list_subscriptions(with_key(
+            proto::ListSubscriptionsRequest::default(),
+            &reader,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.subscriptions.len(), 2);
+    client
+        .list_pending(with_key(
+            proto::ListPendingRequest {
+                subscription_id: user.id.clone(),
+                ..Default::default()
+            },
+            &reader,
+        ))
+        .await
+        .expect("read");
+    let read_only = client
+        .unsubscribe(with_key(proto::UnsubscribeRequest { id: user.id }, &reader))
+        .await
+        .unwrap_err();
+    assert_eq!(read_only.code(), Code::PermissionDenied);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_file_is_reloaded_without_a_restart_and_the_cli_sends_its_key() {
+    let (old, old_entry) = key("old", &["publish"], &[]);
+    let (new, new_entry) = key("new", &["publish"], &[]);
+    let deployment = Deployment::new(Backend::Embedded).await;
+    let file = deployment.data_dir.path().join("keys.json");
+    std::fs::write(&file, key_set(&[&old_entry])).unwrap();
+    let server =
+        HeraldProcess::start_with(&deployment, &["--api-keys-file", file.to_str().unwrap()]).await;
+    let cli_publish = |key: String| {
+        let address = server.address;
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+                .args(["publish", "--topic", "t", "--data", "{}"])
+                .args(["--server", &format!("http://{address}")])
+                .env("HERALD_API_KEY", key)
+                .output()
+                .await
+                .expect("run herald publish")
+        }
+    };
+    let output = cli_publish(old.clone()).await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let output = cli_publish(new.clone()).await;
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown API key"));
+
+    // Rotate: the file now holds only the new key. Written whole, then renamed into place.
+    let staged = deployment.data_dir.path().join("keys.json.new");
+    std::fs::write(&staged, key_set(&[&new_entry])).unwrap();
+    std::fs::rename(&staged, &file).unwrap();
+    let mut client = connect(server.address).await;
+    eventually(Duration::from_secs(10), "the new key is accepted", || {
+        let mut client = client.clone();
+        let new = new.clone();
+        async move {
+            client
+                .publish(with_key(publish_request("t", "x"), &new))
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    let refused = client
+        .publish(with_key(publish_request("t", "x"), &old))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+
+    // A broken file is reported and the keys in force stay, through several reloads.
+    std::fs::write(&file, "{not json").unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        client
+            .publish(with_key(publish_request("t", "x"), &new))
+            .await
+            .expect("the previous keys stay in force");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.kill_9().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_on_the_network_without_keys_is_refused_unless_insecure_is_explicit() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(data_dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("without API keys") && stderr.contains("--insecure-no-auth"),
+        "{stderr}"
+    );
+    assert!(
+        !data_dir.path().join("herald.redb").exists(),
+        "refused before opening the store"
+    );
+
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--insecure-no-auth",
+            "--data-dir",
+        ])
+        .arg(data_dir.path())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("started in time")
+        .unwrap()
+        .expect("a listening line");
+    let port = line.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    let mut client = connect(std::net::SocketAddr::from(([127, 0, 0, 1], port))).await;
+    client
+        .publish(publish_request("t", "x"))
+        .await
+        .expect("open");
+    child.kill().await.unwrap();
+}
