@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
@@ -141,11 +142,22 @@ pub async fn run_with_store(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    // Bad keys fail the start before anything else does.
+    // Bad keys or TLS files fail the start before anything else does.
     let keys = Arc::new(
         Keys::load(config.key_source()).map_err(|message| Error::invalid("api_keys", message))?,
     );
     keys.watch(KEY_RELOAD_INTERVAL);
+    // The TLS handshakes run in tasks of their own; the listener moves there.
+    let (tls, listener) = match config.tls_files() {
+        Some(files) => (
+            Some(
+                crate::tls::incoming(listener, files)
+                    .map_err(|message| Error::invalid("tls", message))?,
+            ),
+            None,
+        ),
+        None => (None, Some(listener)),
+    };
     let (trigger, shutdown_handle) = crate::shutdown::channel();
     let endpoint_rules = Arc::new(config.endpoint_rules());
     let engine = Engine::new(
@@ -201,21 +213,31 @@ pub async fn run_with_store(
         .build_v1alpha()
         .map_err(|error| Error::Internal(format!("reflection: {error}")))?;
 
-    // Without TCP_NODELAY a response that leaves in more than one write waits for the
-    // client's delayed ACK: ~40 ms at the tail.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let served = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(broker_service)
-        .serve_with_incoming_shutdown(incoming, async move {
-            shutdown.await;
-            health_reporter
-                .set_not_serving::<BrokerServiceServer<BrokerApi>>()
-                .await;
-        })
-        .await;
+        .add_service(broker_service);
+    let stopped = async move {
+        shutdown.await;
+        health_reporter
+            .set_not_serving::<BrokerServiceServer<BrokerApi>>()
+            .await;
+    };
+    let served = match tls {
+        Some(connections) => {
+            router
+                .serve_with_incoming_shutdown(ReceiverStream::new(connections), stopped)
+                .await
+        }
+        None => {
+            // Without TCP_NODELAY a response that leaves in more than one write waits for the
+            // client's delayed ACK: ~40 ms at the tail.
+            let listener = listener.expect("kept without TLS");
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            router.serve_with_incoming_shutdown(incoming, stopped).await
+        }
+    };
     trigger.fire();
     if !engine.drain(config.shutdown_grace).await {
         tracing::warn!("shutdown grace elapsed; unfinished deliveries stay pending");

@@ -10,6 +10,7 @@ use ipnet::IpNet;
 use crate::auth::KeySource;
 use crate::delivery::endpoint_policy::{AddressRules, EndpointPolicy};
 use crate::model::RetryPolicy;
+use crate::tls::TlsFiles;
 
 /// Every default setting, in one place: the flags, [`ServeConfig::with_data_dir`] (tests and
 /// embedding programs) and [`RetryPolicy::default`] all read them from here.
@@ -168,6 +169,19 @@ pub struct ServeConfig {
     #[arg(long, env = "HERALD_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
 
+    /// PEM certificate chain for TLS on the gRPC listener (with `--tls-key`); reloaded when
+    /// it changes.
+    #[arg(long, env = "HERALD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "HERALD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificates: clients must present a certificate that chains to one (mTLS).
+    #[arg(long, env = "HERALD_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// How long shutdown waits for in-flight deliveries before leaving them pending.
     #[arg(long, env = "HERALD_SHUTDOWN_GRACE", default_value = defaults::SHUTDOWN_GRACE, value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -238,7 +252,19 @@ impl ServeConfig {
             api_keys_file: None,
             api_keys: None,
             insecure_no_auth: false,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
+    }
+
+    /// The TLS files, if TLS is on.
+    pub fn tls_files(&self) -> Option<TlsFiles> {
+        Some(TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
     }
 
     /// Where the API keys come from.
@@ -293,8 +319,17 @@ impl ServeConfig {
                 "--table `{table}`: DynamoDB table names are 3 to 255 characters of [a-zA-Z0-9_.-]"
             ));
         }
+        if self.tls_cert.is_some() != self.tls_key.is_some()
+            || (self.tls_client_ca.is_some() && self.tls_cert.is_none())
+        {
+            return Err(
+                "--tls-cert and --tls-key go together (and --tls-client-ca needs them)".into(),
+            );
+        }
+        // Client certificates (mTLS) authenticate callers too.
         if !self.listen.ip().is_loopback()
             && matches!(self.key_source(), KeySource::None)
+            && self.tls_client_ca.is_none()
             && !self.insecure_no_auth
         {
             return Err(format!(

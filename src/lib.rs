@@ -6,6 +6,7 @@
 //! - [`config`]: `herald serve` settings (flags and `HERALD_*` variables) and every default.
 //! - [`app`]: composition root; [`app::run`] serves on a given listener until shutdown.
 //! - [`shutdown`]: the OS-signal future and the handle passed to background tasks.
+//! - [`tls`]: TLS and mTLS on the gRPC listener, reloaded when the files change.
 //! - [`api`]: the gRPC adapter over [`broker`]; [`auth`]: API keys and what each may call.
 //! - [`broker`]: the operations (publish, subscribe, ...), validated by [`validate`].
 //! - [`model`]: domain types.
@@ -34,6 +35,7 @@ pub mod model;
 pub mod shutdown;
 pub mod signing;
 pub mod store;
+pub mod tls;
 pub mod validate;
 
 /// Generated types and client/server stubs of the `herald.v1` API.

@@ -19,6 +19,15 @@ pub struct ServerArgs {
     /// API key, sent as `authorization: Bearer <key>` (needed when the server has keys).
     #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// PEM CA certificate to trust for an `https://` server (default: the system's roots).
+    #[arg(long, env = "HERALD_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate, for a server that asks for one (mTLS); with `--tls-key`.
+    #[arg(long, env = "HERALD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "HERALD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 /// Adds the API key to every call.
@@ -136,8 +145,12 @@ async fn connect(server: &ServerArgs) -> anyhow::Result<Client> {
         ),
         None => None,
     };
-    let channel = tonic::transport::Endpoint::from_shared(server.server.clone())
-        .with_context(|| format!("`{}` is not a server address", server.server))?
+    let mut endpoint = tonic::transport::Endpoint::from_shared(server.server.clone())
+        .with_context(|| format!("`{}` is not a server address", server.server))?;
+    if server.server.starts_with("https://") {
+        endpoint = endpoint.tls_config(client_tls(server)?)?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("cannot connect to {}", server.server))?;
@@ -145,6 +158,23 @@ async fn connect(server: &ServerArgs) -> anyhow::Result<Client> {
         channel,
         Bearer(bearer),
     ))
+}
+
+/// The TLS settings of an `https://` connection.
+fn client_tls(server: &ServerArgs) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let mut tls = ClientTlsConfig::new();
+    tls = match &server.tls_ca {
+        Some(path) => tls.ca_certificate(Certificate::from_pem(read(path)?)),
+        None => tls.with_native_roots(),
+    };
+    if let (Some(cert), Some(key)) = (&server.tls_cert, &server.tls_key) {
+        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(tls)
 }
 
 /// `herald keys generate`.

@@ -14,3 +14,4 @@ mod dynamodb;
 mod faults;
 mod security;
 mod store_conformance;
+mod tls;
