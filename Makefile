@@ -1,7 +1,7 @@
 # Herald. `make run` starts the broker on the embedded store; `make test` runs every test.
 CARGO ?= cargo
 
-.PHONY: run test chaos bench lint fmt build release
+.PHONY: run test chaos bench fuzz lint fmt build release
 
 ## Run the broker on 127.0.0.1:50051 with the embedded store in ./herald-data.
 run:
@@ -20,6 +20,11 @@ chaos:
 ## The load benchmark; e.g. make bench ARGS='--store dynamodb --events-per-topic 10'.
 bench:
 	scripts/bench.sh $(ARGS)
+
+## The property tests of every parser and matcher (tests/properties.rs) with many more cases
+## than `make test` runs: PROPTEST_CASES (default 20000) per property.
+fuzz:
+	PROPTEST_CASES=$${PROPTEST_CASES:-20000} $(CARGO) test --release --test properties
 
 ## Formatting, clippy, and the API's `buf lint` and `buf breaking` (against the previous
 ## commit; `buf` installs once from the npm registry), as CI runs them.
