@@ -147,16 +147,12 @@ pub async fn run_with_store(
         Keys::load(config.key_source()).map_err(|message| Error::invalid("api_keys", message))?,
     );
     keys.watch(KEY_RELOAD_INTERVAL);
-    // The TLS handshakes run in tasks of their own; the listener moves there.
-    let (tls, listener) = match config.tls_files() {
-        Some(files) => (
-            Some(
-                crate::tls::incoming(listener, files)
-                    .map_err(|message| Error::invalid("tls", message))?,
-            ),
-            None,
+    let listener = match config.tls_files() {
+        Some(files) => Listener::Tls(
+            crate::tls::incoming(listener, files)
+                .map_err(|message| Error::invalid("tls", message))?,
         ),
-        None => (None, Some(listener)),
+        None => Listener::Plain(listener),
     };
     let (trigger, shutdown_handle) = crate::shutdown::channel();
     let endpoint_rules = Arc::new(config.endpoint_rules());
@@ -202,17 +198,7 @@ pub async fn run_with_store(
             trigger.handle(),
         ));
     }
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|error| Error::Internal(format!("reflection: {error}")))?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|error| Error::Internal(format!("reflection: {error}")))?;
-
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -224,16 +210,15 @@ pub async fn run_with_store(
             .set_not_serving::<BrokerServiceServer<BrokerApi>>()
             .await;
     };
-    let served = match tls {
-        Some(connections) => {
+    let served = match listener {
+        Listener::Tls(connections) => {
             router
                 .serve_with_incoming_shutdown(ReceiverStream::new(connections), stopped)
                 .await
         }
-        None => {
+        Listener::Plain(listener) => {
             // Without TCP_NODELAY a response that leaves in more than one write waits for the
             // client's delayed ACK: ~40 ms at the tail.
-            let listener = listener.expect("kept without TLS");
             let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
             router.serve_with_incoming_shutdown(incoming, stopped).await
         }
@@ -243,4 +228,37 @@ pub async fn run_with_store(
         tracing::warn!("shutdown grace elapsed; unfinished deliveries stay pending");
     }
     served.map_err(|error| Error::Internal(format!("gRPC server: {error}")))
+}
+
+/// Where gRPC connections come from.
+enum Listener {
+    /// Plaintext TCP.
+    Plain(TcpListener),
+    /// TLS connections, handshakes done (see [`crate::tls::incoming`]).
+    Tls(tokio::sync::mpsc::Receiver<std::io::Result<crate::tls::TlsConnection>>),
+}
+
+/// Server reflection, v1 and v1alpha, for the API and health.
+fn reflection() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    Error,
+> {
+    let v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|error| Error::Internal(format!("reflection: {error}")))?;
+    let v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|error| Error::Internal(format!("reflection: {error}")))?;
+    Ok((v1, v1alpha))
 }

@@ -22,6 +22,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the files are checked for changes.
 const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 
+/// An established TLS connection.
+pub type TlsConnection = TlsStream<TcpStream>;
+
 /// The files TLS is configured from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {

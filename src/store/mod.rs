@@ -16,6 +16,7 @@ pub mod dynamodb;
 pub mod embedded;
 pub mod error;
 pub mod leases;
+pub mod pages;
 pub mod records;
 pub mod subscriptions;
 pub mod topic_index;

@@ -9,6 +9,7 @@ use aws_sdk_dynamodb::types::{Delete, Put, TransactWriteItem, Update};
 use super::schema::{self, Item, get_n, n, s};
 use super::{DynamoStore, SWEEP_BUDGET};
 use crate::model::{FailureOutcome, NewEvent, Page, PartitionKey, PendingDelivery, Published};
+use crate::store::pages;
 use crate::store::records;
 use crate::store::{DeliveryLog, LeaseToken, StoreError, SubscriptionStore};
 
@@ -228,7 +229,7 @@ impl DeliveryLog for DynamoStore {
         page_size: usize,
         page_token: Option<&str>,
     ) -> Result<Page<PendingDelivery>, StoreError> {
-        let after = page_token.map(records::decode_pending_token).transpose()?;
+        let after = page_token.map(pages::decode_pending_token).transpose()?;
         let subscription = self.get_subscription(subscription_id).await?;
         let topics = match topic {
             Some(topic) => vec![topic.to_string()],
@@ -278,7 +279,7 @@ impl DeliveryLog for DynamoStore {
                 items.push(schema::pending_delivery(&partition, delivery, event));
             }
         }
-        Ok(records::pending_page(items, page_size))
+        Ok(pages::pending_page(items, page_size))
     }
 
     /// The first call probes every partition of every topic. Later calls probe only the

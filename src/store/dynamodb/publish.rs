@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use aws_sdk_dynamodb::error::SdkError;
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Put, TransactWriteItem, Update};
 
 use super::errors::{cancellation_reasons, conflict_pause, sdk_error};
@@ -15,6 +17,26 @@ use crate::store::StoreError;
 const VERSION_ITEM: usize = 0;
 const TOPIC_ITEM: usize = 1;
 const IDEMPOTENCY_ITEM: usize = 2;
+
+/// One attempt at a publish, computed from this instance's view of the subscription set and
+/// the topic: the transaction to commit, and the fan-out left for later if it does not fit.
+struct Attempt {
+    sequence: u64,
+    now: u64,
+    version: u64,
+    subscribers: Vec<String>,
+    items: Vec<TransactWriteItem>,
+    /// Deliveries beyond the first transaction (an open fan-out), empty if it all fits.
+    rest: Vec<Item>,
+}
+
+/// What a cancelled publish transaction says to do next.
+enum Cancelled {
+    /// Another publisher or a subscription change won the race: compute again at once.
+    Stale,
+    /// A conflict with another transaction: pause, then compute again.
+    Conflict,
+}
 
 impl DynamoStore {
     pub(super) async fn publish_event(
@@ -30,148 +52,44 @@ impl DynamoStore {
         for attempt in 0..MAX_CONFLICT_RETRIES {
             let now = now_millis();
             if let Some(key) = key
-                && let Some(mut original) = self.idempotent_original(topic, key, now).await?
+                && let Some(original) = self.idempotent_original(topic, key, now).await?
             {
-                // The original's caller may have gone before it woke the worker: wake the
-                // topic's partitions again (a partition with nothing due just goes idle).
-                let set = self.subscription_set().await?;
-                original.partitions = set
-                    .index
-                    .matching(topic)
-                    .into_iter()
-                    .map(|id| PartitionKey::new(topic, id))
-                    .collect();
-                return Ok(original);
+                return self.with_partitions(original, topic).await;
             }
-            let set = self.subscription_set().await?;
-            let state = self.topic_state(topic).await?;
-            let sequence = now_micros().max(state.last_sequence + 1);
-            let subscribers: Vec<String> = set.index.matching(topic).into_iter().collect();
-            let fanout: Vec<(String, u64)> = subscribers
-                .iter()
-                .map(|id| {
-                    let created = set.created.get(id).copied().unwrap_or(u64::MAX);
-                    // The previous event of the topic reached this subscription iff it was
-                    // published with a subscription set that already held it.
-                    let previous = if state.last_sequence > 0 && state.last_version >= created {
-                        state.last_sequence
-                    } else {
-                        0
-                    };
-                    (id.clone(), previous)
-                })
-                .collect();
-            let deliveries: Vec<Item> = fanout
-                .iter()
-                .map(|(id, previous)| {
-                    schema::delivery_item(
-                        &PartitionKey::new(topic, id.as_str()),
-                        sequence,
-                        *previous,
-                        now,
-                    )
-                })
-                .collect();
-
-            let fixed_items = 2
-                + usize::from(key.is_some())
-                + usize::from(!subscribers.is_empty())
-                + usize::from(state.last_sequence == 0);
-            let room = TRANSACTION_LIMIT - fixed_items;
-            let chunked = deliveries.len() > room;
-
-            let mut items = vec![
-                self.check_version(set.version),
-                self.advance_topic(topic, state, sequence, set.version, chunked),
-            ];
-            if let Some(key) = key {
-                items.push(self.remember_key(
-                    topic,
-                    key,
-                    &event.id,
-                    sequence,
-                    now,
-                    subscribers.len(),
-                    window,
-                ));
-            }
-            if !subscribers.is_empty() {
-                let stored = Event {
-                    id: event.id.clone(),
-                    topic: topic.to_string(),
-                    sequence,
-                    payload: event.payload.clone(),
-                    content_type: event.content_type.clone(),
-                    attributes: event.attributes.clone(),
-                    published_at: now,
-                };
-                let fanout_record =
-                    chunked.then(|| serde_json::to_string(&fanout).expect("fan-out serializes"));
-                items.push(self.put(schema::event_item(
-                    &stored,
-                    subscribers.len(),
-                    fanout_record,
-                )));
-            }
-            if state.last_sequence == 0 {
-                items.push(self.put(schema::key(schema::TOPICS_PK, topic)));
-            }
-            let first_chunk = deliveries.len().min(room);
-            items.extend(
-                deliveries[..first_chunk]
-                    .iter()
-                    .cloned()
-                    .map(|item| self.put(item)),
-            );
-
-            match self.transact(items).await {
-                Ok(()) => {}
-                Err(error) => {
-                    let Some(reasons) = cancellation_reasons(&error) else {
-                        return Err(sdk_error(error));
-                    };
-                    let failed = |index: usize| {
-                        reasons.get(index).map(String::as_str) == Some("ConditionalCheckFailed")
-                    };
-                    if failed(VERSION_ITEM) {
-                        self.forget_subscriptions();
-                    }
-                    if failed(TOPIC_ITEM) {
-                        self.forget_topic(topic);
-                    }
-                    if !(failed(VERSION_ITEM)
-                        || failed(TOPIC_ITEM)
-                        || (key.is_some() && failed(IDEMPOTENCY_ITEM)))
-                    {
-                        conflict_pause(attempt).await;
-                    }
-                    continue;
+            let plan = self.plan(event, key, window, now).await?;
+            if let Err(error) = self.transact(plan.items).await {
+                match self.cancelled(&error, topic, key.is_some()) {
+                    None => return Err(sdk_error(error)),
+                    Some(Cancelled::Stale) => {}
+                    Some(Cancelled::Conflict) => conflict_pause(attempt).await,
                 }
+                continue;
             }
             self.topics.lock().expect("cache lock").insert(
                 topic.to_string(),
                 TopicState {
-                    last_sequence: sequence,
-                    last_version: set.version,
+                    last_sequence: plan.sequence,
+                    last_version: plan.version,
                 },
             );
-            if chunked {
+            if !plan.rest.is_empty() {
                 if self.injected_fanout_failure() {
                     return Err(StoreError::Unavailable(
                         "injected fault: publisher stopped after the first fan-out transaction"
                             .into(),
                     ));
                 }
-                self.write_open_fanout(topic, sequence, deliveries[first_chunk..].to_vec())
+                self.write_open_fanout(topic, plan.sequence, plan.rest)
                     .await?;
             }
             return Ok(Published {
                 event_id: event.id.clone(),
-                sequence,
-                published_at: now,
-                subscription_count: subscribers.len() as u32,
+                sequence: plan.sequence,
+                published_at: plan.now,
+                subscription_count: plan.subscribers.len() as u32,
                 duplicate: false,
-                partitions: subscribers
+                partitions: plan
+                    .subscribers
                     .into_iter()
                     .map(|id| PartitionKey::new(topic, id))
                     .collect(),
@@ -180,6 +98,142 @@ impl DynamoStore {
         Err(StoreError::Contention(format!(
             "too many concurrent publishes on {topic}; nothing was written"
         )))
+    }
+
+    /// A duplicate's original outcome, with the topic's partitions to wake: the original's
+    /// caller may have gone before it woke the worker (a partition with nothing due just goes
+    /// idle).
+    async fn with_partitions(
+        &self,
+        mut original: Published,
+        topic: &str,
+    ) -> Result<Published, StoreError> {
+        let set = self.subscription_set().await?;
+        original.partitions = set
+            .index
+            .matching(topic)
+            .into_iter()
+            .map(|id| PartitionKey::new(topic, id))
+            .collect();
+        Ok(original)
+    }
+
+    /// Computes one attempt: the next sequence, each subscriber's previous sequence, and the
+    /// transaction (version check, topic advance, idempotency key, event, first deliveries).
+    async fn plan(
+        &self,
+        event: &NewEvent,
+        key: Option<&str>,
+        window: Duration,
+        now: u64,
+    ) -> Result<Attempt, StoreError> {
+        let topic = event.topic.as_str();
+        let set = self.subscription_set().await?;
+        let state = self.topic_state(topic).await?;
+        let sequence = now_micros().max(state.last_sequence + 1);
+        let subscribers: Vec<String> = set.index.matching(topic).into_iter().collect();
+        let fanout: Vec<(String, u64)> = subscribers
+            .iter()
+            .map(|id| {
+                let created = set.created.get(id).copied().unwrap_or(u64::MAX);
+                // The previous event of the topic reached this subscription iff it was
+                // published with a subscription set that already held it.
+                let previous = if state.last_sequence > 0 && state.last_version >= created {
+                    state.last_sequence
+                } else {
+                    0
+                };
+                (id.clone(), previous)
+            })
+            .collect();
+        let mut deliveries: Vec<Item> = fanout
+            .iter()
+            .map(|(id, previous)| {
+                schema::delivery_item(
+                    &PartitionKey::new(topic, id.as_str()),
+                    sequence,
+                    *previous,
+                    now,
+                )
+            })
+            .collect();
+        let fixed_items = 2
+            + usize::from(key.is_some())
+            + usize::from(!subscribers.is_empty())
+            + usize::from(state.last_sequence == 0);
+        let room = TRANSACTION_LIMIT - fixed_items;
+        let chunked = deliveries.len() > room;
+
+        let mut items = vec![
+            self.check_version(set.version),
+            self.advance_topic(topic, state, sequence, set.version, chunked),
+        ];
+        if let Some(key) = key {
+            items.push(self.remember_key(
+                topic,
+                key,
+                &event.id,
+                sequence,
+                now,
+                subscribers.len(),
+                window,
+            ));
+        }
+        if !subscribers.is_empty() {
+            let stored = Event {
+                id: event.id.clone(),
+                topic: topic.to_string(),
+                sequence,
+                payload: event.payload.clone(),
+                content_type: event.content_type.clone(),
+                attributes: event.attributes.clone(),
+                published_at: now,
+            };
+            let fanout_record =
+                chunked.then(|| serde_json::to_string(&fanout).expect("fan-out serializes"));
+            items.push(self.put(schema::event_item(
+                &stored,
+                subscribers.len(),
+                fanout_record,
+            )));
+        }
+        if state.last_sequence == 0 {
+            items.push(self.put(schema::key(schema::TOPICS_PK, topic)));
+        }
+        let rest = deliveries.split_off(deliveries.len().min(room));
+        items.extend(deliveries.into_iter().map(|item| self.put(item)));
+        Ok(Attempt {
+            sequence,
+            now,
+            version: set.version,
+            subscribers,
+            items,
+            rest,
+        })
+    }
+
+    /// Reads a failed publish transaction: `None` if it was not a cancellation (an error to
+    /// return), else what to do next; stale cached state is forgotten.
+    fn cancelled(
+        &self,
+        error: &SdkError<TransactWriteItemsError>,
+        topic: &str,
+        keyed: bool,
+    ) -> Option<Cancelled> {
+        let reasons = cancellation_reasons(error)?;
+        let failed =
+            |index: usize| reasons.get(index).map(String::as_str) == Some("ConditionalCheckFailed");
+        if failed(VERSION_ITEM) {
+            self.forget_subscriptions();
+        }
+        if failed(TOPIC_ITEM) {
+            self.forget_topic(topic);
+        }
+        if failed(VERSION_ITEM) || failed(TOPIC_ITEM) || (keyed && failed(IDEMPOTENCY_ITEM)) {
+            Some(Cancelled::Stale)
+        } else {
+            Some(Cancelled::Conflict)
+        }
     }
 
     /// The original outcome of a live idempotency key.

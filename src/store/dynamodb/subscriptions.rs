@@ -11,6 +11,7 @@ use super::errors::{cancellation_reasons, conflict_pause, sdk_error};
 use super::schema::{self, get_n, get_s, n, s};
 use super::{DynamoStore, MAX_CONFLICT_RETRIES};
 use crate::model::{Page, Subscription};
+use crate::store::pages;
 use crate::store::records;
 use crate::store::topic_index::TopicIndex;
 use crate::store::{StoreError, SubscriptionStore};
@@ -149,7 +150,7 @@ impl SubscriptionStore for DynamoStore {
         page_token: Option<&str>,
     ) -> Result<Page<Subscription>, StoreError> {
         let after = page_token
-            .map(records::decode_subscription_token)
+            .map(pages::decode_subscription_token)
             .transpose()?;
         let items = self
             .query_after(schema::SUBSCRIPTIONS_PK, after.as_deref(), page_size + 1)
@@ -159,7 +160,7 @@ impl SubscriptionStore for DynamoStore {
                 records::decode_subscription(get_s(item, "data")?.as_bytes(), "subscription")
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(records::subscription_page(items, page_size))
+        Ok(pages::subscription_page(items, page_size))
     }
 
     async fn delete_subscription(&self, id: &str) -> Result<u64, StoreError> {

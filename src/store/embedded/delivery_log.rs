@@ -11,7 +11,8 @@ use super::schema::{DELIVERIES, EVENTS, PARTITIONS, PENDING_PARTITIONS, SUBSCRIP
 use super::unavailable;
 use super::writer::Command;
 use crate::model::{FailureOutcome, NewEvent, Page, PartitionKey, PendingDelivery, Published};
-use crate::store::records::{self, DeliveryRecord, PartitionRecord, decode_event};
+use crate::store::pages;
+use crate::store::records::{DeliveryRecord, PartitionRecord, decode_event};
 use crate::store::{DeliveryLog, LeaseToken, StoreError};
 
 #[async_trait]
@@ -90,7 +91,7 @@ impl DeliveryLog for EmbeddedStore {
         page_size: usize,
         page_token: Option<&str>,
     ) -> Result<Page<PendingDelivery>, StoreError> {
-        let after = page_token.map(records::decode_pending_token).transpose()?;
+        let after = page_token.map(pages::decode_pending_token).transpose()?;
         let subscription_id = subscription_id.to_string();
         let topic = topic.map(str::to_string);
         self.read_with(move |transaction| {
@@ -145,7 +146,7 @@ impl DeliveryLog for EmbeddedStore {
                     }
                 }
             }
-            Ok(records::pending_page(items, page_size))
+            Ok(pages::pending_page(items, page_size))
         })
         .await
     }

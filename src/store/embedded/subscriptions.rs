@@ -8,6 +8,7 @@ use super::schema::SUBSCRIPTIONS;
 use super::unavailable;
 use super::writer::Command;
 use crate::model::{Page, Subscription};
+use crate::store::pages;
 use crate::store::records;
 use crate::store::{StoreError, SubscriptionStore};
 
@@ -39,7 +40,7 @@ impl SubscriptionStore for EmbeddedStore {
         page_token: Option<&str>,
     ) -> Result<Page<Subscription>, StoreError> {
         let after = page_token
-            .map(records::decode_subscription_token)
+            .map(pages::decode_subscription_token)
             .transpose()?;
         self.read_with(move |transaction| {
             let table = transaction.open_table(SUBSCRIPTIONS).map_err(unavailable)?;
@@ -55,7 +56,7 @@ impl SubscriptionStore for EmbeddedStore {
                 let (_, value) = entry.map_err(unavailable)?;
                 items.push(records::decode_subscription(value.value(), "subscription")?);
             }
-            Ok(records::subscription_page(items, page_size))
+            Ok(pages::subscription_page(items, page_size))
         })
         .await
     }
