@@ -70,7 +70,9 @@ fn store(criterion: &mut Criterion) {
         created_at: 0,
     };
     runtime
-        .block_on(store.create_subscription(&subscription))
+        .block_on(
+            store.create_subscription(&subscription, &herald::store::SubscriptionLimits::NONE),
+        )
         .unwrap();
     let event = NewEvent {
         id: "evt_1".into(),

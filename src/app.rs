@@ -18,7 +18,7 @@ use crate::delivery::{Engine, EngineConfig};
 use crate::error::Error;
 use crate::proto::broker_service_server::BrokerServiceServer;
 use crate::store::dynamodb::{self, RequestCounts};
-use crate::store::{DynamoStore, EmbeddedStore, Store, StoreError};
+use crate::store::{DynamoStore, EmbeddedStore, Store, StoreError, SubscriptionLimits};
 
 /// How often the DynamoDB request counters are logged.
 const REQUEST_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
@@ -178,6 +178,10 @@ pub async fn run_with_store(
             idempotency_window: config.idempotency_window,
             default_retry_policy: config.default_retry_policy(),
             endpoint_rules,
+            subscriptions: SubscriptionLimits {
+                total: config.max_subscriptions,
+                per_pattern: config.max_subscriptions_per_pattern,
+            },
         },
     ));
     // Large enough that an oversized payload reaches our own check and its precise message.

@@ -10,7 +10,7 @@ use crate::error::Error;
 use crate::model::{
     NewEvent, OnExhausted, Page, PendingDelivery, Published, RetryPolicy, Subscription, now_millis,
 };
-use crate::store::{DeliveryLog, Store, SubscriptionStore};
+use crate::store::{DeliveryLog, Store, SubscriptionLimits, SubscriptionStore};
 use crate::validate;
 
 /// Content type of events published without one.
@@ -27,6 +27,8 @@ pub struct Limits {
     pub default_retry_policy: RetryPolicy,
     /// Which endpoint addresses Subscribe accepts (deliveries check again at connect time).
     pub endpoint_rules: Arc<AddressRules>,
+    /// How many subscriptions Subscribe may create.
+    pub subscriptions: SubscriptionLimits,
 }
 
 /// A publish request.
@@ -175,7 +177,7 @@ impl Broker {
             created_at: now_millis(),
         };
         self.subscriptions
-            .create_subscription(&subscription)
+            .create_subscription(&subscription, &self.limits.subscriptions)
             .await?;
         Ok(subscription)
     }

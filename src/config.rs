@@ -47,6 +47,10 @@ pub mod defaults {
     pub const REQUEST_TIMEOUT: &str = "10s";
     /// `--shutdown-grace`.
     pub const SHUTDOWN_GRACE: &str = "10s";
+    /// `--max-subscriptions`.
+    pub const MAX_SUBSCRIPTIONS: usize = 10_000;
+    /// `--max-subscriptions-per-pattern`.
+    pub const MAX_SUBSCRIPTIONS_PER_PATTERN: usize = 1_000;
     /// `--endpoint-policy`.
     pub const ENDPOINT_POLICY: &str = "allow-private";
 
@@ -144,6 +148,14 @@ pub struct ServeConfig {
     /// Default per-request timeout of new subscriptions.
     #[arg(long, env = "HERALD_DEFAULT_REQUEST_TIMEOUT", default_value = defaults::REQUEST_TIMEOUT, value_parser = parse_duration)]
     pub default_request_timeout: Duration,
+
+    /// Most subscriptions in total; Subscribe beyond it is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "HERALD_MAX_SUBSCRIPTIONS", default_value_t = defaults::MAX_SUBSCRIPTIONS)]
+    pub max_subscriptions: usize,
+
+    /// Most subscriptions with any one topic pattern (such as `*`).
+    #[arg(long, env = "HERALD_MAX_SUBSCRIPTIONS_PER_PATTERN", default_value_t = defaults::MAX_SUBSCRIPTIONS_PER_PATTERN)]
+    pub max_subscriptions_per_pattern: usize,
 
     /// Which webhook endpoint addresses are refused: `allow-private` (default: loopback and
     /// private ranges allowed) or `public-only`. Link-local and cloud metadata addresses,
@@ -247,6 +259,8 @@ impl ServeConfig {
             default_max_attempts: retry.max_attempts,
             default_request_timeout: retry.request_timeout,
             shutdown_grace: duration(defaults::SHUTDOWN_GRACE),
+            max_subscriptions: defaults::MAX_SUBSCRIPTIONS,
+            max_subscriptions_per_pattern: defaults::MAX_SUBSCRIPTIONS_PER_PATTERN,
             endpoint_policy: EndpointPolicy::AllowPrivate,
             endpoint_allow: Vec::new(),
             api_keys_file: None,

@@ -7,6 +7,7 @@
 //! | `AlreadyExists` | `ALREADY_EXISTS` | | an id is taken |
 //! | `Aborted` | `ABORTED` | `RetryInfo` 100 ms | lost optimistic-concurrency races; nothing written |
 //! | `ResourceExhausted` | `RESOURCE_EXHAUSTED` | `RetryInfo` 5 s | the disk is full, or the embedded store's write queue stayed full |
+//! | `QuotaReached` | `RESOURCE_EXHAUSTED` | none | a configured limit (subscriptions) is reached |
 //! | `Unavailable` | `UNAVAILABLE` | `RetryInfo` 1 s | the store cannot be reached, or the outcome is unknown |
 //! | `DataLoss` | `DATA_LOSS` | | stored data cannot be decoded (detail in the log only) |
 //! | `Internal` | `INTERNAL` | | a bug (detail in the log only) |
@@ -40,6 +41,9 @@ pub enum Error {
     /// A resource ran out (the disk). Retry once it is freed.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A configured quota is used up; retrying helps only once something is removed.
+    #[error("{0}")]
+    QuotaReached(String),
     /// The store cannot be reached or written now, or the outcome of the call is unknown (the
     /// message says which). Retry later.
     #[error("{0}")]
@@ -70,6 +74,7 @@ impl From<StoreError> for Error {
             // The only argument a store interprets.
             StoreError::InvalidArgument(message) => Error::invalid("page_token", message),
             StoreError::Contention(message) => Error::Aborted(message),
+            StoreError::LimitReached(message) => Error::QuotaReached(message),
             StoreError::StorageFull(message) | StoreError::Overloaded(message) => {
                 Error::ResourceExhausted(message)
             }
@@ -112,6 +117,7 @@ impl From<Error> for tonic::Status {
             Error::Aborted(_) => {
                 retry_later(tonic::Code::Aborted, message, Duration::from_millis(100))
             }
+            Error::QuotaReached(_) => tonic::Status::resource_exhausted(message),
             Error::ResourceExhausted(_) => retry_later(
                 tonic::Code::ResourceExhausted,
                 message,

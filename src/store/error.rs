@@ -20,6 +20,10 @@ pub enum StoreError {
     /// committing). Retry once space is freed (Publish with the same idempotency key).
     #[error("storage full: {0}")]
     StorageFull(String),
+    /// A configured limit (such as the number of subscriptions) would be exceeded; nothing was
+    /// written. Retrying helps only once something is removed.
+    #[error("{0}")]
+    LimitReached(String),
     /// The store has more work queued than it takes; nothing was written. Retry later.
     #[error("overloaded: {0}")]
     Overloaded(String),

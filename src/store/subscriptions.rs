@@ -5,6 +5,51 @@ use async_trait::async_trait;
 use crate::model::{Page, Subscription};
 use crate::store::StoreError;
 
+/// Bounds on the number of subscriptions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscriptionLimits {
+    /// Subscriptions in total.
+    pub total: usize,
+    /// Subscriptions with any one topic pattern (such as `*` or `fin:*`).
+    pub per_pattern: usize,
+}
+
+impl SubscriptionLimits {
+    /// No limits.
+    pub const NONE: SubscriptionLimits = SubscriptionLimits {
+        total: usize::MAX,
+        per_pattern: usize::MAX,
+    };
+
+    /// Checks a new subscription against the current counts: `total` subscriptions, and
+    /// `with_pattern(pattern)` of them holding each of its patterns.
+    pub fn check(
+        &self,
+        subscription: &Subscription,
+        total: usize,
+        with_pattern: impl Fn(&str) -> usize,
+    ) -> Result<(), StoreError> {
+        if total >= self.total {
+            return Err(StoreError::LimitReached(format!(
+                "{total} subscriptions exist, the most this server keeps \
+                 (--max-subscriptions {}); unsubscribe one first",
+                self.total
+            )));
+        }
+        for pattern in &subscription.topics {
+            let count = with_pattern(pattern);
+            if count >= self.per_pattern {
+                return Err(StoreError::LimitReached(format!(
+                    "{count} subscriptions have the pattern `{pattern}`, the most this server \
+                     keeps (--max-subscriptions-per-pattern {})",
+                    self.per_pattern
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Stored subscriptions. A subscription's effect on publishing is part of the contract: after
 /// [`SubscriptionStore::create_subscription`] returns, every publish on a matching topic (from
 /// any instance sharing the store) fans out to it; after
@@ -14,8 +59,15 @@ pub trait SubscriptionStore: Send + Sync {
     /// Stores a new subscription, atomically and durably. From the moment this returns, every
     /// publish on a matching topic fans out to it; earlier publishes never do.
     ///
-    /// Returns `Conflict` if a subscription with the same id exists.
-    async fn create_subscription(&self, subscription: &Subscription) -> Result<(), StoreError>;
+    /// Returns `Conflict` if a subscription with the same id exists, `LimitReached` if it
+    /// would exceed `limits` (checked in the same transaction on the embedded store; from this
+    /// instance's current view on DynamoDB, so concurrent creations on several instances can
+    /// pass a limit by the number in flight).
+    async fn create_subscription(
+        &self,
+        subscription: &Subscription,
+        limits: &SubscriptionLimits,
+    ) -> Result<(), StoreError>;
 
     /// Returns the subscription with this id, or `NotFound`.
     async fn get_subscription(&self, id: &str) -> Result<Subscription, StoreError>;

@@ -50,6 +50,14 @@ impl TopicIndex {
         }
     }
 
+    /// How many subscriptions hold `pattern` itself.
+    pub fn with_pattern(&self, pattern: &str) -> usize {
+        match pattern.strip_suffix('*') {
+            Some(prefix) => self.prefixes.get(prefix).map_or(0, BTreeSet::len),
+            None => self.exact.get(pattern).map_or(0, BTreeSet::len),
+        }
+    }
+
     /// Subscription ids matching `topic`, sorted and without duplicates.
     pub fn matching(&self, topic: &str) -> BTreeSet<String> {
         let mut matched = BTreeSet::new();

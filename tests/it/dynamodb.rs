@@ -427,7 +427,10 @@ async fn requests_per_publish_and_per_delivery_do_not_grow_with_the_table() {
             on_exhausted: herald::model::OnExhausted::DeadLetter,
             created_at: now_millis(),
         };
-        store.create_subscription(&subscription).await.unwrap();
+        store
+            .create_subscription(&subscription, &herald::store::SubscriptionLimits::NONE)
+            .await
+            .unwrap();
     }
     let event = |index: usize| NewEvent {
         id: format!("evt_{index}"),
@@ -569,7 +572,10 @@ async fn the_rescan_probes_changed_topics_and_partitions_whose_lease_ran_out() {
         on_exhausted: herald::model::OnExhausted::DeadLetter,
         created_at: now_millis(),
     };
-    holder.create_subscription(&subscription).await.unwrap();
+    holder
+        .create_subscription(&subscription, &herald::store::SubscriptionLimits::NONE)
+        .await
+        .unwrap();
     let event = |id: &str, topic: &str| NewEvent {
         id: id.into(),
         topic: topic.into(),

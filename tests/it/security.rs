@@ -217,3 +217,33 @@ async fn endless_response_bodies_are_cut_and_memory_stays_bounded() {
     );
     server.kill_9().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_beyond_the_limits_is_resource_exhausted_naming_the_flag() {
+    let app = spawn_app(Backend::Embedded, |config| {
+        config.max_subscriptions = 2;
+        config.max_subscriptions_per_pattern = 1;
+    })
+    .await;
+    let mut client = app.client.clone();
+    let request = |topic: &str| subscribe_request("http://127.0.0.1:9/", &[topic]);
+    client.subscribe(request("*")).await.unwrap();
+    let status = client.subscribe(request("*")).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status
+            .message()
+            .contains("--max-subscriptions-per-pattern 1"),
+        "{}",
+        status.message()
+    );
+    client.subscribe(request("t")).await.unwrap();
+    let status = client.subscribe(request("u")).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(
+        status.message().contains("--max-subscriptions 2"),
+        "{}",
+        status.message()
+    );
+    app.stop().await;
+}

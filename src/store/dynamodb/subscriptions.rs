@@ -14,7 +14,7 @@ use crate::model::{Page, Subscription};
 use crate::store::pages;
 use crate::store::records;
 use crate::store::topic_index::TopicIndex;
-use crate::store::{StoreError, SubscriptionStore};
+use crate::store::{StoreError, SubscriptionLimits, SubscriptionStore};
 
 /// The subscriptions as of one version of the subscription set.
 pub(super) struct SubscriptionSet {
@@ -89,8 +89,16 @@ impl DynamoStore {
 
 #[async_trait]
 impl SubscriptionStore for DynamoStore {
-    async fn create_subscription(&self, subscription: &Subscription) -> Result<(), StoreError> {
+    async fn create_subscription(
+        &self,
+        subscription: &Subscription,
+        limits: &SubscriptionLimits,
+    ) -> Result<(), StoreError> {
         for attempt in 0..MAX_CONFLICT_RETRIES {
+            let set = self.subscription_set().await?;
+            limits.check(subscription, set.subscriptions.len(), |pattern| {
+                set.index.with_pattern(pattern)
+            })?;
             let version = self.read_version().await?;
             let mut item = schema::subscription_key(&subscription.id);
             item.insert(

@@ -10,13 +10,18 @@ use super::writer::Command;
 use crate::model::{Page, Subscription};
 use crate::store::pages;
 use crate::store::records;
-use crate::store::{StoreError, SubscriptionStore};
+use crate::store::{StoreError, SubscriptionLimits, SubscriptionStore};
 
 #[async_trait]
 impl SubscriptionStore for EmbeddedStore {
-    async fn create_subscription(&self, subscription: &Subscription) -> Result<(), StoreError> {
+    async fn create_subscription(
+        &self,
+        subscription: &Subscription,
+        limits: &SubscriptionLimits,
+    ) -> Result<(), StoreError> {
         let subscription = subscription.clone();
-        self.submit(|reply| Command::CreateSubscription(subscription, reply))
+        let limits = *limits;
+        self.submit(|reply| Command::CreateSubscription(subscription, limits, reply))
             .await
     }
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use redb::{ReadableTable, WriteTransaction};
+use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 
 use super::schema::{
     DELIVERIES, EVENT_REFERENCES, EVENTS, IDEMPOTENCY, IDEMPOTENCY_EXPIRY, PARTITIONS,
@@ -13,12 +13,12 @@ use super::unavailable;
 use crate::model::{
     Event, FailureOutcome, NewEvent, PartitionKey, Published, Subscription, now_micros,
 };
-use crate::store::StoreError;
 use crate::store::records::{
     DeliveryRecord, IdempotencyRecord, PartitionRecord, decode_subscription, encode_event,
     encode_subscription,
 };
 use crate::store::topic_index::TopicIndex;
+use crate::store::{StoreError, SubscriptionLimits};
 
 /// Most expired idempotency keys removed per sweep.
 const SWEEP_LIMIT: usize = 1000;
@@ -54,7 +54,12 @@ impl<'transaction> Tables<'transaction> {
         })
     }
 
-    pub(super) fn create_subscription(&mut self, subscription: &Subscription) -> Applied<()> {
+    pub(super) fn create_subscription(
+        &mut self,
+        subscription: &Subscription,
+        limits: &SubscriptionLimits,
+        index: &TopicIndex,
+    ) -> Applied<()> {
         if self
             .subscriptions
             .get(subscription.id.as_str())
@@ -65,6 +70,11 @@ impl<'transaction> Tables<'transaction> {
                 "subscription {} already exists",
                 subscription.id
             ))));
+        }
+        let total = self.subscriptions.len().map_err(unavailable)? as usize;
+        if let Err(error) = limits.check(subscription, total, |pattern| index.with_pattern(pattern))
+        {
+            return Ok(Err(error));
         }
         self.subscriptions
             .insert(

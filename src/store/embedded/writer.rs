@@ -14,8 +14,8 @@ use super::schema::{PROBES, load_index, open_database};
 use super::tables::Tables;
 use super::{DatabaseSlot, current, unavailable};
 use crate::model::{FailureOutcome, NewEvent, PartitionKey, Published, Subscription, now_millis};
-use crate::store::StoreError;
 use crate::store::topic_index::TopicIndex;
+use crate::store::{StoreError, SubscriptionLimits};
 
 /// Most commands applied in one transaction.
 const MAX_BATCH: usize = 2048;
@@ -31,7 +31,7 @@ const REOPEN_WAIT: Duration = Duration::from_secs(2);
 pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 pub(super) enum Command {
-    CreateSubscription(Subscription, Reply<()>),
+    CreateSubscription(Subscription, SubscriptionLimits, Reply<()>),
     DeleteSubscription(String, Reply<u64>),
     Publish(NewEvent, Duration, Reply<Published>),
     Complete(PartitionKey, u64, Reply<()>),
@@ -298,8 +298,9 @@ impl Writer {
             let now = now_millis();
             for command in batch {
                 let outcome = match command {
-                    Command::CreateSubscription(subscription, reply) => {
-                        let result = tables.create_subscription(&subscription);
+                    Command::CreateSubscription(subscription, limits, reply) => {
+                        let result =
+                            tables.create_subscription(&subscription, &limits, &self.index);
                         if matches!(result, Ok(Ok(()))) {
                             self.index.add(&subscription);
                             *index_changed = true;

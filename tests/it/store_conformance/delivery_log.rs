@@ -20,19 +20,31 @@ on_backends!(
 
 async fn publish_fans_out_to_matching_partitions_in_sequence_order(store: Arc<dyn Store>) {
     store
-        .create_subscription(&subscription("sub_exact", &["user:new"]))
+        .create_subscription(
+            &subscription("sub_exact", &["user:new"]),
+            &herald::store::SubscriptionLimits::NONE,
+        )
         .await
         .unwrap();
     store
-        .create_subscription(&subscription("sub_prefix", &["user:*", "user:new"]))
+        .create_subscription(
+            &subscription("sub_prefix", &["user:*", "user:new"]),
+            &herald::store::SubscriptionLimits::NONE,
+        )
         .await
         .unwrap();
     store
-        .create_subscription(&subscription("sub_all", &["*"]))
+        .create_subscription(
+            &subscription("sub_all", &["*"]),
+            &herald::store::SubscriptionLimits::NONE,
+        )
         .await
         .unwrap();
     store
-        .create_subscription(&subscription("sub_other", &["fin:*"]))
+        .create_subscription(
+            &subscription("sub_other", &["fin:*"]),
+            &herald::store::SubscriptionLimits::NONE,
+        )
         .await
         .unwrap();
 
@@ -94,7 +106,10 @@ async fn publish_fans_out_to_matching_partitions_in_sequence_order(store: Arc<dy
 
 async fn sequences_increase_per_topic_under_concurrency(store: Arc<dyn Store>) {
     store
-        .create_subscription(&subscription("sub_1", &["*"]))
+        .create_subscription(
+            &subscription("sub_1", &["*"]),
+            &herald::store::SubscriptionLimits::NONE,
+        )
         .await
         .unwrap();
     let mut tasks = Vec::new();
@@ -145,7 +160,10 @@ async fn sequences_increase_per_topic_under_concurrency(store: Arc<dyn Store>) {
 
 async fn completion_and_failure_move_the_partition_head(store: Arc<dyn Store>) {
     store
-        .create_subscription(&subscription("sub_1", &["t"]))
+        .create_subscription(
+            &subscription("sub_1", &["t"]),
+            &herald::store::SubscriptionLimits::NONE,
+        )
         .await
         .unwrap();
     let partition = PartitionKey::new("t", "sub_1");
@@ -237,7 +255,10 @@ async fn completion_and_failure_move_the_partition_head(store: Arc<dyn Store>) {
 
 async fn list_pending_pages_over_topics_and_includes_dead_letters(store: Arc<dyn Store>) {
     store
-        .create_subscription(&subscription("sub_1", &["*"]))
+        .create_subscription(
+            &subscription("sub_1", &["*"]),
+            &herald::store::SubscriptionLimits::NONE,
+        )
         .await
         .unwrap();
     let mut expected = Vec::new();
@@ -316,7 +337,10 @@ async fn list_pending_pages_over_topics_and_includes_dead_letters(store: Arc<dyn
 
 async fn idempotency_returns_the_original_outcome(store: Arc<dyn Store>) {
     store
-        .create_subscription(&subscription("sub_1", &["t"]))
+        .create_subscription(
+            &subscription("sub_1", &["t"]),
+            &herald::store::SubscriptionLimits::NONE,
+        )
         .await
         .unwrap();
     let original = store
@@ -371,7 +395,10 @@ async fn fan_out_reaches_a_thousand_subscriptions_in_order(store: Arc<dyn Store>
             "big:*"
         };
         store
-            .create_subscription(&subscription(id, &[pattern]))
+            .create_subscription(
+                &subscription(id, &[pattern]),
+                &herald::store::SubscriptionLimits::NONE,
+            )
             .await
             .unwrap();
     }
@@ -408,7 +435,10 @@ async fn fan_out_reaches_a_thousand_subscriptions_in_order(store: Arc<dyn Store>
 
 async fn the_largest_payload_round_trips(store: Arc<dyn Store>) {
     store
-        .create_subscription(&subscription("sub_1", &["big"]))
+        .create_subscription(
+            &subscription("sub_1", &["big"]),
+            &herald::store::SubscriptionLimits::NONE,
+        )
         .await
         .unwrap();
     // The default limit, 256 KiB, of bytes that are not UTF-8.

@@ -89,7 +89,10 @@ async fn a_lease_runs_out_and_a_handover_frees_it_at_once(store: Arc<dyn Store>)
 async fn writes_fenced_by_a_replaced_token_are_refused(store: Arc<dyn Store>) {
     let leases = store.clone().leases().expect("a shared store has leases");
     store
-        .create_subscription(&subscription("sub_1", &["t"]))
+        .create_subscription(
+            &subscription("sub_1", &["t"]),
+            &herald::store::SubscriptionLimits::NONE,
+        )
         .await
         .unwrap();
     for index in 0..2 {

@@ -3,25 +3,32 @@
 use std::sync::Arc;
 
 use herald::model::PartitionKey;
-use herald::store::{Store, StoreError};
+use herald::store::{Store, StoreError, SubscriptionLimits};
 
 use super::{DAY, event, subscription, subscription_with_time};
 
 on_backends!(
     subscriptions_are_created_listed_and_deleted,
     deleting_a_subscription_drops_its_backlog,
+    subscription_limits_hold_in_total_and_per_pattern,
 );
 
 async fn subscriptions_are_created_listed_and_deleted(store: Arc<dyn Store>) {
     for id in ["sub_a", "sub_b", "sub_c"] {
         store
-            .create_subscription(&subscription(id, &["t"]))
+            .create_subscription(
+                &subscription(id, &["t"]),
+                &herald::store::SubscriptionLimits::NONE,
+            )
             .await
             .unwrap();
     }
     assert!(matches!(
         store
-            .create_subscription(&subscription("sub_b", &["t"]))
+            .create_subscription(
+                &subscription("sub_b", &["t"]),
+                &herald::store::SubscriptionLimits::NONE
+            )
             .await,
         Err(StoreError::Conflict(_))
     ));
@@ -75,11 +82,17 @@ async fn subscriptions_are_created_listed_and_deleted(store: Arc<dyn Store>) {
 
 async fn deleting_a_subscription_drops_its_backlog(store: Arc<dyn Store>) {
     store
-        .create_subscription(&subscription("sub_1", &["a", "b"]))
+        .create_subscription(
+            &subscription("sub_1", &["a", "b"]),
+            &herald::store::SubscriptionLimits::NONE,
+        )
         .await
         .unwrap();
     store
-        .create_subscription(&subscription("sub_2", &["a"]))
+        .create_subscription(
+            &subscription("sub_2", &["a"]),
+            &herald::store::SubscriptionLimits::NONE,
+        )
         .await
         .unwrap();
     for index in 0..4 {
@@ -117,4 +130,39 @@ async fn deleting_a_subscription_drops_its_backlog(store: Arc<dyn Store>) {
         .await
         .unwrap();
     assert_eq!(published.subscription_count, 1);
+}
+
+async fn subscription_limits_hold_in_total_and_per_pattern(store: Arc<dyn Store>) {
+    let limits = SubscriptionLimits {
+        total: 3,
+        per_pattern: 2,
+    };
+    let create = |id: &'static str, pattern: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .create_subscription(&subscription(id, &[pattern]), &limits)
+                .await
+        }
+    };
+    create("sub_a", "*").await.unwrap();
+    create("sub_b", "*").await.unwrap();
+    let error = create("sub_c", "*").await.unwrap_err();
+    assert!(
+        matches!(&error, StoreError::LimitReached(text) if text.contains("`*`")),
+        "{error:?}"
+    );
+    create("sub_c", "t").await.unwrap();
+    let error = create("sub_d", "u").await.unwrap_err();
+    assert!(
+        matches!(&error, StoreError::LimitReached(text) if text.contains("--max-subscriptions 3")),
+        "{error:?}"
+    );
+    // Nothing was written by the refused calls; removing one makes room.
+    assert!(matches!(
+        store.get_subscription("sub_d").await,
+        Err(StoreError::NotFound(_))
+    ));
+    store.delete_subscription("sub_a").await.unwrap();
+    create("sub_d", "*").await.unwrap();
 }

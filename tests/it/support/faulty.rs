@@ -10,7 +10,8 @@ use herald::model::{
     FailureOutcome, NewEvent, Page, PartitionKey, PendingDelivery, Published, Subscription,
 };
 use herald::store::{
-    DeliveryLog, LeaseToken, PartitionLeases, Store, StoreError, SubscriptionStore,
+    DeliveryLog, LeaseToken, PartitionLeases, Store, StoreError, SubscriptionLimits,
+    SubscriptionStore,
 };
 
 /// Wraps a real store; `fail_completions(n)` / `fail_failures(n)` make the next `n` calls of
@@ -68,8 +69,12 @@ fn injected() -> StoreError {
 
 #[async_trait]
 impl SubscriptionStore for FaultyStore {
-    async fn create_subscription(&self, subscription: &Subscription) -> Result<(), StoreError> {
-        self.inner.create_subscription(subscription).await
+    async fn create_subscription(
+        &self,
+        subscription: &Subscription,
+        limits: &SubscriptionLimits,
+    ) -> Result<(), StoreError> {
+        self.inner.create_subscription(subscription, limits).await
     }
 
     async fn get_subscription(&self, id: &str) -> Result<Subscription, StoreError> {
