@@ -17,6 +17,7 @@ use crate::config::{ServeConfig, StoreKind};
 use crate::delivery::{Engine, EngineConfig};
 use crate::error::Error;
 use crate::proto::broker_service_server::BrokerServiceServer;
+use crate::rate::RateLimits;
 use crate::store::dynamodb::{self, RequestCounts};
 use crate::store::{DynamoStore, EmbeddedStore, Store, StoreError, SubscriptionLimits};
 
@@ -187,7 +188,11 @@ pub async fn run_with_store(
     // Large enough that an oversized payload reaches our own check and its precise message.
     let max_message = (config.max_payload_bytes + MESSAGE_OVERHEAD).max(4 * 1024 * 1024);
     let broker_service = InterceptedService::new(
-        BrokerServiceServer::new(BrokerApi::new(broker)).max_decoding_message_size(max_message),
+        BrokerServiceServer::new(BrokerApi::new(
+            broker,
+            RateLimits::new(config.rate_limit_publish, config.rate_limit_manage),
+        ))
+        .max_decoding_message_size(max_message),
         Authenticate(keys),
     );
 

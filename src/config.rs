@@ -51,6 +51,10 @@ pub mod defaults {
     pub const MAX_SUBSCRIPTIONS: usize = 10_000;
     /// `--max-subscriptions-per-pattern`.
     pub const MAX_SUBSCRIPTIONS_PER_PATTERN: usize = 1_000;
+    /// `--rate-limit-publish` (0: no limit).
+    pub const RATE_LIMIT_PUBLISH: u32 = 0;
+    /// `--rate-limit-manage` (0: no limit).
+    pub const RATE_LIMIT_MANAGE: u32 = 0;
     /// `--endpoint-policy`.
     pub const ENDPOINT_POLICY: &str = "allow-private";
 
@@ -157,6 +161,14 @@ pub struct ServeConfig {
     #[arg(long, env = "HERALD_MAX_SUBSCRIPTIONS_PER_PATTERN", default_value_t = defaults::MAX_SUBSCRIPTIONS_PER_PATTERN)]
     pub max_subscriptions_per_pattern: usize,
 
+    /// Publish calls per second per API key (bursts of as many); 0 is no limit.
+    #[arg(long, env = "HERALD_RATE_LIMIT_PUBLISH", default_value_t = defaults::RATE_LIMIT_PUBLISH)]
+    pub rate_limit_publish: u32,
+
+    /// Subscribe and Unsubscribe calls per second per API key; 0 is no limit.
+    #[arg(long, env = "HERALD_RATE_LIMIT_MANAGE", default_value_t = defaults::RATE_LIMIT_MANAGE)]
+    pub rate_limit_manage: u32,
+
     /// Which webhook endpoint addresses are refused: `allow-private` (default: loopback and
     /// private ranges allowed) or `public-only`. Link-local and cloud metadata addresses,
     /// unspecified, multicast and broadcast addresses are refused under both.
@@ -261,6 +273,8 @@ impl ServeConfig {
             shutdown_grace: duration(defaults::SHUTDOWN_GRACE),
             max_subscriptions: defaults::MAX_SUBSCRIPTIONS,
             max_subscriptions_per_pattern: defaults::MAX_SUBSCRIPTIONS_PER_PATTERN,
+            rate_limit_publish: defaults::RATE_LIMIT_PUBLISH,
+            rate_limit_manage: defaults::RATE_LIMIT_MANAGE,
             endpoint_policy: EndpointPolicy::AllowPrivate,
             endpoint_allow: Vec::new(),
             api_keys_file: None,

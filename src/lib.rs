@@ -9,7 +9,7 @@
 //! - [`tls`]: TLS and mTLS on the gRPC listener, reloaded when the files change.
 //! - [`api`]: the gRPC adapter over [`broker`]; [`auth`]: API keys and what each may call.
 //! - [`broker`]: the operations (publish, subscribe, ...), validated by [`validate`].
-//! - [`model`]: domain types.
+//! - [`model`]: domain types; [`rate`]: per-key rate limits.
 //! - [`store`]: the storage contract, split by job (subscriptions, delivery log, leases), and
 //!   its backends.
 //! - [`delivery`]: partition workers, HTTP signing and sending, backoff.
@@ -32,6 +32,7 @@ pub mod delivery;
 pub mod error;
 pub mod ids;
 pub mod model;
+pub mod rate;
 pub mod shutdown;
 pub mod signing;
 pub mod store;

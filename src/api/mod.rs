@@ -11,16 +11,18 @@ use crate::auth::{self, Caller, Role};
 use crate::broker::Broker;
 use crate::proto;
 use crate::proto::broker_service_server::BrokerService;
+use crate::rate::{Budget, RateLimits};
 
 /// The `herald.v1.BrokerService` gRPC service.
 pub struct BrokerApi {
     broker: Arc<Broker>,
+    rates: RateLimits,
 }
 
 impl BrokerApi {
-    /// Wraps the domain service.
-    pub fn new(broker: Arc<Broker>) -> Self {
-        BrokerApi { broker }
+    /// Wraps the domain service, with per-key rate limits.
+    pub fn new(broker: Arc<Broker>, rates: RateLimits) -> Self {
+        BrokerApi { broker, rates }
     }
 
     /// For a key limited to some topics: fails unless the subscription is within them (an
@@ -45,6 +47,7 @@ impl BrokerService for BrokerApi {
         let caller = auth::caller(&request);
         caller.require(Role::Publish, "Publish")?;
         caller.require_topic(&request.get_ref().topic)?;
+        self.rates.check(&caller, Budget::Publish)?;
         let input = convert::publish_input(request.into_inner());
         let published = self.broker.publish(input).await?;
         Ok(Response::new(convert::publish_response(published)))
@@ -57,6 +60,7 @@ impl BrokerService for BrokerApi {
         let caller = auth::caller(&request);
         caller.require(Role::Subscribe, "Subscribe")?;
         caller.require_patterns(&request.get_ref().topics)?;
+        self.rates.check(&caller, Budget::Manage)?;
         let input = convert::subscribe_input(request.into_inner())?;
         let subscription = self.broker.subscribe(input).await?;
         Ok(Response::new(convert::subscription(subscription, true)))
@@ -105,6 +109,7 @@ impl BrokerService for BrokerApi {
         caller.require(Role::Subscribe, "Unsubscribe")?;
         self.require_subscription(&caller, &request.get_ref().id)
             .await?;
+        self.rates.check(&caller, Budget::Manage)?;
         let dropped_deliveries = self.broker.unsubscribe(&request.get_ref().id).await?;
         Ok(Response::new(proto::UnsubscribeResponse {
             dropped_deliveries,

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use herald::proto;
+use herald::proto::broker_service_client::BrokerServiceClient;
 use tonic::{Code, Request};
 
 use crate::support::{
@@ -300,4 +301,87 @@ async fn serving_on_the_network_without_keys_is_refused_unless_insecure_is_expli
         .await
         .expect("open");
     child.kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_key_has_its_own_publish_and_subscribe_rate() {
+    use tonic_types::StatusExt;
+    let (first, first_entry) = key("first", &["publish", "subscribe"], &[]);
+    let (second, second_entry) = key("second", &["publish"], &[]);
+    let keys = key_set(&[&first_entry, &second_entry]);
+    let app = spawn_app(Backend::Embedded, |config| {
+        config.api_keys = Some(keys);
+        config.rate_limit_publish = 5;
+        config.rate_limit_manage = 1;
+    })
+    .await;
+    let mut client = app.client.clone();
+    // A burst of the rate goes through at once; calls beyond it are refused with when to
+    // return. Twenty at once: at most the burst (and what refills meanwhile) succeed.
+    let calls: Vec<_> = (0..20)
+        .map(|_| {
+            let mut client = client.clone();
+            let request = with_key(publish_request("t", "x"), &first);
+            tokio::spawn(async move { client.publish(request).await })
+        })
+        .collect();
+    let mut refused = None;
+    for call in calls {
+        if let Err(status) = call.await.unwrap() {
+            refused = Some(status);
+        }
+    }
+    let refused = refused.expect("the rate is enforced");
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("`first`"),
+        "{}",
+        refused.message()
+    );
+    let wait = refused
+        .get_details_retry_info()
+        .and_then(|info| info.retry_delay)
+        .expect("RetryInfo");
+    assert!(
+        wait > Duration::ZERO && wait <= Duration::from_secs(1),
+        "{wait:?}"
+    );
+    // Another key has its own budget.
+    client
+        .publish(with_key(publish_request("t", "x"), &second))
+        .await
+        .expect("a separate budget");
+    // After the wait, the first key publishes again.
+    eventually(Duration::from_secs(5), "the budget refills", || {
+        let mut client = client.clone();
+        let first = first.clone();
+        async move {
+            client
+                .publish(with_key(publish_request("t", "x"), &first))
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+
+    // Subscription changes have their own, smaller budget.
+    let subscribe = |client: &mut BrokerServiceClient<tonic::transport::Channel>| {
+        let request = with_key(subscribe_request("http://127.0.0.1:9/", &["t"]), &first);
+        let mut client = client.clone();
+        async move { client.subscribe(request).await }
+    };
+    let mut outcomes = Vec::new();
+    for _ in 0..3 {
+        outcomes.push(
+            subscribe(&mut client)
+                .await
+                .map(|_| ())
+                .map_err(|status| status.code()),
+        );
+    }
+    assert!(
+        outcomes.contains(&Err(Code::ResourceExhausted)),
+        "{outcomes:?}"
+    );
+    app.stop().await;
 }
