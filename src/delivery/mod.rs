@@ -6,6 +6,8 @@ pub mod endpoint_policy;
 pub mod lease;
 mod partition;
 pub mod retry;
+#[cfg(test)]
+mod scheduling_tests;
 pub mod webhook;
 pub mod worker;
 

@@ -264,13 +264,10 @@ impl<'a> PartitionWorker<'a> {
     /// recording anything. The lease check is polled first, so a worker resuming from a pause
     /// past its lease does not write another byte of the request.
     async fn attempt(&mut self, delivery: &PendingDelivery) -> Result<webhook::Attempt, Stop> {
-        let send = webhook::send(
-            &self.inner.client,
-            self.inner.endpoint_rules(),
-            &self.subscription,
-            &self.key,
-            delivery,
-        );
+        let send = self
+            .inner
+            .transport
+            .send(&self.subscription, &self.key, delivery);
         tokio::pin!(send);
         let leases = self.leases();
         let (Some(lease), Some(leases)) = (self.lease.as_mut(), leases) else {

@@ -61,6 +61,46 @@ pub fn client(rules: Arc<AddressRules>) -> reqwest::Client {
         .expect("the HTTP client configuration is valid")
 }
 
+/// How the engine makes one attempt: the seam between scheduling and HTTP.
+#[async_trait::async_trait]
+pub trait Transport: Send + Sync {
+    /// Sends one attempt of `delivery` to the subscription's endpoint, signed with `key`.
+    async fn send(
+        &self,
+        subscription: &Subscription,
+        key: &[u8],
+        delivery: &PendingDelivery,
+    ) -> Attempt;
+}
+
+/// Deliveries over HTTP(S), under the endpoint address rules.
+pub struct HttpTransport {
+    client: reqwest::Client,
+    rules: Arc<AddressRules>,
+}
+
+impl HttpTransport {
+    /// A pooled client (see [`client`]) enforcing `rules`.
+    pub fn new(rules: Arc<AddressRules>) -> Self {
+        HttpTransport {
+            client: client(rules.clone()),
+            rules,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Transport for HttpTransport {
+    async fn send(
+        &self,
+        subscription: &Subscription,
+        key: &[u8],
+        delivery: &PendingDelivery,
+    ) -> Attempt {
+        send(&self.client, &self.rules, subscription, key, delivery).await
+    }
+}
+
 /// Sends one attempt of `delivery` to the subscription's endpoint, unless the endpoint is a
 /// literal address the `rules` refuse (names are checked by the client's resolver).
 pub async fn send(

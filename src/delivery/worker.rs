@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::delivery::endpoint_policy::AddressRules;
 use crate::delivery::lease::Lease;
 use crate::delivery::partition::{PartitionWorker, Stop};
-use crate::delivery::webhook;
+use crate::delivery::webhook::{HttpTransport, Transport};
 use crate::model::{PartitionKey, Subscription};
 use crate::shutdown::Shutdown;
 use crate::store::{DeliveryLog, PartitionLeases, Store, StoreError, SubscriptionStore};
@@ -64,7 +64,8 @@ pub(crate) struct Inner {
     /// The store's partition leases; `None` on a store that one process owns.
     pub(crate) leases: Option<Arc<dyn PartitionLeases>>,
     config: EngineConfig,
-    pub(crate) client: reqwest::Client,
+    /// How attempts are sent (HTTP, or a script in tests).
+    pub(crate) transport: Arc<dyn Transport>,
     pub(crate) permits: Semaphore,
     /// Partitions with a running task, each with its wake-up signal.
     partitions: Mutex<HashMap<PartitionKey, Arc<Signal>>>,
@@ -75,12 +76,23 @@ pub(crate) struct Inner {
 impl Engine {
     /// Creates an engine; call [`Engine::resume`] to pick up work stored before a restart.
     pub fn new(store: Arc<dyn Store>, config: EngineConfig, shutdown: Shutdown) -> Self {
+        let transport = Arc::new(HttpTransport::new(config.endpoint_rules.clone()));
+        Engine::with_transport(store, config, shutdown, transport)
+    }
+
+    /// An engine that sends its attempts through `transport`.
+    pub fn with_transport(
+        store: Arc<dyn Store>,
+        config: EngineConfig,
+        shutdown: Shutdown,
+        transport: Arc<dyn Transport>,
+    ) -> Self {
         Engine {
             inner: Arc::new(Inner {
                 subscriptions: store.clone(),
                 log: store.clone(),
                 leases: store.leases(),
-                client: webhook::client(config.endpoint_rules.clone()),
+                transport,
                 permits: Semaphore::new(config.concurrency),
                 config,
                 partitions: Mutex::new(HashMap::new()),
@@ -159,11 +171,6 @@ impl Engine {
 }
 
 impl Inner {
-    /// Which endpoint addresses deliveries may connect to.
-    pub(crate) fn endpoint_rules(&self) -> &AddressRules {
-        &self.config.endpoint_rules
-    }
-
     /// Removes a partition whose task found no work, unless new work arrived meanwhile.
     /// Returns true if the task should exit.
     pub(crate) fn retire(&self, partition: &PartitionKey, signal: &Signal) -> bool {
