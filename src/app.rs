@@ -16,6 +16,7 @@ use crate::broker::{Broker, Limits};
 use crate::config::{ServeConfig, StoreKind};
 use crate::delivery::{Engine, EngineConfig};
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::proto::broker_service_server::BrokerServiceServer;
 use crate::rate::RateLimits;
 use crate::store::dynamodb::{self, RequestCounts};
@@ -48,7 +49,7 @@ const MESSAGE_OVERHEAD: usize = 1024 * 1024;
 /// configured grace) and returns.
 pub async fn run(
     config: ServeConfig,
-    listener: TcpListener,
+    listener: impl Into<Listeners>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     config
@@ -115,10 +116,12 @@ fn log_requests(counts: &RequestCounts) {
 async fn follow_store_health(
     mut store_health: tokio::sync::watch::Receiver<bool>,
     reporter: tonic_health::server::HealthReporter,
+    metrics: Arc<Metrics>,
     mut shutdown: crate::shutdown::Shutdown,
 ) {
     loop {
         let healthy = *store_health.borrow_and_update();
+        metrics.store_healthy.set(i64::from(healthy));
         if healthy {
             reporter
                 .set_serving::<BrokerServiceServer<BrokerApi>>()
@@ -140,9 +143,13 @@ async fn follow_store_health(
 pub async fn run_with_store(
     config: ServeConfig,
     store: Arc<dyn Store>,
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    let Listeners {
+        grpc: listener,
+        metrics: metrics_listener,
+    } = listeners.into();
     // Bad keys or TLS files fail the start before anything else does.
     let keys = Arc::new(
         Keys::load(config.key_source()).map_err(|message| Error::invalid("api_keys", message))?,
@@ -157,6 +164,14 @@ pub async fn run_with_store(
     };
     let (trigger, shutdown_handle) = crate::shutdown::channel();
     let endpoint_rules = Arc::new(config.endpoint_rules());
+    let metrics = Arc::new(Metrics::new(store.request_counts()));
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            metrics.clone(),
+            trigger.handle(),
+        ));
+    }
     let engine = Engine::new(
         store.clone(),
         EngineConfig {
@@ -164,6 +179,7 @@ pub async fn run_with_store(
             lease: config.partition_lease,
             rescan: (config.store == StoreKind::Dynamodb).then_some(config.rescan_interval),
             endpoint_rules: endpoint_rules.clone(),
+            metrics: metrics.clone(),
         },
         shutdown_handle,
     );
@@ -204,6 +220,7 @@ pub async fn run_with_store(
         tokio::spawn(follow_store_health(
             store_health,
             health_reporter.clone(),
+            metrics.clone(),
             trigger.handle(),
         ));
     }
@@ -237,6 +254,23 @@ pub async fn run_with_store(
         tracing::warn!("shutdown grace elapsed; unfinished deliveries stay pending");
     }
     served.map_err(|error| Error::Internal(format!("gRPC server: {error}")))
+}
+
+/// The sockets a server listens on: gRPC, and optionally the metrics page.
+pub struct Listeners {
+    /// The gRPC API (and health, reflection).
+    pub grpc: TcpListener,
+    /// `/metrics`, if served.
+    pub metrics: Option<TcpListener>,
+}
+
+impl From<TcpListener> for Listeners {
+    fn from(grpc: TcpListener) -> Self {
+        Listeners {
+            grpc,
+            metrics: None,
+        }
+    }
 }
 
 /// Where gRPC connections come from.

@@ -132,7 +132,14 @@ impl Broker {
         let engine = self.engine.clone();
         let window = self.limits.idempotency_window;
         tokio::spawn(async move {
-            let published = log.publish(&event, window).await?;
+            let published = log.publish(&event, window).await;
+            let metrics = engine.metrics();
+            match &published {
+                Ok(published) if published.duplicate => metrics.publish("duplicate"),
+                Ok(_) => metrics.publish("stored"),
+                Err(_) => metrics.publish("error"),
+            }
+            let published = published?;
             engine.notify(&published.partitions);
             Ok(published)
         })

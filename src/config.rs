@@ -47,6 +47,8 @@ pub mod defaults {
     pub const REQUEST_TIMEOUT: &str = "10s";
     /// `--shutdown-grace`.
     pub const SHUTDOWN_GRACE: &str = "10s";
+    /// `--log-format`.
+    pub const LOG_FORMAT: &str = "text";
     /// `--max-subscriptions`.
     pub const MAX_SUBSCRIPTIONS: usize = 10_000;
     /// `--max-subscriptions-per-pattern`.
@@ -73,6 +75,15 @@ pub mod defaults {
     pub const fn store_cache_bytes() -> usize {
         STORE_CACHE_MIB * 1024 * 1024
     }
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, with the event's fields (partition, sequence, ...) as keys.
+    Json,
 }
 
 /// Which backend holds the broker's state.
@@ -152,6 +163,15 @@ pub struct ServeConfig {
     /// Default per-request timeout of new subscriptions.
     #[arg(long, env = "HERALD_DEFAULT_REQUEST_TIMEOUT", default_value = defaults::REQUEST_TIMEOUT, value_parser = parse_duration)]
     pub default_request_timeout: Duration,
+
+    /// Address of the Prometheus metrics page (`/metrics`); off unless given. Port 0 picks a
+    /// free port (printed as `herald metrics on ...`).
+    #[arg(long, env = "HERALD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Log lines as `text` (default) or `json` (one object per line), on stderr.
+    #[arg(long, env = "HERALD_LOG_FORMAT", value_enum, default_value = defaults::LOG_FORMAT)]
+    pub log_format: LogFormat,
 
     /// Most subscriptions in total; Subscribe beyond it is RESOURCE_EXHAUSTED.
     #[arg(long, env = "HERALD_MAX_SUBSCRIPTIONS", default_value_t = defaults::MAX_SUBSCRIPTIONS)]
@@ -271,6 +291,8 @@ impl ServeConfig {
             default_max_attempts: retry.max_attempts,
             default_request_timeout: retry.request_timeout,
             shutdown_grace: duration(defaults::SHUTDOWN_GRACE),
+            metrics_listen: None,
+            log_format: LogFormat::Text,
             max_subscriptions: defaults::MAX_SUBSCRIPTIONS,
             max_subscriptions_per_pattern: defaults::MAX_SUBSCRIPTIONS_PER_PATTERN,
             rate_limit_publish: defaults::RATE_LIMIT_PUBLISH,

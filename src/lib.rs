@@ -10,6 +10,7 @@
 //! - [`api`]: the gRPC adapter over [`broker`]; [`auth`]: API keys and what each may call.
 //! - [`broker`]: the operations (publish, subscribe, ...), validated by [`validate`].
 //! - [`model`]: domain types; [`rate`]: per-key rate limits.
+//! - [`metrics`]: Prometheus metrics and their `/metrics` listener.
 //! - [`store`]: the storage contract, split by job (subscriptions, delivery log, leases), and
 //!   its backends.
 //! - [`delivery`]: partition workers, HTTP signing and sending, backoff.
@@ -31,6 +32,7 @@ pub mod config;
 pub mod delivery;
 pub mod error;
 pub mod ids;
+pub mod metrics;
 pub mod model;
 pub mod rate;
 pub mod shutdown;

@@ -9,6 +9,7 @@ use clap::Parser;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use herald::cli::{Cli, Command};
+use herald::config::LogFormat;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -22,19 +23,29 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json =
+        matches!(&cli.command, Command::Serve(config) if config.log_format == LogFormat::Json);
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        // One object per line, the event's fields at the top level.
+        logs.json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
+    } else {
+        logs.init();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
         match cli.command {
             Command::Serve(config) => {
+                let config = *config;
                 config.validate().map_err(anyhow::Error::msg)?;
                 let listener =
                     tokio::net::TcpListener::bind(config.listen)
@@ -42,9 +53,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .map_err(|error| {
                             anyhow::anyhow!("cannot listen on {}: {error}", config.listen)
                         })?;
-                // Tests and scripts read this line to find the port.
+                let metrics = match config.metrics_listen {
+                    Some(address) => Some(
+                        tokio::net::TcpListener::bind(address)
+                            .await
+                            .map_err(|error| {
+                                anyhow::anyhow!("cannot listen on {address}: {error}")
+                            })?,
+                    ),
+                    None => None,
+                };
+                // Tests and scripts read these lines to find the ports.
                 println!("herald listening on {}", listener.local_addr()?);
-                herald::app::run(config, listener, herald::shutdown::signal()).await?;
+                if let Some(metrics) = &metrics {
+                    println!("herald metrics on http://{}/metrics", metrics.local_addr()?);
+                }
+                let listeners = herald::app::Listeners {
+                    grpc: listener,
+                    metrics,
+                };
+                herald::app::run(config, listeners, herald::shutdown::signal()).await?;
                 Ok(())
             }
             command => herald::cli::run(command).await,

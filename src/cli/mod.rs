@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the broker.
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Publish one event.
     Publish(PublishArgs),
     /// Create a subscription.

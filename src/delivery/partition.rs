@@ -115,14 +115,22 @@ impl<'a> PartitionWorker<'a> {
                 let permit = self.slot().await?;
                 // Waiting for a slot may have taken a while: check the lease again.
                 self.hold_lease().await?;
+                let started = Instant::now();
                 let attempt = self.attempt(&delivery).await?;
                 drop(permit);
+                let metrics = &self.inner.config.metrics;
+                metrics.attempt(&attempt, started.elapsed());
                 let sequence = delivery.event.sequence;
                 match attempt {
                     webhook::Attempt::Delivered => {
+                        let since_publish =
+                            now_millis().saturating_sub(delivery.event.published_at);
+                        metrics.delivered(Duration::from_millis(since_publish));
                         self.record(sequence, Outcome::Completed).await?;
                     }
-                    webhook::Attempt::Failed { error, retry_after } => {
+                    webhook::Attempt::Failed {
+                        error, retry_after, ..
+                    } => {
                         let failures = delivery.state.attempts + 1;
                         let outcome = retry::after_failure(
                             &self.subscription.retry_policy,
@@ -135,6 +143,9 @@ impl<'a> PartitionWorker<'a> {
                         tracing::debug!(partition = %self.partition, sequence, failures, %error, ?outcome, "delivery failed");
                         self.record(sequence, Outcome::Failed(error, outcome))
                             .await?;
+                        if outcome == FailureOutcome::DeadLetter {
+                            self.inner.config.metrics.dead_lettered();
+                        }
                         // Re-read the head: the same event with its new schedule, or the next
                         // one if this one was dead-lettered.
                         continue 'batch;

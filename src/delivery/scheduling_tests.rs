@@ -221,6 +221,7 @@ impl Transport for Script {
 
 fn fail(retry_after: Option<Duration>) -> Attempt {
     Attempt::Failed {
+        status: Some(500),
         error: "HTTP 500".into(),
         retry_after,
     }
@@ -238,6 +239,7 @@ async fn run(log: &Arc<MemoryLog>, script: &Arc<Script>, done: usize) -> Vec<(u6
             lease: Duration::from_secs(10),
             rescan: None,
             endpoint_rules: Default::default(),
+            metrics: Default::default(),
         },
         shutdown,
         script.clone(),

@@ -32,6 +32,8 @@ pub enum Attempt {
     /// Anything else, with a short description and the receiver's `Retry-After` (only on 429
     /// and 503).
     Failed {
+        /// The HTTP status, if the receiver answered.
+        status: Option<u16>,
         /// What went wrong, for ListPending.
         error: String,
         /// How long the receiver asked us to wait.
@@ -112,6 +114,7 @@ pub async fn send(
 ) -> Attempt {
     if let Err(refused) = check_literal(rules, &subscription.endpoint) {
         return Attempt::Failed {
+            status: None,
             error: refused.to_string(),
             retry_after: None,
         };
@@ -137,6 +140,7 @@ pub async fn send(
         Ok(response) => response,
         Err(error) => {
             return Attempt::Failed {
+                status: None,
                 error: describe(&error, subscription.retry_policy.request_timeout),
                 retry_after: None,
             };
@@ -161,6 +165,7 @@ pub async fn send(
         return match body {
             Ok(_) => Attempt::Delivered,
             Err(error) => Attempt::Failed {
+                status: Some(status.as_u16()),
                 error: describe(&error, subscription.retry_policy.request_timeout),
                 retry_after: None,
             },
@@ -168,6 +173,7 @@ pub async fn send(
     }
     let excerpt = body.map(|body| excerpt(&body)).unwrap_or_default();
     Attempt::Failed {
+        status: Some(status.as_u16()),
         error: if excerpt.is_empty() {
             format!("HTTP {status}")
         } else {

@@ -18,6 +18,7 @@ use crate::delivery::endpoint_policy::AddressRules;
 use crate::delivery::lease::Lease;
 use crate::delivery::partition::{PartitionWorker, Stop};
 use crate::delivery::webhook::{HttpTransport, Transport};
+use crate::metrics::Metrics;
 use crate::model::{PartitionKey, Subscription};
 use crate::shutdown::Shutdown;
 use crate::store::{DeliveryLog, PartitionLeases, Store, StoreError, SubscriptionStore};
@@ -38,6 +39,8 @@ pub struct EngineConfig {
     pub rescan: Option<Duration>,
     /// Which endpoint addresses deliveries may connect to.
     pub endpoint_rules: Arc<AddressRules>,
+    /// Where attempts, deliveries and active partitions are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Tells a partition task that new deliveries were stored.
@@ -63,7 +66,7 @@ pub(crate) struct Inner {
     pub(crate) log: Arc<dyn DeliveryLog>,
     /// The store's partition leases; `None` on a store that one process owns.
     pub(crate) leases: Option<Arc<dyn PartitionLeases>>,
-    config: EngineConfig,
+    pub(crate) config: EngineConfig,
     /// How attempts are sent (HTTP, or a script in tests).
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) permits: Semaphore,
@@ -141,6 +144,7 @@ impl Engine {
                 None => {
                     let new_work = Arc::new(Signal::default());
                     running.insert(partition.clone(), new_work.clone());
+                    self.inner.config.metrics.partitions_active.inc();
                     let inner = self.inner.clone();
                     let partition = partition.clone();
                     self.inner
@@ -149,6 +153,11 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// The server's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.config.metrics
     }
 
     /// Number of partitions with a running task.
@@ -178,16 +187,22 @@ impl Inner {
         if signal.new_work.swap(false, Ordering::SeqCst) && !self.shutdown.is_fired() {
             return false;
         }
-        running.remove(partition);
+        if running.remove(partition).is_some() {
+            self.config.metrics.partitions_active.dec();
+        }
         true
     }
 
     /// Drops a stopped partition task from the map.
     fn forget(&self, partition: &PartitionKey) {
-        self.partitions
+        let removed = self
+            .partitions
             .lock()
             .expect("partition map lock")
             .remove(partition);
+        if removed.is_some() {
+            self.config.metrics.partitions_active.dec();
+        }
     }
 
     /// Waits `delay` unless shutdown fires first; returns false on shutdown.

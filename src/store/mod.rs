@@ -44,4 +44,9 @@ pub trait Store: SubscriptionStore + DeliveryLog + 'static {
     fn health(&self) -> Option<watch::Receiver<bool>> {
         None
     }
+
+    /// The counters of requests sent to a remote database; `None` for a local store.
+    fn request_counts(&self) -> Option<Arc<dynamodb::RequestCounts>> {
+        None
+    }
 }

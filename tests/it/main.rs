@@ -12,6 +12,7 @@ mod disk;
 mod documented;
 mod dynamodb;
 mod faults;
+mod observability;
 mod security;
 mod store_conformance;
 mod tls;

@@ -197,4 +197,8 @@ impl Store for DynamoStore {
     fn health(&self) -> Option<watch::Receiver<bool>> {
         None
     }
+
+    fn request_counts(&self) -> Option<Arc<RequestCounts>> {
+        Some(self.counts.clone())
+    }
 }

@@ -172,4 +172,8 @@ impl Store for FaultyStore {
     fn health(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
         self.inner.health()
     }
+
+    fn request_counts(&self) -> Option<Arc<herald::store::dynamodb::RequestCounts>> {
+        self.inner.request_counts()
+    }
 }

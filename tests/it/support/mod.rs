@@ -255,6 +255,10 @@ pub async fn connect(address: SocketAddr) -> BrokerServiceClient<Channel> {
 pub struct HeraldProcess {
     pub child: tokio::process::Child,
     pub address: SocketAddr,
+    /// The metrics page, when started with `--metrics-listen`.
+    pub metrics_url: Option<String>,
+    /// The rest of its stdout.
+    pub stdout: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
 }
 
 impl HeraldProcess {
@@ -290,7 +294,25 @@ impl HeraldProcess {
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .parse()
             .expect("address");
-        HeraldProcess { child, address }
+        let mut metrics_url = None;
+        if extra.contains(&"--metrics-listen") {
+            let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+                .await
+                .expect("herald printed its metrics address in time")
+                .expect("read stdout")
+                .expect("a metrics line");
+            metrics_url = Some(
+                line.strip_prefix("herald metrics on ")
+                    .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
+                    .to_string(),
+            );
+        }
+        HeraldProcess {
+            child,
+            address,
+            metrics_url,
+            stdout: lines,
+        }
     }
 
     /// SIGKILL, then wait for the process to be gone.

@@ -1,0 +1,245 @@
+//! Prometheus metrics (prometheus-client), served in the Prometheus text format on
+//! `--metrics-listen` at `/metrics`. One registry per server, so several servers in one
+//! process (the tests) keep their own counts.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::delivery::webhook::Attempt;
+use crate::shutdown::Shutdown;
+use crate::store::dynamodb::RequestCounts;
+
+/// Outcome of a Publish call.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PublishLabels {
+    /// `stored`, `duplicate` or `error`.
+    pub outcome: &'static str,
+}
+
+/// Outcome of one delivery attempt.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    /// `delivered` or `failed`.
+    pub outcome: &'static str,
+    /// `2xx`, `3xx`, `4xx`, `5xx`, or `none` (no HTTP answer: timeout, connection error,
+    /// refused by the endpoint policy).
+    pub status_class: &'static str,
+}
+
+/// The server's metrics.
+pub struct Metrics {
+    registry: Registry,
+    publishes: Family<PublishLabels, Counter>,
+    attempts: Family<AttemptLabels, Counter>,
+    dead_lettered: Counter,
+    attempt_duration: Histogram,
+    publish_to_delivery: Histogram,
+    /// Partitions with a running delivery task.
+    pub partitions_active: Gauge,
+    /// 1 while the store can write, 0 after a failed write until it recovers.
+    pub store_healthy: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new(None)
+    }
+}
+
+impl Metrics {
+    /// A registry with every metric; `requests` are the DynamoDB request counters, if any.
+    pub fn new(requests: Option<Arc<RequestCounts>>) -> Self {
+        let mut registry = Registry::with_prefix("herald");
+        let publishes = Family::<PublishLabels, Counter>::default();
+        registry.register("publishes", "Publish calls by outcome", publishes.clone());
+        let attempts = Family::<AttemptLabels, Counter>::default();
+        registry.register(
+            "delivery_attempts",
+            "Delivery attempts by outcome and HTTP status class",
+            attempts.clone(),
+        );
+        let dead_lettered = Counter::default();
+        registry.register(
+            "deliveries_dead_lettered",
+            "Deliveries parked after their last attempt (DEAD_LETTER policy)",
+            dead_lettered.clone(),
+        );
+        let attempt_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "delivery_attempt_duration_seconds",
+            "Duration of one delivery attempt, response included",
+            attempt_duration.clone(),
+        );
+        let publish_to_delivery = Histogram::new(exponential_buckets(0.001, 2.0, 20));
+        registry.register(
+            "publish_to_delivery_seconds",
+            "Time from an event's publish to its successful delivery, per delivery",
+            publish_to_delivery.clone(),
+        );
+        let partitions_active = Gauge::default();
+        registry.register(
+            "partitions_active",
+            "Partitions with a running delivery task on this instance",
+            partitions_active.clone(),
+        );
+        let store_healthy = Gauge::default();
+        store_healthy.set(1);
+        registry.register(
+            "store_healthy",
+            "1 while the store can write, 0 after a failed write until it recovers",
+            store_healthy.clone(),
+        );
+        registry.register(
+            "build",
+            "Herald's version",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        if let Some(requests) = requests {
+            registry.register_collector(Box::new(StoreRequests(requests)));
+        }
+        Metrics {
+            registry,
+            publishes,
+            attempts,
+            dead_lettered,
+            attempt_duration,
+            publish_to_delivery,
+            partitions_active,
+            store_healthy,
+        }
+    }
+
+    /// Counts a Publish call.
+    pub fn publish(&self, outcome: &'static str) {
+        self.publishes
+            .get_or_create(&PublishLabels { outcome })
+            .inc();
+    }
+
+    /// Counts a delivery attempt and its duration.
+    pub fn attempt(&self, attempt: &Attempt, took: Duration) {
+        let labels = match attempt {
+            Attempt::Delivered => AttemptLabels {
+                outcome: "delivered",
+                status_class: "2xx",
+            },
+            Attempt::Failed { status, .. } => AttemptLabels {
+                outcome: "failed",
+                status_class: match status.map(|status| status / 100) {
+                    Some(2) => "2xx",
+                    Some(3) => "3xx",
+                    Some(4) => "4xx",
+                    Some(5) => "5xx",
+                    _ => "none",
+                },
+            },
+        };
+        self.attempts.get_or_create(&labels).inc();
+        self.attempt_duration.observe(took.as_secs_f64());
+    }
+
+    /// Records a successful delivery `latency` after its publish.
+    pub fn delivered(&self, latency: Duration) {
+        self.publish_to_delivery.observe(latency.as_secs_f64());
+    }
+
+    /// Counts a dead-lettered delivery.
+    pub fn dead_lettered(&self) {
+        self.dead_lettered.inc();
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+/// `herald_store_requests_total{operation}`, read from the DynamoDB counters at each scrape.
+#[derive(Debug)]
+struct StoreRequests(Arc<RequestCounts>);
+
+impl Collector for StoreRequests {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counts = self.0.snapshot();
+        let family = Family::<[(&'static str, String); 1], Counter>::default();
+        for (operation, count) in counts {
+            family
+                .get_or_create(&[("operation", operation)])
+                .inc_by(count);
+        }
+        let metric = encoder.encode_descriptor(
+            "store_requests",
+            "Requests sent to DynamoDB, per operation (retried attempts included)",
+            None,
+            MetricType::Counter,
+        )?;
+        family.encode(metric)
+    }
+}
+
+/// Serves `/metrics` on `listener` until shutdown.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, mut shutdown: Shutdown) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "metrics listener cannot accept");
+                    continue;
+                }
+            },
+            _ = shutdown.fired() => return,
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                async move { Ok::<_, Infallible>(respond(&metrics, request.uri().path())) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn respond(metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
+    if path != "/metrics" {
+        let mut response = Response::new(Full::new(Bytes::from_static(b"see /metrics\n")));
+        *response.status_mut() = StatusCode::NOT_FOUND;
+        return response;
+    }
+    let mut response = Response::new(Full::new(Bytes::from(metrics.render())));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}

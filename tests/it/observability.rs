@@ -1,0 +1,228 @@
+//! Metrics and logs: a real server's `/metrics` after a known run (checked by Prometheus's own
+//! `promtool check metrics`), the store-health gauge, and JSON log lines.
+
+use std::time::Duration;
+
+use crate::support::receiver::{Receiver, Reply};
+use crate::support::{
+    Backend, Deployment, HeraldProcess, all_pending, connect, eventually, publish_request,
+    subscribe_request,
+};
+
+/// The value of the sample named exactly `series` (name and labels) in a scrape.
+fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+async fn scrape(url: &str) -> String {
+    reqwest::get(url)
+        .await
+        .expect("scrape")
+        .error_for_status()
+        .expect("200")
+        .text()
+        .await
+        .expect("body")
+}
+
+/// `promtool check metrics` (Prometheus's linter), installed by scripts/test.sh.
+fn promtool_check(scrape: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (scripts/test.sh installs Debian's prometheus package)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(scrape.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_a_known_run_and_pass_promtool() {
+    // One receiver fails each event's first attempt; another always fails (dead letters).
+    let flaky = Receiver::scripted(|request| {
+        if request.attempt == 1 {
+            Reply::Status(503)
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    let broken = Receiver::scripted(|_| Reply::Status(404)).await;
+    let deployment = Deployment::new(Backend::Embedded).await;
+    let server = HeraldProcess::start_with(&deployment, &["--metrics-listen", "127.0.0.1:0"]).await;
+    let url = server.metrics_url.clone().expect("metrics url");
+    let mut client = connect(server.address).await;
+    client
+        .subscribe(subscribe_request(&flaky.url(), &["t"]))
+        .await
+        .unwrap();
+    let mut once = subscribe_request(&broken.url(), &["t"]);
+    once.retry_policy.as_mut().unwrap().max_attempts = 1;
+    let dead = client.subscribe(once).await.unwrap().into_inner();
+    for index in 0..3 {
+        let mut request = publish_request("t", format!("event {index}"));
+        request.idempotency_key = format!("key-{index}");
+        client.publish(request).await.unwrap();
+    }
+    let mut again = publish_request("t", "event 0");
+    again.idempotency_key = "key-0".into();
+    assert!(client.publish(again).await.unwrap().into_inner().duplicate);
+
+    eventually(Duration::from_secs(20), "the run is done", || async {
+        let dead_lettered = all_pending(&mut client.clone(), &dead.id)
+            .await
+            .iter()
+            .filter(|delivery| delivery.dead_lettered)
+            .count();
+        flaky.delivered_count() == 3 && dead_lettered == 3
+    })
+    .await;
+    let text = scrape(&url).await;
+    assert_eq!(
+        sample(&text, "herald_publishes_total{outcome=\"stored\"}"),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(&text, "herald_publishes_total{outcome=\"duplicate\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "herald_delivery_attempts_total{outcome=\"delivered\",status_class=\"2xx\"}"
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "herald_delivery_attempts_total{outcome=\"failed\",status_class=\"5xx\"}"
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "herald_delivery_attempts_total{outcome=\"failed\",status_class=\"4xx\"}"
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(&text, "herald_deliveries_dead_lettered_total"),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(&text, "herald_publish_to_delivery_seconds_count"),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(&text, "herald_delivery_attempt_duration_seconds_count"),
+        Some(9.0)
+    );
+    assert_eq!(sample(&text, "herald_store_healthy"), Some(1.0));
+    assert!(
+        text.contains(&format!(
+            "herald_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{text}"
+    );
+    promtool_check(&text);
+    server.kill_9().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_requests_are_counted_per_operation() {
+    let deployment = Deployment::new(Backend::Dynamodb).await;
+    let server = HeraldProcess::start_with(&deployment, &["--metrics-listen", "127.0.0.1:0"]).await;
+    let url = server.metrics_url.clone().expect("metrics url");
+    let mut client = connect(server.address).await;
+    client.publish(publish_request("t", "x")).await.unwrap();
+    let text = scrape(&url).await;
+    let transactions = sample(
+        &text,
+        "herald_store_requests_total{operation=\"TransactWriteItems\"}",
+    )
+    .expect("TransactWriteItems counted");
+    assert!(transactions >= 1.0, "{text}");
+    promtool_check(&text);
+    server.kill_9().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line_with_the_event_fields() {
+    let receiver = Receiver::scripted(|_| Reply::Status(500)).await;
+    let deployment = Deployment::new(Backend::Embedded).await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--data-dir",
+        ])
+        .arg(deployment.data_dir.path())
+        .env("HERALD_LOG", "herald=debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = stdout.next_line().await.unwrap().unwrap();
+    let address = line
+        .strip_prefix("herald listening on ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut client = connect(address).await;
+    client
+        .subscribe(subscribe_request(&receiver.url(), &["t"]))
+        .await
+        .unwrap();
+    client.publish(publish_request("t", "x")).await.unwrap();
+    // The debug line of a failed attempt carries the partition and sequence as keys.
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let found = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut lines = 0;
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            lines += 1;
+            let object: serde_json::Value =
+                serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+            if object["message"] == "delivery failed" {
+                return (object, lines);
+            }
+        }
+        panic!("stderr closed");
+    })
+    .await
+    .expect("a failed attempt is logged");
+    let (object, _) = found;
+    let partition = object["partition"].as_str().unwrap_or_default();
+    assert!(partition.starts_with("t#sub_"), "{object}");
+    assert!(object["sequence"].as_u64().is_some(), "{object}");
+    assert_eq!(object["level"], "DEBUG");
+    child.kill().await.unwrap();
+}
