@@ -43,6 +43,7 @@ fn encoding(criterion: &mut Criterion) {
         content_type: "application/json".into(),
         attributes: BTreeMap::from([("source".to_string(), "checkout".to_string())]),
         published_at: 1_795_850_993_106,
+        trace: None,
     };
     criterion.bench_function("event record encode 1 KiB", |bencher| {
         bencher.iter(|| records::encode_event(black_box(&event)))
@@ -81,6 +82,7 @@ fn store(criterion: &mut Criterion) {
         content_type: "application/json".into(),
         idempotency_key: None,
         attributes: BTreeMap::new(),
+        trace: None,
     };
     let day = Duration::from_secs(86400);
     let mut group = criterion.benchmark_group("embedded store");

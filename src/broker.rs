@@ -44,6 +44,8 @@ pub struct PublishInput {
     pub idempotency_key: String,
     /// Attributes.
     pub attributes: BTreeMap<String, String>,
+    /// The caller's trace context (from its `traceparent` metadata).
+    pub trace: Option<crate::trace::TraceContext>,
 }
 
 /// Retry settings as requested; `None` takes the server default.
@@ -124,6 +126,7 @@ impl Broker {
             content_type,
             idempotency_key: Some(input.idempotency_key).filter(|key| !key.is_empty()),
             attributes: input.attributes,
+            trace: input.trace,
         };
         // The store call and the wake-up run in their own task: if the client gives up (a
         // deadline, a dropped connection) while the commit is in flight, the commit still

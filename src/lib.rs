@@ -7,6 +7,7 @@
 //! - [`app`]: composition root; [`app::run`] serves on a given listener until shutdown.
 //! - [`shutdown`]: the OS-signal future and the handle passed to background tasks.
 //! - [`tls`]: TLS and mTLS on the gRPC listener, reloaded when the files change.
+//! - [`trace`]: W3C trace context carried from Publish to every delivery attempt.
 //! - [`api`]: the gRPC adapter over [`broker`]; [`auth`]: API keys and what each may call.
 //! - [`broker`]: the operations (publish, subscribe, ...), validated by [`validate`].
 //! - [`model`]: domain types; [`rate`]: per-key rate limits.
@@ -39,6 +40,7 @@ pub mod shutdown;
 pub mod signing;
 pub mod store;
 pub mod tls;
+pub mod trace;
 pub mod validate;
 
 /// Generated types and client/server stubs of the `herald.v1` API.

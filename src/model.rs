@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::trace::TraceContext;
+
 /// Milliseconds since the Unix epoch.
 pub type UnixMillis = u64;
 
@@ -102,6 +104,8 @@ pub struct NewEvent {
     pub idempotency_key: Option<String>,
     /// Free-form attributes.
     pub attributes: BTreeMap<String, String>,
+    /// The publisher's trace context, if it sent one.
+    pub trace: Option<TraceContext>,
 }
 
 /// A stored event.
@@ -121,6 +125,8 @@ pub struct Event {
     pub attributes: BTreeMap<String, String>,
     /// Acceptance time.
     pub published_at: UnixMillis,
+    /// The publisher's trace context, if it sent one.
+    pub trace: Option<TraceContext>,
 }
 
 /// The outcome of a publish.

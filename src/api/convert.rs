@@ -1,5 +1,6 @@
 //! Conversions between proto messages and domain types.
 
+use crate::trace::TraceContext;
 use std::time::Duration;
 
 use crate::broker::{PublishInput, RetryPolicyInput, SubscribeInput};
@@ -9,13 +10,26 @@ use crate::model::{
 };
 use crate::proto;
 
-pub fn publish_input(request: proto::PublishRequest) -> PublishInput {
+pub fn publish_input(request: tonic::Request<proto::PublishRequest>) -> PublishInput {
+    let header = |name: &str| {
+        request
+            .metadata()
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_string)
+    };
+    let trace = TraceContext::from_headers(
+        header("traceparent").as_deref(),
+        header("tracestate").as_deref(),
+    );
+    let request = request.into_inner();
     PublishInput {
         topic: request.topic,
         payload: request.payload,
         content_type: request.content_type,
         idempotency_key: request.idempotency_key,
         attributes: request.attributes.into_iter().collect(),
+        trace,
     }
 }
 

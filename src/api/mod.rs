@@ -48,7 +48,7 @@ impl BrokerService for BrokerApi {
         caller.require(Role::Publish, "Publish")?;
         caller.require_topic(&request.get_ref().topic)?;
         self.rates.check(&caller, Budget::Publish)?;
-        let input = convert::publish_input(request.into_inner());
+        let input = convert::publish_input(request);
         let published = self.broker.publish(input).await?;
         Ok(Response::new(convert::publish_response(published)))
     }

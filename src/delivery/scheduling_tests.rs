@@ -55,6 +55,7 @@ impl MemoryLog {
                         content_type: "application/json".into(),
                         attributes: Default::default(),
                         published_at: 0,
+                        trace: None,
                     },
                     state: DeliveryState {
                         attempts: 0,

@@ -22,6 +22,10 @@ pub mod headers {
     pub const SEQUENCE: &str = "herald-sequence";
     /// The sequence of the previous event of the same partition (0 for the first).
     pub const PREVIOUS_SEQUENCE: &str = "herald-previous-sequence";
+    /// W3C trace context: a child span of the publisher's, new on every attempt.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// W3C trace state, as the publisher sent it.
+    pub const TRACESTATE: &str = "tracestate";
 }
 
 /// The result of one attempt.
@@ -122,7 +126,7 @@ pub async fn send(
     let event = &delivery.event;
     let timestamp = crate::model::now_millis() / 1000;
     let signature = crate::signing::sign(key, &event.id, timestamp, &event.payload);
-    let request = client
+    let mut request = client
         .post(&subscription.endpoint)
         .timeout(subscription.retry_policy.request_timeout)
         .header(reqwest::header::CONTENT_TYPE, &event.content_type)
@@ -134,8 +138,15 @@ pub async fn send(
         .header(
             headers::PREVIOUS_SEQUENCE,
             delivery.previous_sequence.to_string(),
-        )
-        .body(event.payload.clone());
+        );
+    // Each attempt is a child span of the publisher's.
+    if let Some(trace) = &event.trace {
+        request = request.header(headers::TRACEPARENT, trace.child());
+        if let Some(state) = &trace.tracestate {
+            request = request.header(headers::TRACESTATE, state);
+        }
+    }
+    let request = request.body(event.payload.clone());
     let response = match request.send().await {
         Ok(response) => response,
         Err(error) => {

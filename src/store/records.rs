@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{DeliveryState, Event, OnExhausted, RetryPolicy, Subscription, UnixMillis};
 use crate::store::StoreError;
+use crate::trace::TraceContext;
 
 /// Longest `last_error` kept per delivery, in bytes.
 const MAX_ERROR_LEN: usize = 512;
@@ -162,6 +163,11 @@ struct EventHeader {
     content_type: String,
     attributes: BTreeMap<String, String>,
     published_at: UnixMillis,
+    /// Added in version 1 without a version change: absent means no trace context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    traceparent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tracestate: Option<String>,
 }
 
 /// Encodes an event as `u32 header length | JSON header | payload bytes`.
@@ -172,6 +178,11 @@ pub fn encode_event(event: &Event) -> Vec<u8> {
         content_type: event.content_type.clone(),
         attributes: event.attributes.clone(),
         published_at: event.published_at,
+        traceparent: event.trace.as_ref().map(|trace| trace.traceparent.clone()),
+        tracestate: event
+            .trace
+            .as_ref()
+            .and_then(|trace| trace.tracestate.clone()),
     };
     let header = serde_json::to_vec(&header).expect("event header serializes");
     let mut bytes = Vec::with_capacity(4 + header.len() + event.payload.len());
@@ -197,6 +208,10 @@ pub fn decode_event(topic: &str, sequence: u64, bytes: &[u8]) -> Result<Event, S
         content_type: header.content_type,
         attributes: header.attributes,
         published_at: header.published_at,
+        trace: header.traceparent.map(|traceparent| TraceContext {
+            traceparent,
+            tracestate: header.tracestate,
+        }),
     })
 }
 
@@ -398,6 +413,7 @@ mod tests {
             content_type: "application/octet-stream".into(),
             attributes: BTreeMap::from([("k".into(), "v".into())]),
             published_at: 5,
+            trace: None,
         };
         assert_eq!(decode_event("a", 9, &encode_event(&event)).unwrap(), event);
         assert!(decode_event("a", 9, &[9, 0, 0, 0, 1]).is_err());

@@ -439,6 +439,7 @@ async fn requests_per_publish_and_per_delivery_do_not_grow_with_the_table() {
         content_type: "application/json".into(),
         idempotency_key: None,
         attributes: Default::default(),
+        trace: None,
     };
     let day = Duration::from_secs(86400);
     store.publish(&event(0), day).await.unwrap();
@@ -583,6 +584,7 @@ async fn the_rescan_probes_changed_topics_and_partitions_whose_lease_ran_out() {
         content_type: "application/json".into(),
         idempotency_key: None,
         attributes: Default::default(),
+        trace: None,
     };
     let day = Duration::from_secs(86400);
     let quiet = PartitionKey::new("quiet", "sub_1");

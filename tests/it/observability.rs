@@ -226,3 +226,77 @@ async fn json_logs_are_one_object_per_line_with_the_event_fields() {
     assert_eq!(object["level"], "DEBUG");
     child.kill().await.unwrap();
 }
+
+async fn a_traceparent_given_to_publish_reaches_every_attempt_as_a_child_span(backend: Backend) {
+    let receiver = Receiver::scripted(|request| {
+        if request.attempt == 1 {
+            Reply::Status(500)
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    let app = crate::support::spawn_app(backend, |_| {}).await;
+    let mut client = app.client.clone();
+    client
+        .subscribe(subscribe_request(&receiver.url(), &["t"]))
+        .await
+        .unwrap();
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut request = tonic::Request::new(publish_request("t", "x"));
+    request
+        .metadata_mut()
+        .insert("traceparent", parent.parse().unwrap());
+    request
+        .metadata_mut()
+        .insert("tracestate", "congo=t61rcWkgMzE".parse().unwrap());
+    client.publish(request).await.unwrap();
+    // And an event without a trace context gets no traceparent.
+    client.publish(publish_request("t", "y")).await.unwrap();
+    eventually(Duration::from_secs(20), "both events delivered", || async {
+        receiver.delivered_count() == 2
+    })
+    .await;
+    let received = receiver.received();
+    let traced: Vec<_> = received
+        .iter()
+        .filter(|request| request.body.as_ref() == b"x")
+        .collect();
+    assert_eq!(traced.len(), 2, "a failed attempt and a successful one");
+    let mut spans = std::collections::BTreeSet::new();
+    for attempt in &traced {
+        let parts: Vec<&str> = attempt.traceparent.split('-').collect();
+        assert_eq!(parts.len(), 4, "{}", attempt.traceparent);
+        assert_eq!(parts[1], "4bf92f3577b34da6a3ce929d0e0e4736", "same trace");
+        assert_ne!(
+            parts[2], "00f067aa0ba902b7",
+            "a child span, not the publisher's"
+        );
+        assert_eq!(parts[3], "01");
+        assert_eq!(attempt.tracestate, "congo=t61rcWkgMzE");
+        spans.insert(parts[2].to_string());
+    }
+    assert_eq!(spans.len(), 2, "a new span per attempt");
+    let untraced = received
+        .iter()
+        .find(|request| request.body.as_ref() == b"y")
+        .unwrap();
+    assert!(untraced.traceparent.is_empty());
+    app.stop().await;
+}
+
+mod traced {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn embedded() {
+        a_traceparent_given_to_publish_reaches_every_attempt_as_a_child_span(Backend::Embedded)
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dynamodb() {
+        a_traceparent_given_to_publish_reaches_every_attempt_as_a_child_span(Backend::Dynamodb)
+            .await;
+    }
+}

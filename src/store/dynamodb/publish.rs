@@ -188,6 +188,7 @@ impl DynamoStore {
                 content_type: event.content_type.clone(),
                 attributes: event.attributes.clone(),
                 published_at: now,
+                trace: event.trace.clone(),
             };
             let fanout_record =
                 chunked.then(|| serde_json::to_string(&fanout).expect("fan-out serializes"));

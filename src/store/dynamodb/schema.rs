@@ -25,6 +25,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 
 use crate::model::{DeliveryState, Event, PartitionKey, PendingDelivery};
 use crate::store::StoreError;
+use crate::trace::TraceContext;
 
 /// Partition key attribute.
 pub const PK: &str = "pk";
@@ -185,6 +186,12 @@ pub fn event_item(event: &Event, pending: usize, fanout: Option<String>) -> Item
         AttributeValue::B(Blob::new(event.payload.clone())),
     );
     item.insert("pending".into(), n(pending));
+    if let Some(trace) = &event.trace {
+        item.insert("traceparent".into(), s(&trace.traceparent));
+        if let Some(state) = &trace.tracestate {
+            item.insert("tracestate".into(), s(state));
+        }
+    }
     if let Some(fanout) = fanout {
         // (subscription id, previous sequence) pairs, kept so that any instance can finish a
         // fan-out whose publisher died.
@@ -208,6 +215,16 @@ pub fn event_from_item(topic: &str, item: &Item) -> Result<Event, StoreError> {
         attributes: serde_json::from_str(get_s(item, "attributes")?)
             .map_err(|_| corrupt("attributes"))?,
         published_at: get_n(item, "published_at")?,
+        trace: match item.get("traceparent") {
+            Some(AttributeValue::S(traceparent)) => Some(TraceContext {
+                traceparent: traceparent.clone(),
+                tracestate: match item.get("tracestate") {
+                    Some(AttributeValue::S(state)) => Some(state.clone()),
+                    _ => None,
+                },
+            }),
+            _ => None,
+        },
     })
 }
 
@@ -301,6 +318,7 @@ mod tests {
             content_type: "application/json".into(),
             attributes: [("a".to_string(), "b".to_string())].into(),
             published_at: 7,
+            trace: None,
         };
         let item = event_item(&event, 3, None);
         assert_eq!(event_from_item("user:new", &item).unwrap(), event);

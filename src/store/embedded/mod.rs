@@ -25,6 +25,8 @@ use tokio::sync::{oneshot, watch};
 use crate::store::{PartitionLeases, Store, StoreError};
 use writer::{Command, Reply, Writer};
 
+/// Reads in flight at once (each on a blocking thread).
+const READERS: usize = 8;
 /// Writes waiting for the writer at most; more wait for room (backpressure).
 const WRITE_QUEUE: usize = 8192;
 /// How long a write waits for room in a full queue before it is refused.
@@ -40,6 +42,10 @@ pub struct EmbeddedStore {
     commands: mpsc::SyncSender<Command>,
     writer: Option<std::thread::JoinHandle<()>>,
     health: watch::Receiver<bool>,
+    /// Reads running on blocking threads at once: a small pool's worth, so that a thousand
+    /// partitions reading at once do not start hundreds of threads (each with its own
+    /// allocator caches and stack).
+    readers: Arc<tokio::sync::Semaphore>,
     /// Test-only: milliseconds the writer sleeps before its next batch.
     #[cfg(feature = "fault-injection")]
     stall: Arc<std::sync::atomic::AtomicU64>,
@@ -101,6 +107,7 @@ impl EmbeddedStore {
             commands,
             writer: Some(writer),
             health,
+            readers: Arc::new(tokio::sync::Semaphore::new(READERS)),
             #[cfg(feature = "fault-injection")]
             stall,
         })
@@ -151,7 +158,14 @@ impl EmbeddedStore {
         job: impl FnOnce(ReadTransaction) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let slot = self.database.clone();
+        let permit = self
+            .readers
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the reader semaphore is never closed");
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let transaction = current(&slot)?.begin_read().map_err(unavailable)?;
             job(transaction)
         })

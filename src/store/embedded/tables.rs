@@ -176,6 +176,7 @@ impl<'transaction> Tables<'transaction> {
                 content_type: event.content_type.clone(),
                 attributes: event.attributes.clone(),
                 published_at: now,
+                trace: event.trace.clone(),
             };
             self.events
                 .insert((topic, sequence), encode_event(&stored).as_slice())

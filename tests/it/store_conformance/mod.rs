@@ -28,6 +28,7 @@ fn event(id: &str, topic: &str, key: Option<&str>) -> NewEvent {
         content_type: "application/json".into(),
         idempotency_key: key.map(str::to_string),
         attributes: [("source".to_string(), "test".to_string())].into(),
+        trace: None,
     }
 }
 

@@ -65,6 +65,10 @@ pub struct Received {
     pub sequence: u64,
     pub previous: u64,
     pub content_type: String,
+    /// The `traceparent` header (empty if none).
+    pub traceparent: String,
+    /// The `tracestate` header (empty if none).
+    pub tracestate: String,
     pub body: Bytes,
     /// 1 for the first request with this event id, 2 for the second...
     pub attempt: u32,
@@ -205,6 +209,8 @@ async fn handle(
     let sequence = header(headers::SEQUENCE).parse().unwrap_or(0);
     let previous = header(headers::PREVIOUS_SEQUENCE).parse().unwrap_or(0);
     let content_type = header("content-type");
+    let traceparent = header("traceparent");
+    let tracestate = header("tracestate");
     let body = request.into_body().collect().await?.to_bytes();
     let attempt = {
         let mut attempts = state.attempts.lock().unwrap();
@@ -222,6 +228,8 @@ async fn handle(
         sequence,
         previous,
         content_type,
+        traceparent,
+        tracestate,
         body,
         attempt,
         reply: Reply::Status(204),
