@@ -185,32 +185,8 @@ pub async fn run_with_store(
     );
     let resumed = engine.resume().await?;
     tracing::info!(partitions = resumed, "resumed pending deliveries");
-
     let store_health = store.health();
-    let broker = Arc::new(Broker::new(
-        store,
-        engine.clone(),
-        Limits {
-            max_payload_bytes: config.max_payload_bytes,
-            idempotency_window: config.idempotency_window,
-            default_retry_policy: config.default_retry_policy(),
-            endpoint_rules,
-            subscriptions: SubscriptionLimits {
-                total: config.max_subscriptions,
-                per_pattern: config.max_subscriptions_per_pattern,
-            },
-        },
-    ));
-    // Large enough that an oversized payload reaches our own check and its precise message.
-    let max_message = (config.max_payload_bytes + MESSAGE_OVERHEAD).max(4 * 1024 * 1024);
-    let broker_service = InterceptedService::new(
-        BrokerServiceServer::new(BrokerApi::new(
-            broker,
-            RateLimits::new(config.rate_limit_publish, config.rate_limit_manage),
-        ))
-        .max_decoding_message_size(max_message),
-        Authenticate(keys),
-    );
+    let broker_service = broker_service(&config, store, engine.clone(), endpoint_rules, keys);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -254,6 +230,38 @@ pub async fn run_with_store(
         tracing::warn!("shutdown grace elapsed; unfinished deliveries stay pending");
     }
     served.map_err(|error| Error::Internal(format!("gRPC server: {error}")))
+}
+
+/// The Broker service: the operations over `store`, behind authentication and rate limits.
+fn broker_service(
+    config: &ServeConfig,
+    store: Arc<dyn Store>,
+    engine: Engine,
+    endpoint_rules: Arc<crate::delivery::endpoint_policy::AddressRules>,
+    keys: Arc<Keys>,
+) -> InterceptedService<BrokerServiceServer<BrokerApi>, Authenticate> {
+    let broker = Arc::new(Broker::new(
+        store,
+        engine,
+        Limits {
+            max_payload_bytes: config.max_payload_bytes,
+            idempotency_window: config.idempotency_window,
+            default_retry_policy: config.default_retry_policy(),
+            endpoint_rules,
+            subscriptions: SubscriptionLimits {
+                total: config.max_subscriptions,
+                per_pattern: config.max_subscriptions_per_pattern,
+            },
+        },
+    ));
+    let rates = RateLimits::new(config.rate_limit_publish, config.rate_limit_manage);
+    // Large enough that an oversized payload reaches our own check and its precise message.
+    let max_message = (config.max_payload_bytes + MESSAGE_OVERHEAD).max(4 * 1024 * 1024);
+    InterceptedService::new(
+        BrokerServiceServer::new(BrokerApi::new(broker, rates))
+            .max_decoding_message_size(max_message),
+        Authenticate(keys),
+    )
 }
 
 /// The sockets a server listens on: gRPC, and optionally the metrics page.
