@@ -22,9 +22,9 @@ bench:
 	scripts/bench.sh $(ARGS)
 
 ## The property tests of every parser and matcher (tests/properties.rs) with many more cases
-## than `make test` runs: PROPTEST_CASES (default 20000) per property.
+## than `make test` runs: PROPTEST_CASES (default 100000, about 20 s) per property.
 fuzz:
-	PROPTEST_CASES=$${PROPTEST_CASES:-20000} $(CARGO) test --release --test properties
+	PROPTEST_CASES=$${PROPTEST_CASES:-100000} $(CARGO) test --release --test properties
 
 ## Formatting, clippy, and the API's `buf lint` and `buf breaking` (against the previous
 ## commit; `buf` installs once from the npm registry), as CI runs them.
