@@ -395,8 +395,39 @@ async fn an_outage_fails_publishes_with_unavailable_and_delivery_resumes_after_i
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
+    // Health follows: NOT_SERVING while the table cannot be reached, SERVING once it answers
+    // again (the store probes it; no traffic is needed).
+    let serving = |app_address: std::net::SocketAddr| async move {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        let channel = tonic::transport::Channel::from_shared(format!("http://{app_address}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let status = tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "herald.v1.BrokerService".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        status == ServingStatus::Serving as i32
+    };
+    eventually(
+        Duration::from_secs(30),
+        "health reports NOT_SERVING",
+        || async { !serving(app.address).await },
+    )
+    .await;
 
     server.resume();
+    eventually(
+        Duration::from_secs(30),
+        "health reports SERVING again",
+        || async { serving(app.address).await },
+    )
+    .await;
     let after = client
         .publish(publish_request("t", "after"))
         .await

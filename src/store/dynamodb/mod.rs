@@ -65,6 +65,8 @@ const TRANSACTION_LIMIT: usize = 100;
 const BATCH_GET_LIMIT: usize = 100;
 /// Deliveries of unsubscribed subscriptions one rescan removes at most.
 const SWEEP_BUDGET: usize = 500;
+/// How often an unreachable table is probed.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// Attempts at a publish or subscription change that lose optimistic-locking races.
 const MAX_CONFLICT_RETRIES: u32 = 64;
 
@@ -83,6 +85,8 @@ pub struct DynamoStore {
     /// Owner name of this instance's partition leases.
     instance: String,
     counts: Arc<RequestCounts>,
+    /// Whether the table answers (see `requests`).
+    reachability: Arc<requests::Reachability>,
     subscriptions: Mutex<Option<Arc<SubscriptionSet>>>,
     topics: Mutex<HashMap<String, TopicState>>,
     repair_after: Duration,
@@ -100,11 +104,15 @@ impl DynamoStore {
     /// counter). The table must exist ([`create_table`]).
     pub fn new(client: Client, table: impl Into<String>) -> Self {
         let counts = Arc::new(RequestCounts::default());
+        let reachability = Arc::new(requests::Reachability::new());
         let client = Client::from_conf(
             client
                 .config()
                 .to_builder()
-                .interceptor(requests::CountRequests(counts.clone()))
+                .interceptor(requests::CountRequests {
+                    counts: counts.clone(),
+                    reachability: reachability.clone(),
+                })
                 .build(),
         );
         DynamoStore {
@@ -112,6 +120,7 @@ impl DynamoStore {
             table: table.into(),
             instance: crate::ids::new_id("ins"),
             counts,
+            reachability,
             subscriptions: Mutex::new(None),
             topics: Mutex::new(HashMap::new()),
             repair_after: Duration::from_secs(10),
@@ -194,8 +203,29 @@ impl Store for DynamoStore {
         Some(self)
     }
 
+    /// False after calls in a row ended without an answer; true at the next answer. While
+    /// false, the table is probed every second (so health comes back without traffic).
     fn health(&self) -> Option<watch::Receiver<bool>> {
-        None
+        let receiver = self.reachability.healthy.subscribe();
+        let reachability = Arc::downgrade(&self.reachability);
+        let client = self.client.clone();
+        let table = self.table.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PROBE_INTERVAL).await;
+                let Some(reachability) = reachability.upgrade() else {
+                    return;
+                };
+                if reachability.healthy.receiver_count() == 0 {
+                    return;
+                }
+                if !*reachability.healthy.borrow() {
+                    // The interceptor records the outcome.
+                    let _ = client.describe_table().table_name(&table).send().await;
+                }
+            }
+        });
+        Some(receiver)
     }
 
     fn request_counts(&self) -> Option<Arc<RequestCounts>> {
