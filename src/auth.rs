@@ -252,7 +252,8 @@ impl Keys {
     }
 }
 
-fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+/// A file's modification time and length, to notice that it changed (`None` if unreadable).
+pub(crate) fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
     let metadata = std::fs::metadata(path).ok()?;
     Some((metadata.modified().ok()?, metadata.len()))
 }

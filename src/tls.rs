@@ -83,10 +83,7 @@ impl TlsFiles {
     }
 
     fn stamps(&self) -> Vec<Option<(SystemTime, u64)>> {
-        let stamp = |path: &Path| {
-            let metadata = std::fs::metadata(path).ok()?;
-            Some((metadata.modified().ok()?, metadata.len()))
-        };
+        let stamp = |path: &Path| crate::auth::file_stamp(path);
         let mut stamps = vec![stamp(&self.cert), stamp(&self.key)];
         if let Some(path) = &self.client_ca {
             stamps.push(stamp(path));
