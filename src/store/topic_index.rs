@@ -7,7 +7,7 @@ use crate::model::Subscription;
 /// Which subscriptions each topic fans out to: exact names and prefix patterns (`*` is the
 /// empty prefix). A lookup costs one probe per prefix of the topic, never a pass over all
 /// subscriptions.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct TopicIndex {
     exact: HashMap<String, BTreeSet<String>>,
     prefixes: BTreeMap<String, BTreeSet<String>>,

@@ -10,6 +10,7 @@ use aws_sdk_dynamodb::types::{
 
 use super::errors::sdk_error;
 use super::schema;
+use super::subscriptions::DEFAULT_CACHE_VALIDITY;
 use crate::store::StoreError;
 
 /// How to reach the table.
@@ -53,6 +54,17 @@ pub async fn client_from_env(config: &DynamoConfig) -> Client {
 /// Creates the table (PAY_PER_REQUEST, `pk`/`sk` string keys, TTL on idempotency keys) and
 /// waits until it is active. `Conflict` if it exists already.
 pub async fn create_table(client: &Client, table: &str) -> Result<(), StoreError> {
+    create_table_with_cache_validity(client, table, DEFAULT_CACHE_VALIDITY).await
+}
+
+/// [`create_table`], with the time a copy of the subscription set may be used to fan out
+/// publishes (Subscribe and Unsubscribe wait slightly longer than this before they return).
+/// Fixed for the life of the table, since every instance must use the same value.
+pub async fn create_table_with_cache_validity(
+    client: &Client,
+    table: &str,
+    cache_validity: Duration,
+) -> Result<(), StoreError> {
     let attribute = |name: &str| {
         AttributeDefinition::builder()
             .attribute_name(name)
@@ -114,6 +126,18 @@ pub async fn create_table(client: &Client, table: &str) -> Result<(), StoreError
                 .build()
                 .expect("complete TTL specification"),
         )
+        .send()
+        .await
+        .map_err(sdk_error)?;
+    let mut meta = schema::meta_key();
+    meta.insert(
+        "cache_validity_ms".into(),
+        schema::n(cache_validity.as_millis().max(1)),
+    );
+    client
+        .put_item()
+        .table_name(table)
+        .set_item(Some(meta))
         .send()
         .await
         .map_err(sdk_error)?;

@@ -7,13 +7,31 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::types::{Delete, Put, TransactWriteItem, Update};
 
 use super::schema::{self, Item, get_n, n, s};
-use super::{DynamoStore, SWEEP_BUDGET};
+use super::{DynamoStore, Inner, SWEEP_BUDGET};
 use crate::model::{FailureOutcome, NewEvent, Page, PartitionKey, PendingDelivery, Published};
 use crate::store::pages;
 use crate::store::records;
 use crate::store::{DeliveryLog, LeaseToken, StoreError, SubscriptionStore};
 
-impl DynamoStore {
+impl Inner {
+    /// Whether the subscription exists, by a current copy of the set (refreshed if it is not
+    /// in the copy: it may be younger).
+    async fn subscribed(&self, id: &str) -> Result<bool, StoreError> {
+        if self
+            .subscription_set()
+            .await?
+            .subscriptions
+            .contains_key(id)
+        {
+            return Ok(true);
+        }
+        Ok(self
+            .refresh_subscriptions()
+            .await?
+            .subscriptions
+            .contains_key(id))
+    }
+
     /// Removes one pending (or dead-lettered) delivery and drops its reference to the event,
     /// deleting the event with its last reference. Returns false if it was not there.
     /// With `fence`, refused with `LeaseLost` unless the token holds the partition's lease.
@@ -86,7 +104,7 @@ impl DeliveryLog for DynamoStore {
         event: &NewEvent,
         idempotency_window: Duration,
     ) -> Result<Published, StoreError> {
-        self.publish_event(event, idempotency_window).await
+        super::publish::publish(&self.inner, event.clone(), idempotency_window).await
     }
 
     async fn next_deliveries(
@@ -97,6 +115,10 @@ impl DeliveryLog for DynamoStore {
         // The head blocked by a young unfinished fan-out is not waited for here (the worker
         // lingers and reads again, and the rescan looks again at topics with a fan-out open);
         // a head committed after the topic item was read is read again, a few times.
+        if !self.subscribed(&partition.subscription_id).await? {
+            // Deleted (what a publish racing its Unsubscribe wrote is not delivered).
+            return Ok(Vec::new());
+        }
         let mut rereads = 0;
         let fields = loop {
             let Some(horizon) = self.delivery_horizon(&partition.topic).await? else {
@@ -289,8 +311,7 @@ impl DeliveryLog for DynamoStore {
     /// failure of one part does not stop the other; then a bounded share of what interrupted
     /// unsubscribes left is removed.
     async fn pending_partitions(&self) -> Result<Vec<PartitionKey>, StoreError> {
-        self.forget_subscriptions();
-        let set = self.subscription_set().await?;
+        let set = self.refresh_subscriptions().await?;
         let mut found = std::collections::BTreeSet::new();
         let leases = self.expired_leases(&set, &mut found).await;
         let topics = self.changed_topics(&set, &mut found).await;

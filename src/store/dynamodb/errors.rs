@@ -15,6 +15,11 @@ pub(super) fn sdk_error<E: ProvideErrorMetadata + std::error::Error + Send + Syn
         let code = service_error.code().unwrap_or("unknown error");
         let text = format!("{code}: {}", service_error.message().unwrap_or(""));
         return match code {
+            // Too large an item or transaction: the data, not the table, is the problem, and
+            // no retry helps.
+            "ValidationException" if is_size_error(service_error.message().unwrap_or("")) => {
+                StoreError::InvalidArgument(format!("DynamoDB refuses the data: {text}"))
+            }
             "ValidationException" | "SerializationException" => {
                 StoreError::Internal(format!("DynamoDB rejected a request: {text}"))
             }
@@ -27,6 +32,29 @@ pub(super) fn sdk_error<E: ProvideErrorMetadata + std::error::Error + Send + Syn
         other => DisplayErrorContext(other).to_string(),
     };
     StoreError::Unavailable(text)
+}
+
+/// True if a validation message is about the size of an item or request.
+fn is_size_error(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    message.contains("size") || message.contains("too large") || message.contains("exceed")
+}
+
+/// The permanent error a transaction's cancellation reasons carry, if any: an item refused
+/// as invalid (too large, say) or an item collection over its size limit. Retrying cannot
+/// help, so these must not be taken for contention.
+pub(super) fn refused(reasons: &[String]) -> Option<StoreError> {
+    reasons.iter().find_map(|reason| match reason.as_str() {
+        "ValidationError" => Some(StoreError::InvalidArgument(
+            "DynamoDB refuses an item of this write as invalid (larger than 400 KB, or a \
+             malformed attribute)"
+                .into(),
+        )),
+        "ItemCollectionSizeLimitExceeded" => Some(StoreError::InvalidArgument(
+            "DynamoDB refuses this write: an item collection is over its size limit".into(),
+        )),
+        _ => None,
+    })
 }
 
 /// True if the error is a failed condition of a single-item write.

@@ -8,8 +8,9 @@ use std::time::Duration;
 use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, TransactWriteItem};
 
 use super::errors::{cancellation_reasons, sdk_error};
-use super::schema::{self, Item, get_n, get_s, n};
-use super::{DynamoStore, TRANSACTION_LIMIT};
+use super::publish::{TopicState, previous_sequences};
+use super::schema::{self, Item, get_n, n};
+use super::{Inner, TRANSACTION_LIMIT};
 use crate::model::{PartitionKey, now_micros};
 use crate::store::StoreError;
 
@@ -31,7 +32,7 @@ impl Horizon {
     }
 }
 
-impl DynamoStore {
+impl Inner {
     /// Writes the remaining deliveries of an open fan-out, then closes it. Every write is
     /// conditional on the fan-out still being open, so a publisher that resumes after another
     /// instance finished its fan-out cannot bring back deliveries that were already made.
@@ -119,8 +120,9 @@ impl DynamoStore {
         )))
     }
 
-    /// Rewrites every delivery of an unfinished fan-out from the list its event item keeps,
-    /// then closes it.
+    /// Rewrites every delivery of an unfinished fan-out, recomputed from its event item's
+    /// fan-out record (an event written by an earlier version lists them instead), then
+    /// closes it.
     async fn finish_fanout(&self, topic: &str, sequence: u64) -> Result<(), StoreError> {
         tracing::warn!(
             topic,
@@ -128,28 +130,62 @@ impl DynamoStore {
             "finishing a fan-out left unfinished by its publisher"
         );
         let deliveries = match self.get_item(schema::event_key(topic, sequence)).await? {
-            Some(event) => {
-                let fanout: Vec<(String, u64)> = serde_json::from_str(get_s(&event, "fanout")?)
-                    .map_err(|_| {
-                        StoreError::Corrupt(format!("fan-out record of {topic}/{sequence}"))
-                    })?;
-                let due = get_n(&event, "published_at")?;
-                fanout
-                    .into_iter()
-                    .map(|(id, previous)| {
-                        schema::delivery_item(
-                            &PartitionKey::new(topic, id),
-                            sequence,
-                            previous,
-                            due,
-                        )
-                    })
-                    .collect()
-            }
+            Some(event) => self.fanout_deliveries(topic, sequence, &event).await?,
             None => Vec::new(),
         };
         self.write_open_fanout(topic, sequence, deliveries).await?;
         self.fanouts_repaired.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// The deliveries of an open fan-out: the subscriptions of its set version that match the
+    /// topic and still exist (a deleted one needs none), with the previous sequences its
+    /// publisher computed.
+    async fn fanout_deliveries(
+        &self,
+        topic: &str,
+        sequence: u64,
+        event: &Item,
+    ) -> Result<Vec<Item>, StoreError> {
+        let due = get_n(event, "published_at")?;
+        let delivery = |id: &str, previous: u64| {
+            schema::delivery_item(&PartitionKey::new(topic, id), sequence, previous, due)
+        };
+        if let Some(AttributeValue::S(listed)) = event.get("fanout") {
+            let fanout: Vec<(String, u64)> = serde_json::from_str(listed).map_err(|_| {
+                StoreError::Corrupt(format!("fan-out record of {topic}/{sequence}"))
+            })?;
+            return Ok(fanout
+                .iter()
+                .map(|(id, previous)| delivery(id, *previous))
+                .collect());
+        }
+        let record = schema::fanout_record(event)?.ok_or_else(|| {
+            StoreError::Corrupt(format!("event {topic}/{sequence} has no fan-out record"))
+        })?;
+        let mut set = self.subscription_set().await?;
+        if set.version < record.version {
+            set = self.refresh_subscriptions().await?;
+        }
+        let subscribers: Vec<String> = set
+            .index
+            .matching(topic)
+            .into_iter()
+            .filter(|id| {
+                set.created
+                    .get(id)
+                    .is_some_and(|created| *created <= record.version)
+            })
+            .collect();
+        let before = TopicState {
+            last_sequence: record.previous_sequence,
+            last_version: record.previous_version,
+        };
+        let previous = previous_sequences(&set, &subscribers, before);
+        Ok(subscribers
+            .iter()
+            .zip(previous)
+            .map(|(id, previous)| delivery(id, previous))
+            .collect())
     }
 }

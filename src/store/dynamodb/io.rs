@@ -7,13 +7,13 @@ use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{KeysAndAttributes, TransactWriteItem};
 
-use super::errors::{cancellation_reasons, conflict_pause, sdk_error};
+use super::errors::{cancellation_reasons, conflict_pause, refused, sdk_error};
 use super::schema::{self, Item, s};
-use super::{BATCH_GET_LIMIT, DynamoStore};
+use super::{BATCH_GET_LIMIT, Inner};
 use crate::model::{Event, PartitionKey};
 use crate::store::{LeaseToken, StoreError};
 
-impl DynamoStore {
+impl Inner {
     pub(super) async fn get_item(&self, key: Item) -> Result<Option<Item>, StoreError> {
         let output = self
             .client
@@ -154,6 +154,9 @@ impl DynamoStore {
         let Some(reasons) = cancellation_reasons(&error) else {
             return Err(sdk_error(error));
         };
+        if let Some(refused) = refused(&reasons) {
+            return Err(refused);
+        }
         let failed =
             |index: usize| reasons.get(index).map(String::as_str) == Some("ConditionalCheckFailed");
         let own_failure = (0..checked).any(failed);

@@ -6,13 +6,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::{ConditionCheck, TransactWriteItem};
 
-use super::DynamoStore;
 use super::errors::{is_condition_failure, sdk_error};
 use super::schema::{self, n, s};
+use super::{DynamoStore, Inner};
 use crate::model::{PartitionKey, now_millis};
 use crate::store::{LeaseToken, PartitionLeases, StoreError};
 
-impl DynamoStore {
+impl Inner {
     /// A transaction item that fails unless `token` holds the partition's lease.
     pub(super) fn lease_check(
         &self,

@@ -3,20 +3,29 @@
 //! No operation scans the table; every read is a GetItem, BatchGetItem or Query on a key (see
 //! `schema` for the layout). The invariants that keep delivery ordered across instances:
 //!
-//! - **Sequence allocation is part of the publish transaction.** A publish is one
-//!   TransactWriteItems that moves the topic's `last_seq` from the value it read to the new
-//!   sequence (a conditional update) and writes the event and its deliveries. Two publishers
-//!   cannot both commit from the same `last_seq`, so sequence `n + 1` commits after `n`, together
-//!   with its deliveries: a reader that sees delivery `n + 1` sees every delivery `n` of the
-//!   topic. A publisher that stalls or dies before committing leaves nothing.
+//! - **Sequence allocation is part of the publish transaction.** A publish transaction moves
+//!   the topic's `last_seq` from the value it read to the new one (a conditional update) and
+//!   writes the events and their deliveries. Two publishers cannot both commit from the same
+//!   `last_seq`, so sequence `n + 1` commits after `n`, together with its deliveries: a reader
+//!   that sees delivery `n + 1` sees every delivery `n` of the topic. A publisher that stalls
+//!   or dies before committing leaves nothing.
+//! - **Group commit per topic.** Concurrent publishes on one topic in one instance share a
+//!   transaction and a block of sequences (`publish`); a hot topic costs one conditional write
+//!   per batch.
 //! - **Fan-outs larger than one transaction** (100 items) open a fan-out marker on the topic in
 //!   the same transaction; the rest of the deliveries follow in batches and the marker is
 //!   removed last. Workers deliver only sequences below the smallest open marker, and any
-//!   instance finishes a fan-out whose marker is older than the repair delay (the event item
-//!   records its subscriber list), so a publisher crashing halfway delays the topic but never
-//!   reorders it.
-//! - **The subscription set is versioned.** Subscribe and Unsubscribe bump a version item; each
-//!   publish checks, inside its transaction, the version its fan-out was computed from.
+//!   instance finishes a fan-out whose marker is older than the repair delay (recomputing its
+//!   subscribers from the subscription-set version and previous sequence its event item
+//!   records), so a publisher crashing halfway delays the topic but never reorders it.
+//! - **No table-wide item in the publish path.** Subscribe and Unsubscribe bump a version item;
+//!   publishes do not read it in their transaction. Each instance's copy of the subscription
+//!   set may be used for a bounded time (the table's cache validity, 1 s by default) after a
+//!   read found it current; an older copy is refreshed (one read of the version item) before
+//!   a publish. Subscribe and Unsubscribe return only after that validity (plus a margin) has
+//!   passed since their change committed, so a publish that starts after they return uses a
+//!   copy read after the change. The topic item also records the newest set version used on
+//!   the topic and refuses an older one, so each subscription's `previous` chain stays whole.
 //! - **A partition is delivered by one instance at a time**, holding a lease item. Each claim
 //!   writes a new token into it, and every write a worker makes for its partition (completion,
 //!   failure) checks that token in the same transaction, so a worker whose lease was taken
@@ -29,6 +38,7 @@
 //! `publish`, `fanout`, `rescan` and `unsubscribe` behind them; `schema` is the item layout.
 
 mod admin;
+mod create;
 mod delivery_log;
 mod errors;
 mod fanout;
@@ -52,12 +62,13 @@ use aws_sdk_dynamodb::Client;
 use tokio::sync::watch;
 
 use crate::store::{PartitionLeases, Store, StoreError};
-pub use admin::{DynamoConfig, client_from_env, create_table};
+pub use admin::{DynamoConfig, client_from_env, create_table, create_table_with_cache_validity};
 use errors::sdk_error;
 use publish::TopicState;
 pub use requests::RequestCounts;
 use rescan::TopicMark;
-use subscriptions::SubscriptionSet;
+use subscriptions::CachedSet;
+pub use subscriptions::DEFAULT_CACHE_VALIDITY;
 
 /// Items a transaction may hold.
 const TRANSACTION_LIMIT: usize = 100;
@@ -78,8 +89,22 @@ struct Faults {
     unsubscribe: AtomicBool,
 }
 
-/// The DynamoDB store.
+/// The DynamoDB store: a handle on state shared with the tasks it starts (one publish
+/// committer per busy topic).
 pub struct DynamoStore {
+    inner: Arc<Inner>,
+}
+
+impl std::ops::Deref for DynamoStore {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+/// The state behind a [`DynamoStore`].
+pub struct Inner {
     client: Client,
     table: String,
     /// Owner name of this instance's partition leases.
@@ -87,10 +112,16 @@ pub struct DynamoStore {
     counts: Arc<RequestCounts>,
     /// Whether the table answers (see `requests`).
     reachability: Arc<requests::Reachability>,
-    subscriptions: Mutex<Option<Arc<SubscriptionSet>>>,
+    /// The subscription set, and when it was last known current (see `subscriptions`).
+    subscriptions: Mutex<Option<CachedSet>>,
     topics: Mutex<HashMap<String, TopicState>>,
+    /// Held while this instance changes the subscription set.
+    changes: tokio::sync::Mutex<()>,
+    /// Subscribe calls waiting to be committed (see `create`).
+    creates: Mutex<Vec<create::PendingCreate>>,
+    /// Publishes waiting for their topic's committer (see `publish`).
+    queues: Mutex<HashMap<String, publish::Queue>>,
     repair_after: Duration,
-    /// Each topic's last sequence at the previous `pending_partitions` call.
     /// (topic's last sequence, whether a fan-out was open) at the previous `pending_partitions`
     /// call, for every topic.
     rescanned: Mutex<Option<HashMap<String, TopicMark>>>,
@@ -115,7 +146,7 @@ impl DynamoStore {
                 })
                 .build(),
         );
-        DynamoStore {
+        let inner = Inner {
             client,
             table: table.into(),
             instance: crate::ids::new_id("ins"),
@@ -123,17 +154,25 @@ impl DynamoStore {
             reachability,
             subscriptions: Mutex::new(None),
             topics: Mutex::new(HashMap::new()),
+            changes: tokio::sync::Mutex::new(()),
+            creates: Mutex::new(Vec::new()),
+            queues: Mutex::new(HashMap::new()),
             repair_after: Duration::from_secs(10),
             rescanned: Mutex::new(None),
             #[cfg(feature = "fault-injection")]
             faults: Faults::default(),
             fanouts_repaired: AtomicU64::new(0),
+        };
+        DynamoStore {
+            inner: Arc::new(inner),
         }
     }
 
     /// Sets how old an unfinished fan-out must be before another instance finishes it.
     pub fn with_repair_after(mut self, repair_after: Duration) -> Self {
-        self.repair_after = repair_after;
+        Arc::get_mut(&mut self.inner)
+            .expect("configured before use")
+            .repair_after = repair_after;
         self
     }
 
@@ -152,6 +191,29 @@ impl DynamoStore {
         self.faults.unsubscribe.store(true, Ordering::SeqCst);
     }
 
+    /// Unfinished fan-outs this instance has completed.
+    pub fn fanouts_repaired(&self) -> u64 {
+        self.fanouts_repaired.load(Ordering::SeqCst)
+    }
+
+    /// Requests sent so far, per operation.
+    pub fn request_counters(&self) -> Arc<RequestCounts> {
+        self.counts.clone()
+    }
+
+    /// Checks that the table answers.
+    pub async fn check(&self) -> Result<(), StoreError> {
+        self.client
+            .describe_table()
+            .table_name(&self.table)
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        Ok(())
+    }
+}
+
+impl Inner {
     /// True (once) if a fan-out failure was injected.
     fn injected_fanout_failure(&self) -> bool {
         #[cfg(feature = "fault-injection")]
@@ -174,27 +236,6 @@ impl DynamoStore {
         {
             false
         }
-    }
-
-    /// Unfinished fan-outs this instance has completed.
-    pub fn fanouts_repaired(&self) -> u64 {
-        self.fanouts_repaired.load(Ordering::SeqCst)
-    }
-
-    /// Requests sent so far, per operation.
-    pub fn request_counters(&self) -> Arc<RequestCounts> {
-        self.counts.clone()
-    }
-
-    /// Checks that the table answers.
-    pub async fn check(&self) -> Result<(), StoreError> {
-        self.client
-            .describe_table()
-            .table_name(&self.table)
-            .send()
-            .await
-            .map_err(sdk_error)?;
-        Ok(())
     }
 }
 

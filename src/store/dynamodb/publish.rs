@@ -1,113 +1,440 @@
-//! Publishing on DynamoDB: sequence allocation, fan-out (see `fanout` for fan-outs
-//! larger than one transaction) and idempotency.
+//! Publishing on DynamoDB: group commit per topic.
+//!
+//! A publish joins its topic's queue. One committer task per topic and instance (started by the
+//! first publish that finds no queue, gone once the queue is empty) takes the waiting publishes
+//! and commits as many as fit into one transaction: the topic's `last_seq` moves by a block of
+//! sequences (a conditional update, so publishers on other instances stay ordered), with every
+//! event item, delivery and idempotency key of the block. A hot topic thus costs one
+//! transaction per batch, not per event; publishes arriving while one commits form the next
+//! batch. Fan-outs larger than one transaction continue in `fanout`.
 
-use std::time::Duration;
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use aws_sdk_dynamodb::error::SdkError;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
-use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Put, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
+use tokio::sync::oneshot;
 
-use super::errors::{cancellation_reasons, conflict_pause, sdk_error};
+use super::errors::{cancellation_reasons, conflict_pause, refused, sdk_error};
 use super::schema::{self, Item, get_n, get_s, n, s};
-use super::{DynamoStore, MAX_CONFLICT_RETRIES, TRANSACTION_LIMIT};
+use super::subscriptions::SubscriptionSet;
+use super::{Inner, MAX_CONFLICT_RETRIES, TRANSACTION_LIMIT};
 use crate::model::{Event, NewEvent, PartitionKey, Published, now_micros, now_millis};
 use crate::store::StoreError;
 
-/// Position of the items every publish transaction starts with.
-const VERSION_ITEM: usize = 0;
-const TOPIC_ITEM: usize = 1;
-const IDEMPOTENCY_ITEM: usize = 2;
+/// Publishes one transaction takes at most.
+const BATCH_EVENTS: usize = 64;
+/// Estimated bytes one transaction carries at most (DynamoDB's limit is 4 MB).
+const BATCH_BYTES: usize = 3 << 20;
 
-/// One attempt at a publish, computed from this instance's view of the subscription set and
-/// the topic: the transaction to commit, and the fan-out left for later if it does not fit.
-struct Attempt {
-    sequence: u64,
+/// The publishes waiting for their topic's committer.
+#[derive(Default)]
+pub(super) struct Queue {
+    waiting: VecDeque<Waiting>,
+}
+
+/// One publish call waiting for its outcome.
+struct Waiting {
+    event: NewEvent,
+    /// Its idempotency key, if it has one and the idempotency window is not zero.
+    key: Option<String>,
+    window: Duration,
+    reply: oneshot::Sender<Result<Published, StoreError>>,
+}
+
+impl Waiting {
+    /// Estimated size in a transaction.
+    fn size(&self) -> usize {
+        self.event.payload.len()
+            + self
+                .event
+                .attributes
+                .iter()
+                .map(|(key, value)| key.len() + value.len() + 8)
+                .sum::<usize>()
+            + 1024
+    }
+
+    fn answer(self, outcome: Result<Published, StoreError>) {
+        // The caller may have gone; the outcome stands either way.
+        let _ = self.reply.send(outcome);
+    }
+}
+
+/// One transaction's worth of a batch.
+struct Plan {
+    /// How many of the batch's publishes it holds (a prefix, at least one).
+    count: usize,
+    /// The first publish's sequence; the others follow one by one.
+    first_sequence: u64,
     now: u64,
     version: u64,
     subscribers: Vec<String>,
     items: Vec<TransactWriteItem>,
-    /// Deliveries beyond the first transaction (an open fan-out), empty if it all fits.
+    /// For each item, the publish it belongs to (`None`: the topic's own items).
+    owners: Vec<Option<usize>>,
+    /// Position of each publish's idempotency item.
+    key_items: Vec<Option<usize>>,
+    /// Deliveries of the (only) publish beyond this transaction: its fan-out stays open.
     rest: Vec<Item>,
+    /// When the subscription set used was last found current, and its validity.
+    confirmed: (Instant, Duration),
 }
 
-/// What a cancelled publish transaction says to do next.
-enum Cancelled {
-    /// Another publisher or a subscription change won the race: compute again at once.
-    Stale,
-    /// A conflict with another transaction: pause, then compute again.
-    Conflict,
+/// What a failed transaction says about the batch.
+enum Verdict {
+    /// Retry the batch at once (after dropping what was answered).
+    Again,
+    /// A conflict with another transaction: pause, then retry.
+    Pause,
+    /// Answer every publish of the batch with this error.
+    Fail(StoreError),
 }
 
-impl DynamoStore {
-    pub(super) async fn publish_event(
-        &self,
-        event: &NewEvent,
-        window: Duration,
-    ) -> Result<Published, StoreError> {
-        let topic = event.topic.as_str();
-        let key = event
-            .idempotency_key
-            .as_deref()
-            .filter(|_| !window.is_zero());
-        for attempt in 0..MAX_CONFLICT_RETRIES {
-            let now = now_millis();
-            if let Some(key) = key
-                && let Some(original) = self.idempotent_original(topic, key, now).await?
-            {
-                return self.with_partitions(original, topic).await;
+/// Publishes `event` through its topic's committer.
+pub(super) async fn publish(
+    inner: &Arc<Inner>,
+    event: NewEvent,
+    window: Duration,
+) -> Result<Published, StoreError> {
+    let topic = event.topic.clone();
+    let key = event.idempotency_key.clone().filter(|_| !window.is_zero());
+    let (reply, outcome) = oneshot::channel();
+    let waiting = Waiting {
+        event,
+        key,
+        window,
+        reply,
+    };
+    let start = {
+        let mut queues = inner.queues.lock().expect("queue lock");
+        match queues.get_mut(&topic) {
+            Some(queue) => {
+                queue.waiting.push_back(waiting);
+                false
             }
-            let plan = self.plan(event, key, window, now).await?;
-            if let Err(error) = self.transact(plan.items).await {
-                match self.cancelled(&error, topic, key.is_some()) {
-                    None => return Err(sdk_error(error)),
-                    Some(Cancelled::Stale) => {}
-                    Some(Cancelled::Conflict) => conflict_pause(attempt).await,
+            None => {
+                queues.insert(
+                    topic.clone(),
+                    Queue {
+                        waiting: VecDeque::from([waiting]),
+                    },
+                );
+                true
+            }
+        }
+    };
+    if start {
+        tokio::spawn(commit_loop(inner.clone(), topic));
+    }
+    outcome.await.unwrap_or_else(|_| {
+        Err(StoreError::Internal(
+            "the topic's publish committer stopped".into(),
+        ))
+    })
+}
+
+/// Commits the topic's queue, batch by batch, until it is empty.
+async fn commit_loop(inner: Arc<Inner>, topic: String) {
+    // If this task ends early (a panic), the queue goes with it: its callers get an error
+    // and the next publish starts a new committer.
+    let mut guard = QueueGuard {
+        inner: &inner,
+        topic: &topic,
+        armed: true,
+    };
+    loop {
+        let batch = {
+            let mut queues = inner.queues.lock().expect("queue lock");
+            let queue = queues.get_mut(&topic).expect("the committer's queue");
+            let batch = take_batch(&mut queue.waiting);
+            if batch.is_empty() {
+                queues.remove(&topic);
+                guard.armed = false;
+                return;
+            }
+            batch
+        };
+        inner.commit(&topic, batch).await;
+    }
+}
+
+struct QueueGuard<'a> {
+    inner: &'a Inner,
+    topic: &'a str,
+    armed: bool,
+}
+
+impl Drop for QueueGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed
+            && let Ok(mut queues) = self.inner.queues.lock()
+        {
+            queues.remove(self.topic);
+        }
+    }
+}
+
+/// The next batch: waiting publishes in order, skipping those whose caller has gone (they
+/// were not acknowledged, so not publishing them is allowed), within the count and size
+/// bounds, and stopping before a second use of one idempotency key (two writes of one item
+/// cannot share a transaction; the second is then found a duplicate in the next batch).
+fn take_batch(waiting: &mut VecDeque<Waiting>) -> Vec<Waiting> {
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    let mut keys = HashSet::new();
+    while let Some(next) = waiting.front() {
+        if next.reply.is_closed() {
+            waiting.pop_front();
+            continue;
+        }
+        let size = next.size();
+        let repeated = next.key.as_ref().is_some_and(|key| keys.contains(key));
+        if !batch.is_empty()
+            && (batch.len() >= BATCH_EVENTS || bytes + size > BATCH_BYTES || repeated)
+        {
+            break;
+        }
+        bytes += size;
+        if let Some(key) = &next.key {
+            keys.insert(key.clone());
+        }
+        batch.push(waiting.pop_front().expect("front exists"));
+    }
+    batch
+}
+
+impl Inner {
+    /// Commits `batch` (in one or more transactions), answering every publish in it.
+    async fn commit(&self, topic: &str, mut batch: Vec<Waiting>) {
+        let mut attempt = 0;
+        while !batch.is_empty() {
+            batch.retain(|waiting| !waiting.reply.is_closed());
+            if batch.is_empty() {
+                return;
+            }
+            if attempt == MAX_CONFLICT_RETRIES {
+                let error = StoreError::Contention(format!(
+                    "too many concurrent publishes on {topic}; nothing was written"
+                ));
+                for waiting in batch {
+                    waiting.answer(Err(error.clone()));
                 }
+                return;
+            }
+            attempt += 1;
+            let mut plan = match self.plan(topic, &batch).await {
+                Ok(plan) => plan,
+                Err(error) => {
+                    for waiting in batch {
+                        waiting.answer(Err(error.clone()));
+                    }
+                    return;
+                }
+            };
+            let items = std::mem::take(&mut plan.items);
+            match self.transact(items).await {
+                Ok(()) => {
+                    let later = batch.split_off(plan.count);
+                    self.committed(topic, plan, batch).await;
+                    batch = later;
+                    attempt = 0;
+                }
+                Err(error) => match self.cancelled(topic, &plan, &mut batch, error).await {
+                    Verdict::Again => {}
+                    Verdict::Pause => conflict_pause(attempt).await,
+                    Verdict::Fail(error) => {
+                        for waiting in batch {
+                            waiting.answer(Err(error.clone()));
+                        }
+                        return;
+                    }
+                },
+            }
+        }
+    }
+
+    /// After a commit: remembers the topic's new state, finishes an open fan-out, undoes
+    /// deliveries to subscriptions deleted meanwhile, and answers each publish.
+    async fn committed(&self, topic: &str, plan: Plan, batch: Vec<Waiting>) {
+        let last = plan.first_sequence + plan.count as u64 - 1;
+        self.topics.lock().expect("cache lock").insert(
+            topic.to_string(),
+            TopicState {
+                last_sequence: last,
+                last_version: plan.version,
+            },
+        );
+        let mut fanout_error = None;
+        if !plan.rest.is_empty() {
+            fanout_error = if self.injected_fanout_failure() {
+                Some(StoreError::Unavailable(
+                    "injected fault: publisher stopped after the first fan-out transaction".into(),
+                ))
+            } else {
+                self.write_open_fanout(topic, last, plan.rest)
+                    .await
+                    .err()
+                    .map(|error| {
+                        StoreError::Uncertain(format!(
+                            "the event is published and its fan-out is not finished yet ({error}); \
+                             any instance finishes it"
+                        ))
+                    })
+            };
+        }
+        let (confirmed, validity) = plan.confirmed;
+        if confirmed.elapsed() >= validity {
+            self.undo_deleted(topic, &plan.subscribers, plan.first_sequence, plan.count)
+                .await;
+        }
+        let partitions: Vec<PartitionKey> = plan
+            .subscribers
+            .iter()
+            .map(|id| PartitionKey::new(topic, id.as_str()))
+            .collect();
+        for (index, waiting) in batch.into_iter().enumerate() {
+            if let Some(error) = fanout_error.take() {
+                waiting.answer(Err(error));
                 continue;
             }
-            self.topics.lock().expect("cache lock").insert(
-                topic.to_string(),
-                TopicState {
-                    last_sequence: plan.sequence,
-                    last_version: plan.version,
-                },
-            );
-            if !plan.rest.is_empty() {
-                if self.injected_fanout_failure() {
-                    return Err(StoreError::Unavailable(
-                        "injected fault: publisher stopped after the first fan-out transaction"
-                            .into(),
-                    ));
-                }
-                self.write_open_fanout(topic, plan.sequence, plan.rest)
-                    .await?;
-            }
-            return Ok(Published {
-                event_id: event.id.clone(),
-                sequence: plan.sequence,
+            let outcome = Published {
+                event_id: waiting.event.id.clone(),
+                sequence: plan.first_sequence + index as u64,
                 published_at: plan.now,
                 subscription_count: plan.subscribers.len() as u32,
                 duplicate: false,
-                partitions: plan
-                    .subscribers
-                    .into_iter()
-                    .map(|id| PartitionKey::new(topic, id))
-                    .collect(),
-            });
+                partitions: partitions.clone(),
+            };
+            waiting.answer(Ok(outcome));
         }
-        Err(StoreError::Contention(format!(
-            "too many concurrent publishes on {topic}; nothing was written"
-        )))
     }
 
-    /// A duplicate's original outcome, with the topic's partitions to wake: the original's
-    /// caller may have gone before it woke the worker (a partition with nothing due just goes
-    /// idle).
-    async fn with_partitions(
+    /// The commit returned after the subscription set it used could have gone stale, so an
+    /// Unsubscribe may have returned in between: removes the deliveries just written for
+    /// subscriptions that no longer exist (best effort; workers do not deliver to deleted
+    /// subscriptions either way).
+    async fn undo_deleted(&self, topic: &str, subscribers: &[String], first: u64, count: usize) {
+        let Ok(set) = self.refresh_subscriptions().await else {
+            return;
+        };
+        for id in subscribers {
+            if set.subscriptions.contains_key(id) {
+                continue;
+            }
+            let partition = PartitionKey::new(topic, id.as_str());
+            for sequence in first..first + count as u64 {
+                let key = schema::delivery_key(&partition, sequence);
+                if let Err(error) = self.remove_delivery(key, topic, sequence, None).await {
+                    tracing::warn!(%partition, sequence, %error, "cannot remove a delivery to a deleted subscription");
+                }
+            }
+        }
+    }
+
+    /// Reads a failed transaction of `plan` (which holds a prefix of `batch`). Publishes it
+    /// settles (duplicates, invalid events) are answered and removed from `batch`; stale
+    /// cached state is forgotten.
+    async fn cancelled(
         &self,
-        mut original: Published,
         topic: &str,
-    ) -> Result<Published, StoreError> {
+        plan: &Plan,
+        batch: &mut Vec<Waiting>,
+        error: SdkError<TransactWriteItemsError>,
+    ) -> Verdict {
+        let Some(reasons) = cancellation_reasons(&error) else {
+            let validation = error
+                .as_service_error()
+                .and_then(|error| error.code())
+                .is_some_and(|code| code == "ValidationException");
+            if !validation {
+                return Verdict::Fail(sdk_error(error));
+            }
+            // The transaction as a whole is refused (its size, say): alone, an event either
+            // fits or is invalid.
+            if batch.len() > 1 {
+                let rest = batch.split_off(1);
+                self.requeue_front(topic, rest);
+                return Verdict::Again;
+            }
+            return Verdict::Fail(match sdk_error(error) {
+                StoreError::InvalidArgument(why) => {
+                    StoreError::InvalidArgument(format!("event {}: {why}", batch[0].event.id))
+                }
+                other => other,
+            });
+        };
+        let reason = |index: usize| reasons.get(index).map(String::as_str).unwrap_or("None");
+        let mut settled: Vec<(usize, Option<StoreError>)> = Vec::new();
+        for (item, owner) in plan.owners.iter().enumerate() {
+            if let Some(owner) = owner
+                && let Some(StoreError::InvalidArgument(why)) = refused(&[reason(item).to_string()])
+            {
+                let id = &batch[*owner].event.id;
+                let error = StoreError::InvalidArgument(format!("event {id}: {why}"));
+                settled.push((*owner, Some(error)));
+            }
+        }
+        if settled.is_empty()
+            && let Some(error) = refused(&reasons)
+        {
+            // Refused, but not for an item of one event (the topic's own items).
+            return Verdict::Fail(error);
+        }
+        for (index, key_item) in plan.key_items.iter().enumerate() {
+            if key_item.is_some_and(|item| reason(item) == "ConditionalCheckFailed") {
+                settled.push((index, None));
+            }
+        }
+        let topic_failed = reason(0) == "ConditionalCheckFailed";
+        if topic_failed {
+            self.forget_topic(topic);
+        }
+        if settled.is_empty() {
+            return if topic_failed {
+                Verdict::Again
+            } else {
+                Verdict::Pause
+            };
+        }
+        settled.sort_by_key(|(index, _)| std::cmp::Reverse(*index));
+        settled.dedup_by_key(|(index, _)| *index);
+        for (index, error) in settled {
+            let waiting = batch.remove(index);
+            let outcome = match error {
+                Some(error) => Err(error),
+                None => self.duplicate(topic, &waiting).await,
+            };
+            waiting.answer(outcome);
+        }
+        Verdict::Again
+    }
+
+    /// Puts publishes back at the front of the topic's queue, in order.
+    fn requeue_front(&self, topic: &str, publishes: Vec<Waiting>) {
+        let mut queues = self.queues.lock().expect("queue lock");
+        let queue = queues.entry(topic.to_string()).or_default();
+        for waiting in publishes.into_iter().rev() {
+            queue.waiting.push_front(waiting);
+        }
+    }
+
+    /// The outcome of a publish whose idempotency key is taken: the original's, with the
+    /// topic's partitions to wake (the original's caller may have gone before it woke the
+    /// worker; a partition with nothing due just goes idle).
+    async fn duplicate(&self, topic: &str, waiting: &Waiting) -> Result<Published, StoreError> {
+        let key = waiting
+            .key
+            .as_deref()
+            .expect("only keyed publishes are duplicates");
+        let Some(mut original) = self.idempotent_original(topic, key, now_millis()).await? else {
+            // The key expired between the transaction and this read.
+            return Err(StoreError::Unavailable(format!(
+                "idempotency key {key:?} changed hands while publishing; nothing was written, retry"
+            )));
+        };
         let set = self.subscription_set().await?;
         original.partitions = set
             .index
@@ -118,123 +445,126 @@ impl DynamoStore {
         Ok(original)
     }
 
-    /// Computes one attempt: the next sequence, each subscriber's previous sequence, and the
-    /// transaction (version check, topic advance, idempotency key, event, first deliveries).
-    async fn plan(
-        &self,
-        event: &NewEvent,
-        key: Option<&str>,
-        window: Duration,
-        now: u64,
-    ) -> Result<Attempt, StoreError> {
-        let topic = event.topic.as_str();
-        let set = self.subscription_set().await?;
+    /// Plans one transaction for a prefix of `batch`: the sequences, each subscriber's
+    /// previous sequence, and the items (topic advance, idempotency keys, events,
+    /// deliveries).
+    async fn plan(&self, topic: &str, batch: &[Waiting]) -> Result<Plan, StoreError> {
+        let mut set = self.subscription_set().await?;
         let state = self.topic_state(topic).await?;
-        let sequence = now_micros().max(state.last_sequence + 1);
+        if state.last_version > set.version {
+            // Another instance published with a newer subscription set than this copy.
+            set = self.refresh_subscriptions().await?;
+        }
+        let confirmed = self
+            .subscriptions_confirmed()
+            .unwrap_or((Instant::now(), Duration::ZERO));
+        let now = now_millis();
+        let first_sequence = now_micros().max(state.last_sequence + 1);
         let subscribers: Vec<String> = set.index.matching(topic).into_iter().collect();
-        let fanout: Vec<(String, u64)> = subscribers
-            .iter()
-            .map(|id| {
-                let created = set.created.get(id).copied().unwrap_or(u64::MAX);
-                // The previous event of the topic reached this subscription iff it was
-                // published with a subscription set that already held it.
-                let previous = if state.last_sequence > 0 && state.last_version >= created {
-                    state.last_sequence
-                } else {
-                    0
-                };
-                (id.clone(), previous)
-            })
-            .collect();
-        let mut deliveries: Vec<Item> = fanout
-            .iter()
-            .map(|(id, previous)| {
-                schema::delivery_item(
-                    &PartitionKey::new(topic, id.as_str()),
-                    sequence,
-                    *previous,
-                    now,
-                )
-            })
-            .collect();
-        let fixed_items = 2
-            + usize::from(key.is_some())
-            + usize::from(!subscribers.is_empty())
-            + usize::from(state.last_sequence == 0);
-        let room = TRANSACTION_LIMIT - fixed_items;
-        let chunked = deliveries.len() > room;
+        let previous = previous_sequences(&set, &subscribers, state);
 
-        let mut items = vec![
-            self.check_version(set.version),
-            self.advance_topic(topic, state, sequence, set.version, chunked),
-        ];
-        if let Some(key) = key {
-            items.push(self.remember_key(
-                topic,
-                key,
-                &event.id,
-                sequence,
-                now,
-                subscribers.len(),
-                window,
-            ));
-        }
-        if !subscribers.is_empty() {
-            let stored = Event {
-                id: event.id.clone(),
-                topic: topic.to_string(),
-                sequence,
-                payload: event.payload.clone(),
-                content_type: event.content_type.clone(),
-                attributes: event.attributes.clone(),
-                published_at: now,
-                trace: event.trace.clone(),
-            };
-            let fanout_record =
-                chunked.then(|| serde_json::to_string(&fanout).expect("fan-out serializes"));
-            items.push(self.put(schema::event_item(
-                &stored,
-                subscribers.len(),
-                fanout_record,
-            )));
-        }
-        if state.last_sequence == 0 {
-            items.push(self.put(schema::key(schema::TOPICS_PK, topic)));
-        }
-        let rest = deliveries.split_off(deliveries.len().min(room));
-        items.extend(deliveries.into_iter().map(|item| self.put(item)));
-        Ok(Attempt {
-            sequence,
+        let mut plan = Plan {
+            count: 0,
+            first_sequence,
             now,
             version: set.version,
             subscribers,
-            items,
-            rest,
-        })
-    }
-
-    /// Reads a failed publish transaction: `None` if it was not a cancellation (an error to
-    /// return), else what to do next; stale cached state is forgotten.
-    fn cancelled(
-        &self,
-        error: &SdkError<TransactWriteItemsError>,
-        topic: &str,
-        keyed: bool,
-    ) -> Option<Cancelled> {
-        let reasons = cancellation_reasons(error)?;
-        let failed =
-            |index: usize| reasons.get(index).map(String::as_str) == Some("ConditionalCheckFailed");
-        if failed(VERSION_ITEM) {
-            self.forget_subscriptions();
+            items: Vec::new(),
+            owners: Vec::new(),
+            key_items: Vec::new(),
+            rest: Vec::new(),
+            confirmed,
+        };
+        // The topic item first (its position is how a cancellation is read), then the
+        // topic directory entry of a new topic.
+        let mut fixed = 1;
+        if state.last_sequence == 0 {
+            fixed += 1;
         }
-        if failed(TOPIC_ITEM) {
-            self.forget_topic(topic);
+        let mut used = fixed;
+        let mut events = Vec::new();
+        for (index, waiting) in batch.iter().enumerate() {
+            let sequence = first_sequence + index as u64;
+            let deliveries = plan.subscribers.len();
+            let needed =
+                usize::from(waiting.key.is_some()) + usize::from(deliveries > 0) + deliveries;
+            if used + needed > TRANSACTION_LIMIT && index > 0 {
+                break;
+            }
+            used += needed;
+            let previous_of = |position: usize| {
+                if index == 0 {
+                    previous[position]
+                } else {
+                    sequence - 1
+                }
+            };
+            let mut items = Vec::new();
+            if let Some(key) = &waiting.key {
+                plan.key_items.push(Some(fixed + events_len(&events)));
+                items.push(self.remember_key(topic, key, waiting, sequence, now, deliveries));
+            } else {
+                plan.key_items.push(None);
+            }
+            if deliveries > 0 {
+                let chunked = used > TRANSACTION_LIMIT;
+                let stored = Event {
+                    id: waiting.event.id.clone(),
+                    topic: topic.to_string(),
+                    sequence,
+                    payload: waiting.event.payload.clone(),
+                    content_type: waiting.event.content_type.clone(),
+                    attributes: waiting.event.attributes.clone(),
+                    published_at: now,
+                    trace: waiting.event.trace.clone(),
+                };
+                let repair = chunked.then_some(schema::FanoutRecord {
+                    version: set.version,
+                    previous_sequence: state.last_sequence,
+                    previous_version: state.last_version,
+                });
+                items.push(self.put(schema::event_item(&stored, deliveries, repair)));
+                let mut all: Vec<Item> = plan
+                    .subscribers
+                    .iter()
+                    .enumerate()
+                    .map(|(position, id)| {
+                        schema::delivery_item(
+                            &PartitionKey::new(topic, id.as_str()),
+                            sequence,
+                            previous_of(position),
+                            now,
+                        )
+                    })
+                    .collect();
+                if chunked {
+                    let room = TRANSACTION_LIMIT - (used - deliveries);
+                    plan.rest = all.split_off(room.min(all.len()));
+                }
+                items.extend(all.into_iter().map(|item| self.put(item)));
+            }
+            events.push(items);
+            plan.count += 1;
+            if !plan.rest.is_empty() {
+                break;
+            }
         }
-        if failed(VERSION_ITEM) || failed(TOPIC_ITEM) || (keyed && failed(IDEMPOTENCY_ITEM)) {
-            Some(Cancelled::Stale)
-        } else {
-            Some(Cancelled::Conflict)
+        let last = first_sequence + plan.count as u64 - 1;
+        let open = (!plan.rest.is_empty()).then_some(last);
+        plan.items
+            .push(self.advance_topic(topic, state, last, set.version, open));
+        plan.owners.push(None);
+        if state.last_sequence == 0 {
+            plan.items
+                .push(self.put(schema::key(schema::TOPICS_PK, topic)));
+            plan.owners.push(None);
         }
+        for (index, items) in events.into_iter().enumerate() {
+            plan.owners
+                .extend(std::iter::repeat_n(Some(index), items.len()));
+            plan.items.extend(items);
+        }
+        Ok(plan)
     }
 
     /// The original outcome of a live idempotency key.
@@ -272,56 +602,40 @@ impl DynamoStore {
             .build()
     }
 
-    /// Fails the transaction unless the subscription set is still at `version`.
-    fn check_version(&self, version: u64) -> TransactWriteItem {
-        let check = ConditionCheck::builder()
-            .table_name(&self.table)
-            .set_key(Some(schema::meta_key()));
-        let check = if version == 0 {
-            check.condition_expression("attribute_not_exists(pk)")
-        } else {
-            check
-                .condition_expression("version = :version")
-                .expression_attribute_values(":version", n(version))
-        };
-        TransactWriteItem::builder()
-            .condition_check(check.build().expect("complete condition check"))
-            .build()
-    }
-
-    /// Moves the topic's last sequence from what this instance read to `sequence`; with
-    /// `open_fanout`, also marks the fan-out of `sequence` as unfinished.
+    /// Moves the topic's last sequence from what this instance read to `last`, provided no
+    /// publish on it used a newer subscription set (the set versions a topic's publishes use
+    /// only grow, which keeps each subscription's `previous` chain whole); with `open_fanout`,
+    /// also marks the fan-out of that sequence as unfinished.
     fn advance_topic(
         &self,
         topic: &str,
         state: TopicState,
-        sequence: u64,
+        last: u64,
         version: u64,
-        open_fanout: bool,
+        open_fanout: Option<u64>,
     ) -> TransactWriteItem {
         let mut expression = "SET last_seq = :sequence, last_version = :version".to_string();
-        if open_fanout {
+        if open_fanout.is_some() {
             expression.push_str(" ADD open_fanouts :open");
         }
         let update = Update::builder()
             .table_name(&self.table)
             .set_key(Some(schema::topic_key(topic)))
             .update_expression(expression)
-            .expression_attribute_values(":sequence", n(sequence))
+            .expression_attribute_values(":sequence", n(last))
             .expression_attribute_values(":version", n(version));
-        let update = if open_fanout {
-            update.expression_attribute_values(
+        let update = match open_fanout {
+            Some(sequence) => update.expression_attribute_values(
                 ":open",
                 AttributeValue::Ns(vec![sequence.to_string()]),
-            )
-        } else {
-            update
+            ),
+            None => update,
         };
         let update = if state.last_sequence == 0 {
             update.condition_expression("attribute_not_exists(pk)")
         } else {
             update
-                .condition_expression("last_seq = :expected")
+                .condition_expression("last_seq = :expected AND last_version <= :version")
                 .expression_attribute_values(":expected", n(state.last_sequence))
         };
         TransactWriteItem::builder()
@@ -329,20 +643,18 @@ impl DynamoStore {
             .build()
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn remember_key(
         &self,
         topic: &str,
         key: &str,
-        event_id: &str,
+        waiting: &Waiting,
         sequence: u64,
         now: u64,
         subscription_count: usize,
-        window: Duration,
     ) -> TransactWriteItem {
-        let expires_at = now + window.as_millis() as u64;
+        let expires_at = now + waiting.window.as_millis() as u64;
         let mut item = schema::idempotency_key(topic, key);
-        item.insert("event_id".into(), s(event_id));
+        item.insert("event_id".into(), s(&waiting.event.id));
         item.insert("sequence".into(), n(sequence));
         item.insert("published_at".into(), n(now));
         item.insert("subscription_count".into(), n(subscription_count));
@@ -362,6 +674,31 @@ impl DynamoStore {
     }
 }
 
+/// Items planned so far for earlier publishes of the batch.
+fn events_len(events: &[Vec<TransactWriteItem>]) -> usize {
+    events.iter().map(Vec::len).sum()
+}
+
+/// For each subscriber, the sequence of the topic's previous event it received: the topic's
+/// last event reached it iff that was published with a subscription set that already held it.
+pub(super) fn previous_sequences(
+    set: &SubscriptionSet,
+    subscribers: &[String],
+    state: TopicState,
+) -> Vec<u64> {
+    subscribers
+        .iter()
+        .map(|id| {
+            let created = set.created.get(id).copied().unwrap_or(u64::MAX);
+            if state.last_sequence > 0 && state.last_version >= created {
+                state.last_sequence
+            } else {
+                0
+            }
+        })
+        .collect()
+}
+
 /// What this instance last saw of a topic item.
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct TopicState {
@@ -369,8 +706,8 @@ pub(super) struct TopicState {
     pub(super) last_version: u64,
 }
 
-impl DynamoStore {
-    async fn topic_state(&self, topic: &str) -> Result<TopicState, StoreError> {
+impl Inner {
+    pub(super) async fn topic_state(&self, topic: &str) -> Result<TopicState, StoreError> {
         if let Some(state) = self.topics.lock().expect("cache lock").get(topic) {
             return Ok(*state);
         }

@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use aws_sdk_dynamodb::types::AttributeValue;
 
-use super::DynamoStore;
+use super::Inner;
 use super::schema::{self, get_n, get_s};
 use super::subscriptions::SubscriptionSet;
 use crate::model::{PartitionKey, now_millis};
@@ -18,7 +18,7 @@ pub(super) struct TopicMark {
     open_fanout: bool,
 }
 
-impl DynamoStore {
+impl Inner {
     /// The last sequence of each of `topics`, and whether a fan-out of it is open.
     pub(super) async fn topic_marks(
         &self,

@@ -171,8 +171,22 @@ fn corrupt(name: &str) -> StoreError {
     ))
 }
 
-/// The event item for `event` with `pending` deliveries referencing it.
-pub fn event_item(event: &Event, pending: usize, fanout: Option<String>) -> Item {
+/// What finishing an open fan-out needs besides the event item: the subscription-set version
+/// the fan-out was planned with (its subscribers are that set's matching subscriptions, less
+/// those deleted since) and the topic's state before the event (their previous sequences).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FanoutRecord {
+    /// Subscription-set version of the fan-out.
+    pub version: u64,
+    /// The topic's last sequence before the event.
+    pub previous_sequence: u64,
+    /// The subscription-set version of that previous event.
+    pub previous_version: u64,
+}
+
+/// The event item for `event` with `pending` deliveries referencing it; an event whose
+/// fan-out does not fit its first transaction carries its [`FanoutRecord`].
+pub fn event_item(event: &Event, pending: usize, fanout: Option<FanoutRecord>) -> Item {
     let mut item = event_key(&event.topic, event.sequence);
     item.insert("id".into(), s(&event.id));
     item.insert("content_type".into(), s(&event.content_type));
@@ -193,11 +207,23 @@ pub fn event_item(event: &Event, pending: usize, fanout: Option<String>) -> Item
         }
     }
     if let Some(fanout) = fanout {
-        // (subscription id, previous sequence) pairs, kept so that any instance can finish a
-        // fan-out whose publisher died.
-        item.insert("fanout".into(), AttributeValue::S(fanout));
+        item.insert("fanout_version".into(), n(fanout.version));
+        item.insert("fanout_previous_seq".into(), n(fanout.previous_sequence));
+        item.insert("fanout_previous_version".into(), n(fanout.previous_version));
     }
     item
+}
+
+/// The fan-out record of an event item, if it has one.
+pub fn fanout_record(item: &Item) -> Result<Option<FanoutRecord>, StoreError> {
+    if !item.contains_key("fanout_version") {
+        return Ok(None);
+    }
+    Ok(Some(FanoutRecord {
+        version: get_n(item, "fanout_version")?,
+        previous_sequence: get_n(item, "fanout_previous_seq")?,
+        previous_version: get_n(item, "fanout_previous_version")?,
+    }))
 }
 
 /// Decodes an event item.
@@ -323,5 +349,14 @@ mod tests {
         let item = event_item(&event, 3, None);
         assert_eq!(event_from_item("user:new", &item).unwrap(), event);
         assert_eq!(get_n(&item, "pending").unwrap(), 3);
+        assert_eq!(fanout_record(&item).unwrap(), None);
+        let record = FanoutRecord {
+            version: 5,
+            previous_sequence: 41,
+            previous_version: 4,
+        };
+        let item = event_item(&event, 3, Some(record));
+        assert_eq!(event_from_item("user:new", &item).unwrap(), event);
+        assert_eq!(fanout_record(&item).unwrap(), Some(record));
     }
 }

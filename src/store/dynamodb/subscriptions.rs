@@ -1,69 +1,193 @@
-//! Subscriptions on DynamoDB: one item each under the `SUBSCRIPTION` partition key, and a
-//! version item that every change bumps and every publish checks (see the module doc).
+//! Subscriptions on DynamoDB: one item each under the `SUBSCRIPTION` partition key, a version
+//! item that every change bumps, and each instance's copy of the set, usable for a bounded
+//! time after it was last found current (see the module doc).
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::types::{Put, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{TransactWriteItem, Update};
 
-use super::errors::{cancellation_reasons, conflict_pause, sdk_error};
-use super::schema::{self, get_n, get_s, n, s};
-use super::{DynamoStore, MAX_CONFLICT_RETRIES};
+use super::schema::{self, get_n, get_s, n};
+use super::{DynamoStore, Inner, MAX_CONFLICT_RETRIES};
 use crate::model::{Page, Subscription};
 use crate::store::pages;
 use crate::store::records;
 use crate::store::topic_index::TopicIndex;
 use crate::store::{StoreError, SubscriptionLimits, SubscriptionStore};
 
+/// How long a read of the subscription set may be used to fan out publishes, unless the
+/// table's version item says otherwise (`cache_validity_ms`, written when the table is
+/// created; every instance of a table must use the same value, so it lives there).
+pub const DEFAULT_CACHE_VALIDITY: Duration = Duration::from_secs(1);
+
+/// What Subscribe and Unsubscribe wait after their change commits, before returning: every
+/// subscription set read before the change has expired by then. The margin covers clock-rate
+/// differences between machines (parts per million) and timer slack, generously.
+pub(super) fn settle_time(validity: Duration) -> Duration {
+    validity + validity / 10 + Duration::from_millis(20)
+}
+
 /// The subscriptions as of one version of the subscription set.
+#[derive(Clone)]
 pub(super) struct SubscriptionSet {
     pub(super) version: u64,
+    /// How long a read of the set may be used (see [`DEFAULT_CACHE_VALIDITY`]).
+    pub(super) validity: Duration,
     pub(super) index: TopicIndex,
     /// Subscription id -> the version that created it.
     pub(super) created: HashMap<String, u64>,
     pub(super) subscriptions: HashMap<String, Subscription>,
 }
 
-impl DynamoStore {
-    /// The current subscription set, loaded if this instance has none.
+/// This instance's copy of the subscription set.
+pub(super) struct CachedSet {
+    pub(super) set: Arc<SubscriptionSet>,
+    /// When the read that last found `set` current was sent: the set may be used to fan out
+    /// until `confirmed + set.validity`.
+    pub(super) confirmed: Instant,
+}
+
+/// The version item: the subscription-set version and the table's cache validity.
+pub(super) struct Meta {
+    pub(super) version: u64,
+    pub(super) validity: Duration,
+}
+
+impl Inner {
+    /// The subscription set, current as of less than its validity ago: the cached copy while
+    /// it is young enough, else refreshed (a read of the version item, and of every
+    /// subscription if the version moved). A publish fanned out from this set reaches every
+    /// subscription whose Subscribe returned before the call, since Subscribe waits out the
+    /// validity of every copy read before its change.
     pub(super) async fn subscription_set(&self) -> Result<Arc<SubscriptionSet>, StoreError> {
-        if let Some(set) = self.subscriptions.lock().expect("cache lock").clone() {
-            return Ok(set);
-        }
-        let version = self.read_version().await?;
-        let mut set = SubscriptionSet {
-            version,
-            index: TopicIndex::default(),
-            created: HashMap::new(),
-            subscriptions: HashMap::new(),
-        };
-        for item in self
-            .query_after(schema::SUBSCRIPTIONS_PK, None, usize::MAX)
-            .await?
+        if let Some(cached) = self.subscriptions.lock().expect("cache lock").as_ref()
+            && cached.confirmed.elapsed() < cached.set.validity
         {
-            let subscription: Subscription =
-                records::decode_subscription(get_s(&item, "data")?.as_bytes(), "subscription")?;
-            set.index.add(&subscription);
-            set.created
-                .insert(subscription.id.clone(), get_n(&item, "version")?);
-            set.subscriptions
-                .insert(subscription.id.clone(), subscription);
+            return Ok(cached.set.clone());
         }
-        let set = Arc::new(set);
-        *self.subscriptions.lock().expect("cache lock") = Some(set.clone());
+        self.refresh_subscriptions().await
+    }
+
+    /// When the cached set was last found current, if there is one.
+    pub(super) fn subscriptions_confirmed(&self) -> Option<(Instant, Duration)> {
+        self.subscriptions
+            .lock()
+            .expect("cache lock")
+            .as_ref()
+            .map(|cached| (cached.confirmed, cached.set.validity))
+    }
+
+    /// Reads the version item and, if the version moved since the cached copy (or there is
+    /// none), every subscription.
+    pub(super) async fn refresh_subscriptions(&self) -> Result<Arc<SubscriptionSet>, StoreError> {
+        let started = Instant::now();
+        let meta = self.read_meta().await?;
+        let cached = self
+            .subscriptions
+            .lock()
+            .expect("cache lock")
+            .as_ref()
+            .map(|cached| cached.set.clone());
+        let set = match cached {
+            Some(set) if set.version == meta.version && set.validity == meta.validity => set,
+            _ => Arc::new(self.load_subscriptions(meta).await?),
+        };
+        let mut cache = self.subscriptions.lock().expect("cache lock");
+        // A concurrent refresh may have stored a newer set; keep the newest.
+        let keep_theirs = cache
+            .as_ref()
+            .is_some_and(|cached| cached.set.version > set.version);
+        if !keep_theirs {
+            *cache = Some(CachedSet {
+                set: set.clone(),
+                confirmed: started,
+            });
+        }
         Ok(set)
     }
 
-    pub(super) fn forget_subscriptions(&self) {
-        *self.subscriptions.lock().expect("cache lock") = None;
+    /// Every subscription, as of `meta.version`: the query is repeated until the version item
+    /// reads the same after it as before (any change in between bumps it).
+    async fn load_subscriptions(&self, mut meta: Meta) -> Result<SubscriptionSet, StoreError> {
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let mut set = SubscriptionSet {
+                version: meta.version,
+                validity: meta.validity,
+                index: TopicIndex::default(),
+                created: HashMap::new(),
+                subscriptions: HashMap::new(),
+            };
+            for item in self
+                .query_after(schema::SUBSCRIPTIONS_PK, None, usize::MAX)
+                .await?
+            {
+                let subscription: Subscription =
+                    records::decode_subscription(get_s(&item, "data")?.as_bytes(), "subscription")?;
+                set.index.add(&subscription);
+                set.created
+                    .insert(subscription.id.clone(), get_n(&item, "version")?);
+                set.subscriptions
+                    .insert(subscription.id.clone(), subscription);
+            }
+            let after = self.read_meta().await?;
+            if after.version == meta.version {
+                return Ok(set);
+            }
+            meta = after;
+        }
+        Err(StoreError::Contention(
+            "the subscriptions keep changing while being read; try again".into(),
+        ))
     }
 
-    pub(super) async fn read_version(&self) -> Result<u64, StoreError> {
-        match self.get_item(schema::meta_key()).await? {
-            Some(item) => get_n(&item, "version"),
-            None => Ok(0),
+    /// One subscription, read from the table.
+    pub(super) async fn read_subscription(&self, id: &str) -> Result<Subscription, StoreError> {
+        match self.get_item(schema::subscription_key(id)).await? {
+            Some(item) => {
+                records::decode_subscription(get_s(&item, "data")?.as_bytes(), "subscription")
+            }
+            None => Err(StoreError::NotFound(format!("subscription {id}"))),
         }
+    }
+
+    /// Brings the cached set from `version` to `version + 1` after this instance's own change
+    /// (which moved the version by exactly one), so a run of changes does not reload every
+    /// subscription each time. Forgets the cache if it was not at `version`.
+    pub(super) fn apply_own_change(
+        &self,
+        version: u64,
+        sent: Instant,
+        change: impl FnOnce(&mut SubscriptionSet),
+    ) {
+        let mut cache = self.subscriptions.lock().expect("cache lock");
+        match cache.as_mut() {
+            Some(cached) if cached.set.version == version => {
+                let mut set = (*cached.set).clone();
+                change(&mut set);
+                set.version = version + 1;
+                cached.set = Arc::new(set);
+                cached.confirmed = cached.confirmed.max(sent);
+            }
+            _ => *cache = None,
+        }
+    }
+
+    pub(super) async fn read_meta(&self) -> Result<Meta, StoreError> {
+        Ok(match self.get_item(schema::meta_key()).await? {
+            Some(item) => Meta {
+                version: get_n(&item, "version")?,
+                validity: match get_n(&item, "cache_validity_ms")? {
+                    0 => DEFAULT_CACHE_VALIDITY,
+                    millis => Duration::from_millis(millis),
+                },
+            },
+            None => Meta {
+                version: 0,
+                validity: DEFAULT_CACHE_VALIDITY,
+            },
+        })
     }
 
     /// A condition-checked move of the subscription-set version from `version` to
@@ -75,7 +199,7 @@ impl DynamoStore {
             .update_expression("SET version = :next")
             .expression_attribute_values(":next", n(version + 1));
         let update = if version == 0 {
-            update.condition_expression("attribute_not_exists(pk)")
+            update.condition_expression("attribute_not_exists(version)")
         } else {
             update
                 .condition_expression("version = :current")
@@ -94,62 +218,19 @@ impl SubscriptionStore for DynamoStore {
         subscription: &Subscription,
         limits: &SubscriptionLimits,
     ) -> Result<(), StoreError> {
-        for attempt in 0..MAX_CONFLICT_RETRIES {
-            let set = self.subscription_set().await?;
-            limits.check(subscription, set.subscriptions.len(), |pattern| {
-                set.index.with_pattern(pattern)
-            })?;
-            let version = self.read_version().await?;
-            let mut item = schema::subscription_key(&subscription.id);
-            item.insert(
-                "data".into(),
-                s(
-                    String::from_utf8(records::encode_subscription(subscription))
-                        .expect("JSON is UTF-8"),
-                ),
-            );
-            item.insert("version".into(), n(version + 1));
-            let put = TransactWriteItem::builder()
-                .put(
-                    Put::builder()
-                        .table_name(&self.table)
-                        .set_item(Some(item))
-                        .condition_expression("attribute_not_exists(pk)")
-                        .build()
-                        .expect("complete put"),
-                )
-                .build();
-            match self.transact(vec![self.bump_version(version), put]).await {
-                Ok(()) => {
-                    self.forget_subscriptions();
-                    return Ok(());
-                }
-                Err(error) => match cancellation_reasons(&error) {
-                    Some(reasons)
-                        if reasons.get(1).map(String::as_str) == Some("ConditionalCheckFailed") =>
-                    {
-                        return Err(StoreError::Conflict(format!(
-                            "subscription {} already exists",
-                            subscription.id
-                        )));
-                    }
-                    Some(_) => conflict_pause(attempt).await,
-                    None => return Err(sdk_error(error)),
-                },
-            }
-        }
-        Err(StoreError::Contention(
-            "too many concurrent subscription changes; nothing was written".into(),
-        ))
+        // In its own task, so a caller that goes away cannot stop a commit that carries
+        // other callers' subscriptions too.
+        let task = tokio::spawn(super::create::create(
+            self.inner.clone(),
+            subscription.clone(),
+            *limits,
+        ));
+        task.await
+            .map_err(|error| StoreError::Internal(format!("subscription commit failed: {error}")))?
     }
 
     async fn get_subscription(&self, id: &str) -> Result<Subscription, StoreError> {
-        match self.get_item(schema::subscription_key(id)).await? {
-            Some(item) => {
-                records::decode_subscription(get_s(&item, "data")?.as_bytes(), "subscription")
-            }
-            None => Err(StoreError::NotFound(format!("subscription {id}"))),
-        }
+        self.read_subscription(id).await
     }
 
     async fn list_subscriptions(

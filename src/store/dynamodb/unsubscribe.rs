@@ -4,20 +4,21 @@
 //! tombstone last. If that is interrupted (an error, a crash, a cancelled call), a retried
 //! Unsubscribe or any instance's next rescan finishes it from the tombstone.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::{Delete, Put, TransactWriteItem};
 
 use super::errors::{cancellation_reasons, conflict_pause, sdk_error};
 use super::schema::{self, Item, get_n, get_s, n, s};
-use super::{DynamoStore, MAX_CONFLICT_RETRIES};
+use super::subscriptions::settle_time;
+use super::{Inner, MAX_CONFLICT_RETRIES};
 use crate::model::{PartitionKey, Subscription, now_millis};
+use crate::store::StoreError;
 use crate::store::records;
-use crate::store::{StoreError, SubscriptionStore};
 
-impl DynamoStore {
+impl Inner {
     pub(super) async fn unsubscribe(&self, id: &str) -> Result<u64, StoreError> {
-        let subscription = match self.get_subscription(id).await {
+        let subscription = match self.read_subscription(id).await {
             Ok(subscription) => subscription,
             // Deleted already, perhaps by an Unsubscribe that did not finish: finish it.
             Err(StoreError::NotFound(what)) => {
@@ -28,11 +29,13 @@ impl DynamoStore {
             }
             Err(error) => return Err(error),
         };
-        self.delete_with_tombstone(&subscription).await?;
-        self.forget_subscriptions();
+        let validity = self.delete_with_tombstone(&subscription).await?;
         if self.injected_unsubscribe_failure() {
             return Err(partial(id, 0, "injected fault"));
         }
+        // Until every copy of the subscription set read before the deletion has expired,
+        // another instance may still fan out to it: remove the backlog after that.
+        tokio::time::sleep(settle_time(validity)).await;
         self.drop_backlog(&subscription).await
     }
 
@@ -75,7 +78,11 @@ impl DynamoStore {
     }
 
     /// Deletes the subscription, bumps the set version and writes the tombstone, atomically.
-    async fn delete_with_tombstone(&self, subscription: &Subscription) -> Result<(), StoreError> {
+    /// Returns the table's subscription-cache validity.
+    async fn delete_with_tombstone(
+        &self,
+        subscription: &Subscription,
+    ) -> Result<Duration, StoreError> {
         let id = subscription.id.as_str();
         let mut tombstone = schema::tombstone_key(id);
         tombstone.insert("deleted_at".into(), n(now_millis()));
@@ -86,8 +93,11 @@ impl DynamoStore {
                     .expect("JSON is UTF-8"),
             ),
         );
+        let _one_at_a_time = self.changes.lock().await;
         for attempt in 0..MAX_CONFLICT_RETRIES {
-            let version = self.read_version().await?;
+            let meta = self.read_meta().await?;
+            let version = meta.version;
+            let sent = Instant::now();
             let delete = TransactWriteItem::builder()
                 .delete(
                     Delete::builder()
@@ -111,7 +121,14 @@ impl DynamoStore {
                 .transact(vec![self.bump_version(version), delete, put])
                 .await
             {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.apply_own_change(version, sent, |set| {
+                        set.index.remove(subscription);
+                        set.created.remove(id);
+                        set.subscriptions.remove(id);
+                    });
+                    return Ok(meta.validity);
+                }
                 Err(error) => match cancellation_reasons(&error) {
                     Some(reasons)
                         if reasons.get(1).map(String::as_str) == Some("ConditionalCheckFailed") =>

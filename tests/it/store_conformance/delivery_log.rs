@@ -15,8 +15,28 @@ on_backends!(
     list_pending_pages_over_topics_and_includes_dead_letters,
     idempotency_returns_the_original_outcome,
     fan_out_reaches_a_thousand_subscriptions_in_order,
+    fan_out_reaches_ten_thousand_subscriptions_with_the_largest_event,
     the_largest_payload_round_trips,
 );
+
+/// Creates subscriptions 200 at a time, as many Subscribe calls in flight would.
+async fn create_all(store: &Arc<dyn Store>, subscriptions: Vec<herald::model::Subscription>) {
+    let mut subscriptions = subscriptions.into_iter().peekable();
+    while subscriptions.peek().is_some() {
+        let mut calls = tokio::task::JoinSet::new();
+        for subscription in subscriptions.by_ref().take(200) {
+            let store = store.clone();
+            calls.spawn(async move {
+                store
+                    .create_subscription(&subscription, &herald::store::SubscriptionLimits::NONE)
+                    .await
+            });
+        }
+        while let Some(created) = calls.join_next().await {
+            created.unwrap().unwrap();
+        }
+    }
+}
 
 async fn publish_fans_out_to_matching_partitions_in_sequence_order(store: Arc<dyn Store>) {
     store
@@ -387,21 +407,22 @@ async fn idempotency_returns_the_original_outcome(store: Arc<dyn Store>) {
 
 async fn fan_out_reaches_a_thousand_subscriptions_in_order(store: Arc<dyn Store>) {
     let ids: Vec<String> = (0..1000).map(|index| format!("sub_{index:04}")).collect();
-    for (index, id) in ids.iter().enumerate() {
-        // Half by exact name, half by pattern.
-        let pattern = if index % 2 == 0 {
-            "big:fanout"
-        } else {
-            "big:*"
-        };
-        store
-            .create_subscription(
-                &subscription(id, &[pattern]),
-                &herald::store::SubscriptionLimits::NONE,
+    // Half by exact name, half by pattern.
+    let subscriptions = ids
+        .iter()
+        .enumerate()
+        .map(|(index, id)| {
+            subscription(
+                id,
+                &[if index % 2 == 0 {
+                    "big:fanout"
+                } else {
+                    "big:*"
+                }],
             )
-            .await
-            .unwrap();
-    }
+        })
+        .collect();
+    create_all(&store, subscriptions).await;
     let mut sequences = Vec::new();
     for index in 0..3 {
         let published = store
@@ -430,6 +451,45 @@ async fn fan_out_reaches_a_thousand_subscriptions_in_order(store: Arc<dyn Store>
             ],
             "partition of {id}"
         );
+    }
+}
+
+/// The largest event the API accepts (256 KiB payload, 64 attributes of the longest key and
+/// value) fanned out to 10,000 subscriptions: the publish succeeds, and partitions across the
+/// whole range hold their delivery (on DynamoDB, only once the fan-out is complete).
+async fn fan_out_reaches_ten_thousand_subscriptions_with_the_largest_event(store: Arc<dyn Store>) {
+    const SUBSCRIPTIONS: usize = 10_000;
+    let ids: Vec<String> = (0..SUBSCRIPTIONS)
+        .map(|index| format!("sub_{index:05}"))
+        .collect();
+    let subscriptions = ids
+        .iter()
+        .map(|id| subscription(id, &["huge:fanout"]))
+        .collect();
+    create_all(&store, subscriptions).await;
+    let mut largest = event("evt_huge", "huge:fanout", None);
+    largest.payload = vec![b'p'; herald::config::defaults::MAX_PAYLOAD_BYTES];
+    largest.attributes = (0..herald::validate::MAX_ATTRIBUTES)
+        .map(|index| {
+            let key = format!(
+                "{index:02}{}",
+                "k".repeat(herald::validate::MAX_ATTRIBUTE_KEY_LEN - 2)
+            );
+            (key, "v".repeat(herald::validate::MAX_ATTRIBUTE_VALUE_LEN))
+        })
+        .collect();
+    let published = store.publish(&largest, DAY).await.unwrap();
+    assert_eq!(published.subscription_count as usize, SUBSCRIPTIONS);
+    assert_eq!(published.partitions.len(), SUBSCRIPTIONS);
+    for id in ids.iter().step_by(97).chain(ids.last()) {
+        let deliveries = store
+            .next_deliveries(&PartitionKey::new("huge:fanout", id.as_str()), 10)
+            .await
+            .unwrap();
+        assert_eq!(deliveries.len(), 1, "partition of {id}");
+        assert_eq!(deliveries[0].event.sequence, published.sequence);
+        assert_eq!(deliveries[0].event.payload, largest.payload);
+        assert_eq!(deliveries[0].event.attributes, largest.attributes);
     }
 }
 

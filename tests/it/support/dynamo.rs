@@ -27,12 +27,20 @@ pub fn client(endpoint: &str) -> Client {
     Client::from_conf(config)
 }
 
+/// How long a subscription-set copy stays usable on test tables: shorter than the default
+/// (1 s), so the many Subscribe calls of the suite wait less.
+pub const TEST_CACHE_VALIDITY: Duration = Duration::from_millis(300);
+
 /// Creates a table with a unique name on `endpoint`.
 pub async fn fresh_table(endpoint: &str) -> String {
     let name = herald::ids::new_id("herald-test").replace('_', "-");
-    herald::store::dynamodb::create_table(&client(endpoint), &name)
-        .await
-        .expect("create test table");
+    herald::store::dynamodb::create_table_with_cache_validity(
+        &client(endpoint),
+        &name,
+        TEST_CACHE_VALIDITY,
+    )
+    .await
+    .expect("create test table");
     name
 }
 
