@@ -71,19 +71,39 @@ impl Inner {
             .map(|_| ())
     }
 
-    /// Reads events by sequence, keyed by sequence.
+    /// Reads events by sequence, keyed by sequence: from the event cache, the rest from the
+    /// table (and into the cache).
     pub(super) async fn batch_get_events(
         &self,
         topic: &str,
         sequences: &[u64],
     ) -> Result<HashMap<u64, Event>, StoreError> {
-        let keys = sequences
-            .iter()
-            .map(|sequence| schema::event_key(topic, *sequence))
-            .collect();
         let mut events = HashMap::new();
-        for item in self.batch_get(keys).await? {
-            let event = schema::event_from_item(topic, &item)?;
+        let mut missing = Vec::new();
+        {
+            let cache = self.events.lock().expect("event cache lock");
+            for sequence in sequences {
+                match cache.get(topic, *sequence) {
+                    Some(event) => {
+                        events.insert(*sequence, event);
+                    }
+                    None => missing.push(schema::event_key(topic, *sequence)),
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(events);
+        }
+        let mut read = Vec::new();
+        for item in self.batch_get(missing).await? {
+            read.push((
+                schema::event_from_item(topic, &item)?,
+                schema::get_n(&item, "pending")?,
+            ));
+        }
+        let mut cache = self.events.lock().expect("event cache lock");
+        for (event, pending) in read {
+            cache.insert(event.clone(), pending);
             events.insert(event.sequence, event);
         }
         Ok(events)

@@ -45,6 +45,7 @@ mod fanout;
 mod io;
 mod leases;
 mod publish;
+mod reads;
 mod requests;
 mod rescan;
 mod schema;
@@ -119,6 +120,10 @@ pub struct Inner {
     changes: tokio::sync::Mutex<()>,
     /// Subscribe calls waiting to be committed (see `create`).
     creates: Mutex<Vec<create::PendingCreate>>,
+    /// Recently published or read events (see `reads`).
+    events: Mutex<reads::EventCache>,
+    /// Horizon reads shared per topic (see `reads`).
+    horizon_reads: Mutex<HashMap<String, reads::TopicReads>>,
     /// Publishes waiting for their topic's committer (see `publish`).
     queues: Mutex<HashMap<String, publish::Queue>>,
     repair_after: Duration,
@@ -156,6 +161,8 @@ impl DynamoStore {
             topics: Mutex::new(HashMap::new()),
             changes: tokio::sync::Mutex::new(()),
             creates: Mutex::new(Vec::new()),
+            events: Mutex::new(reads::EventCache::default()),
+            horizon_reads: Mutex::new(HashMap::new()),
             queues: Mutex::new(HashMap::new()),
             repair_after: Duration::from_secs(10),
             rescanned: Mutex::new(None),

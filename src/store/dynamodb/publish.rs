@@ -267,6 +267,25 @@ impl Inner {
                 last_version: plan.version,
             },
         );
+        if !plan.subscribers.is_empty() {
+            // The workers about to deliver these need not read them back.
+            let mut cache = self.events.lock().expect("event cache lock");
+            for (index, waiting) in batch.iter().enumerate() {
+                cache.insert(
+                    Event {
+                        id: waiting.event.id.clone(),
+                        topic: topic.to_string(),
+                        sequence: plan.first_sequence + index as u64,
+                        payload: waiting.event.payload.clone(),
+                        content_type: waiting.event.content_type.clone(),
+                        attributes: waiting.event.attributes.clone(),
+                        published_at: plan.now,
+                        trace: waiting.event.trace.clone(),
+                    },
+                    plan.subscribers.len() as u64,
+                );
+            }
+        }
         let mut fanout_error = None;
         if !plan.rest.is_empty() {
             fanout_error = if self.injected_fanout_failure() {
@@ -455,9 +474,13 @@ impl Inner {
             // Another instance published with a newer subscription set than this copy.
             set = self.refresh_subscriptions().await?;
         }
-        let confirmed = self
-            .subscriptions_confirmed()
-            .unwrap_or((Instant::now(), Duration::ZERO));
+        // Replaced meanwhile by another refresh: treat it as expired, so the commit is checked.
+        let confirmed = (
+            self.subscriptions_confirmed(&set)
+                .or_else(|| Instant::now().checked_sub(set.validity))
+                .unwrap_or_else(Instant::now),
+            set.validity,
+        );
         let now = now_millis();
         let first_sequence = now_micros().max(state.last_sequence + 1);
         let subscribers: Vec<String> = set.index.matching(topic).into_iter().collect();

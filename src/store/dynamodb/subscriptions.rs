@@ -70,13 +70,14 @@ impl Inner {
         self.refresh_subscriptions().await
     }
 
-    /// When the cached set was last found current, if there is one.
-    pub(super) fn subscriptions_confirmed(&self) -> Option<(Instant, Duration)> {
+    /// When `set` was last found current, if it is still the cached copy.
+    pub(super) fn subscriptions_confirmed(&self, set: &Arc<SubscriptionSet>) -> Option<Instant> {
         self.subscriptions
             .lock()
             .expect("cache lock")
             .as_ref()
-            .map(|cached| (cached.confirmed, cached.set.validity))
+            .filter(|cached| Arc::ptr_eq(&cached.set, set))
+            .map(|cached| cached.confirmed)
     }
 
     /// Reads the version item and, if the version moved since the cached copy (or there is
@@ -229,7 +230,13 @@ impl SubscriptionStore for DynamoStore {
             .map_err(|error| StoreError::Internal(format!("subscription commit failed: {error}")))?
     }
 
+    /// From the current copy of the set (no request while it is young), else from the
+    /// table. Subscribe waits out every copy read before it, so this sees a subscription
+    /// whose Subscribe returned before the call, on any instance.
     async fn get_subscription(&self, id: &str) -> Result<Subscription, StoreError> {
+        if let Some(subscription) = self.subscription_set().await?.subscriptions.get(id) {
+            return Ok(subscription.clone());
+        }
         self.read_subscription(id).await
     }
 
