@@ -200,7 +200,16 @@ impl Collector for StoreRequests {
             None,
             MetricType::Counter,
         )?;
-        family.encode(metric)
+        family.encode(metric)?;
+        let conflicts = Counter::<u64>::default();
+        conflicts.inc_by(self.0.conflicts());
+        let metric = encoder.encode_descriptor(
+            "store_transaction_conflicts",
+            "DynamoDB transactions cancelled for a conflict with another transaction",
+            None,
+            MetricType::Counter,
+        )?;
+        conflicts.encode(metric)
     }
 }
 

@@ -294,36 +294,43 @@ async fn subscribe_all(
     kind: impl Fn(usize) -> &'static str,
     request_timeout_seconds: i64,
 ) -> Vec<String> {
-    let mut ids = Vec::new();
+    // Concurrently: on DynamoDB each Subscribe waits out the subscription-cache validity
+    // (about a second), and concurrent calls share their transaction and their wait.
+    let mut calls = tokio::task::JoinSet::new();
     for topic in topics {
         for index in 0..per_topic {
             let kind = kind(index);
-            let subscription = client
-                .subscribe(proto::SubscribeRequest {
-                    endpoint: format!("http://{}/{kind}/{topic}/{index}", receiver.address),
-                    topics: vec![topic.clone()],
-                    retry_policy: Some(proto::RetryPolicy {
-                        initial_backoff: Some(prost_types::Duration {
-                            seconds: 0,
-                            nanos: 10_000_000,
-                        }),
-                        max_backoff: Some(prost_types::Duration {
-                            seconds: 0,
-                            nanos: 200_000_000,
-                        }),
-                        max_attempts: 1000,
-                        request_timeout: Some(prost_types::Duration {
-                            seconds: request_timeout_seconds,
-                            nanos: 0,
-                        }),
+            let request = proto::SubscribeRequest {
+                endpoint: format!("http://{}/{kind}/{topic}/{index}", receiver.address),
+                topics: vec![topic.clone()],
+                retry_policy: Some(proto::RetryPolicy {
+                    initial_backoff: Some(prost_types::Duration {
+                        seconds: 0,
+                        nanos: 10_000_000,
                     }),
-                    ..Default::default()
-                })
-                .await
-                .expect("subscribe");
-            ids.push(subscription.into_inner().id);
+                    max_backoff: Some(prost_types::Duration {
+                        seconds: 0,
+                        nanos: 200_000_000,
+                    }),
+                    max_attempts: 1000,
+                    request_timeout: Some(prost_types::Duration {
+                        seconds: request_timeout_seconds,
+                        nanos: 0,
+                    }),
+                }),
+                ..Default::default()
+            };
+            let mut client = client.clone();
+            let position = calls.len();
+            calls.spawn(async move {
+                let subscription = client.subscribe(request).await.expect("subscribe");
+                (position, subscription.into_inner().id)
+            });
         }
     }
+    let mut ids = calls.join_all().await;
+    ids.sort();
+    let ids: Vec<String> = ids.into_iter().map(|(_, id)| id).collect();
     ids
 }
 

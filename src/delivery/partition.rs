@@ -108,6 +108,10 @@ impl<'a> PartitionWorker<'a> {
                 self.linger().await?;
                 continue;
             }
+            // A short batch was the whole backlog: once it is delivered, the next read waits
+            // for a wake-up (a publish while delivering leaves one) instead of reading an empty
+            // partition at once.
+            let caught_up = batch.len() < BATCH_SIZE;
             for delivery in batch {
                 if !self.wait_until_due(&delivery).await? {
                     continue 'batch;
@@ -151,6 +155,9 @@ impl<'a> PartitionWorker<'a> {
                         continue 'batch;
                     }
                 }
+            }
+            if caught_up {
+                self.linger().await?;
             }
         }
     }

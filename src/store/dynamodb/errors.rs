@@ -86,6 +86,18 @@ pub(super) fn cancellation_reasons(
     }
 }
 
+/// True if a transaction was cancelled for a conflict with another transaction.
+pub(super) fn is_conflict(error: &SdkError<TransactWriteItemsError>) -> bool {
+    match error.as_service_error() {
+        Some(TransactWriteItemsError::TransactionCanceledException(cancelled)) => cancelled
+            .cancellation_reasons()
+            .iter()
+            .any(|reason| reason.code() == Some("TransactionConflict")),
+        Some(other) => other.code() == Some("TransactionConflictException"),
+        None => false,
+    }
+}
+
 /// A short random pause after losing a race.
 pub(super) async fn conflict_pause(attempt: u32) {
     let cap = 2u64 << attempt.min(6);

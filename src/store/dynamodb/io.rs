@@ -7,7 +7,7 @@ use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{KeysAndAttributes, TransactWriteItem};
 
-use super::errors::{cancellation_reasons, conflict_pause, refused, sdk_error};
+use super::errors::{cancellation_reasons, conflict_pause, is_conflict, refused, sdk_error};
 use super::schema::{self, Item, s};
 use super::{BATCH_GET_LIMIT, Inner};
 use crate::model::{Event, PartitionKey};
@@ -63,12 +63,19 @@ impl Inner {
         &self,
         items: Vec<TransactWriteItem>,
     ) -> Result<(), SdkError<TransactWriteItemsError>> {
-        self.client
+        let result = self
+            .client
             .transact_write_items()
             .set_transact_items(Some(items))
             .send()
             .await
-            .map(|_| ())
+            .map(|_| ());
+        if let Err(error) = &result
+            && is_conflict(error)
+        {
+            self.counts.conflict();
+        }
+        result
     }
 
     /// Reads events by sequence, keyed by sequence: from the event cache, the rest from the

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use aws_sdk_dynamodb::config::interceptors::{
     BeforeTransmitInterceptorContextRef, FinalizerInterceptorContextRef,
@@ -15,10 +15,12 @@ use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::orchestrator::Metadata;
 
-/// Requests sent, per DynamoDB operation (`GetItem`, `TransactWriteItems`, ...).
+/// Requests sent, per DynamoDB operation (`GetItem`, `TransactWriteItems`, ...), and the
+/// transactions DynamoDB cancelled for a conflict with another transaction.
 #[derive(Debug, Default)]
 pub struct RequestCounts {
     counts: Mutex<BTreeMap<String, u64>>,
+    conflicts: AtomicU64,
 }
 
 impl RequestCounts {
@@ -40,6 +42,16 @@ impl RequestCounts {
     /// All requests sent.
     pub fn total(&self) -> u64 {
         self.counts.lock().expect("counts lock").values().sum()
+    }
+
+    pub(super) fn conflict(&self) {
+        self.conflicts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Transactions cancelled for a conflict with another transaction on one of their items
+    /// (`TransactionConflict`); the local emulator never reports any.
+    pub fn conflicts(&self) -> u64 {
+        self.conflicts.load(Ordering::Relaxed)
     }
 }
 
