@@ -13,6 +13,7 @@ mod clock;
 mod receiver;
 mod server;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -286,6 +287,21 @@ async fn clients(address: std::net::SocketAddr, count: usize) -> Vec<BrokerServi
 
 /// Creates `per_topic` subscriptions on each topic, the `index`-th one at the receiver path
 /// `/{kind(index)}/...` (`ok`, `fail` or `hold`), and returns their ids.
+/// Requests per operation between two snapshots.
+fn operation_delta(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .map(|(operation, count)| {
+            let earlier = before.get(operation).copied().unwrap_or(0);
+            (operation.clone(), count.saturating_sub(earlier))
+        })
+        .filter(|(_, count)| *count > 0)
+        .collect()
+}
+
 async fn subscribe_all(
     client: &mut BrokerServiceClient<Channel>,
     receiver: &Receiver,
@@ -401,6 +417,7 @@ async fn main() {
     receiver.set_hold(true);
     subscribe_all(&mut admin, &receiver, &publish_topics, 1, |_| "hold", 10).await;
     let requests_before = herald.dynamodb_requests();
+    let operations_before = herald.dynamodb_by_operation();
     let publish = publish_load(
         &herald_clients,
         args.publishers,
@@ -412,6 +429,7 @@ async fn main() {
     )
     .await;
     let publish_requests = herald.dynamodb_requests().saturating_sub(requests_before);
+    let publish_operations = operation_delta(&operations_before, &herald.dynamodb_by_operation());
     receiver.set_hold(false);
     wait_for(
         &receiver.delivered,
@@ -435,6 +453,7 @@ async fn main() {
     let events = args.topics * args.events_per_topic;
     let expected = (events * args.subscriptions_per_topic) as u64;
     let requests_before = herald.dynamodb_requests();
+    let operations_before = herald.dynamodb_by_operation();
     let started = Instant::now();
     publish_load(
         &herald_clients,
@@ -448,6 +467,7 @@ async fn main() {
     .await;
     let finished = wait_for(&receiver.delivered, expected, Duration::from_secs(1800)).await;
     let delivery_requests = herald.dynamodb_requests().saturating_sub(requests_before);
+    let delivery_operations = operation_delta(&operations_before, &herald.dynamodb_by_operation());
     // Two clocks: from the first publish (what a publisher waits) and from the first delivery
     // (the delivery rate proper, comparable with the backlog's drain).
     let delivery_rate = expected as f64 / (finished - started).as_secs_f64();
@@ -538,6 +558,7 @@ async fn main() {
         None
     };
     let request_breakdown = herald.dynamodb_breakdown();
+    let conflicts = herald.dynamodb_conflicts();
     herald.stop().await;
 
     let ms =
@@ -607,7 +628,23 @@ async fn main() {
             "| DynamoDB requests per delivered event during phase 2, its {events} publishes' requests (at phase 1's rate) taken out | {:.2} |",
             (delivery_requests as f64 - publish_cost * events as f64) / expected as f64
         );
+        let per = |operations: &BTreeMap<String, u64>, count: f64| {
+            operations
+                .iter()
+                .map(|(operation, requests)| format!("{operation} {:.3}", *requests as f64 / count))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "| DynamoDB requests per publish by operation, phase 1 | {} |",
+            per(&publish_operations, publish.published as f64)
+        );
+        println!(
+            "| DynamoDB requests per delivered event by operation, phase 2 (its publishes included) | {} |",
+            per(&delivery_operations, expected as f64)
+        );
         println!("| DynamoDB requests by operation, whole run | {breakdown} |");
+        println!("| DynamoDB transaction conflicts reported, whole run | {conflicts} |");
     }
     if let Some(backlog) = backlog {
         let mib =

@@ -129,6 +129,19 @@ impl Herald {
         self.counts.as_ref().map_or(0, |counts| counts.total())
     }
 
+    /// Requests per operation so far (empty on the embedded store).
+    pub fn dynamodb_by_operation(&self) -> std::collections::BTreeMap<String, u64> {
+        self.counts
+            .as_ref()
+            .map(|counts| counts.snapshot())
+            .unwrap_or_default()
+    }
+
+    /// Transactions DynamoDB cancelled for a conflict so far.
+    pub fn dynamodb_conflicts(&self) -> u64 {
+        self.counts.as_ref().map_or(0, |counts| counts.conflicts())
+    }
+
     /// Requests per operation, as text.
     pub fn dynamodb_breakdown(&self) -> Option<String> {
         let counts = self.counts.as_ref()?.snapshot();

@@ -57,6 +57,14 @@ impl Lease {
         }))
     }
 
+    /// Counts the lease from the last fenced write that extended it, if later than the last
+    /// claim or renewal.
+    pub fn absorb_extension(&mut self, leases: &dyn PartitionLeases) {
+        if let Some(sent) = leases.extended_at(&self.token) {
+            self.renewed_at = self.renewed_at.max(Instant::from_std(sent));
+        }
+    }
+
     /// The fencing token to pass with every write for the partition.
     pub fn token(&self) -> &LeaseToken {
         &self.token
@@ -125,6 +133,7 @@ impl Lease {
     /// Makes sure at least [`Lease::margin`] is left before the worker starts something,
     /// renewing if a renewal is due.
     pub async fn hold(&mut self, leases: &dyn PartitionLeases) -> Result<(), LeaseEnded> {
+        self.absorb_extension(leases);
         if Instant::now() >= self.renewal_due() {
             self.renew(leases).await?;
         }

@@ -46,6 +46,15 @@ pub trait PartitionLeases: Send + Sync {
         duration: Duration,
     ) -> Result<bool, StoreError>;
 
+    /// When the last write fenced by `token` that also extended its lease (to the duration
+    /// of the claim, from the moment the write was built) was sent. A worker counts its lease
+    /// from then, as from a renewal, so a busy partition needs no separate renewals. `None`
+    /// (the default) for stores whose fenced writes only check the token.
+    fn extended_at(&self, token: &LeaseToken) -> Option<std::time::Instant> {
+        let _ = token;
+        None
+    }
+
     /// Gives the lease of `token` up (a no-op if it is no longer `token`'s). With `handover`
     /// the lease is left expired, so that every instance's rescan finds the partition (its
     /// holder stops with work left); without, it is deleted (nothing left to deliver).

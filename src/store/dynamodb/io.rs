@@ -173,9 +173,13 @@ impl Inner {
     ) -> Result<Option<Vec<String>>, StoreError> {
         let checked = items.len();
         if let Some((partition, token)) = fence {
-            items.push(self.lease_check(partition, token));
+            items.push(self.lease_fence(partition, token));
         }
+        let sent = std::time::Instant::now();
         let Err(error) = self.transact(items).await else {
+            if let Some((_, token)) = fence {
+                self.extended(token, sent);
+            }
             return Ok(None);
         };
         let Some(reasons) = cancellation_reasons(&error) else {
@@ -187,10 +191,11 @@ impl Inner {
         let failed =
             |index: usize| reasons.get(index).map(String::as_str) == Some("ConditionalCheckFailed");
         let own_failure = (0..checked).any(failed);
-        if let Some((partition, _)) = fence
+        if let Some((partition, token)) = fence
             && failed(checked)
             && !own_failure
         {
+            self.forget_lease(token);
             return Err(StoreError::LeaseLost(format!(
                 "another worker holds the lease of {partition}"
             )));

@@ -116,6 +116,8 @@ pub struct Inner {
     /// The subscription set, and when it was last known current (see `subscriptions`).
     subscriptions: Mutex<Option<CachedSet>>,
     topics: Mutex<HashMap<String, TopicState>>,
+    /// The leases this instance holds, by token (see `leases`).
+    lease_terms: Mutex<HashMap<String, leases::LeaseTerm>>,
     /// Held while this instance changes the subscription set.
     changes: tokio::sync::Mutex<()>,
     /// Subscribe calls waiting to be committed (see `create`).
@@ -159,6 +161,7 @@ impl DynamoStore {
             reachability,
             subscriptions: Mutex::new(None),
             topics: Mutex::new(HashMap::new()),
+            lease_terms: Mutex::new(HashMap::new()),
             changes: tokio::sync::Mutex::new(()),
             creates: Mutex::new(Vec::new()),
             events: Mutex::new(reads::EventCache::default()),

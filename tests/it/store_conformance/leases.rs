@@ -13,6 +13,7 @@ on_backends!(dynamodb_only:
     one_claim_at_a_time_and_only_its_token_renews_or_releases,
     a_lease_runs_out_and_a_handover_frees_it_at_once,
     writes_fenced_by_a_replaced_token_are_refused,
+    a_fenced_write_extends_the_lease,
 );
 
 #[tokio::test]
@@ -154,4 +155,65 @@ async fn writes_fenced_by_a_replaced_token_are_refused(store: Arc<dyn Store>) {
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].event.sequence, second);
     assert_eq!(pending[0].state.attempts, 1);
+}
+
+/// A completion fenced by the lease extends it by the claimed duration, as a renewal would
+/// (the store says when it was sent): a partition kept busy needs no separate renewals, and
+/// nobody else can claim it meanwhile.
+async fn a_fenced_write_extends_the_lease(store: Arc<dyn Store>) {
+    let leases = store.clone().leases().expect("a shared store has leases");
+    store
+        .create_subscription(
+            &subscription("sub_1", &["t"]),
+            &herald::store::SubscriptionLimits::NONE,
+        )
+        .await
+        .unwrap();
+    let mut sequences = Vec::new();
+    for index in 0..2 {
+        let published = store
+            .publish(&event(&format!("evt_{index}"), "t", None), DAY)
+            .await
+            .unwrap();
+        sequences.push(published.sequence);
+    }
+    let partition = PartitionKey::new("t", "sub_1");
+    let lease = Duration::from_secs(2);
+    let claimed = Instant::now();
+    let token = leases
+        .claim(&partition, lease)
+        .await
+        .unwrap()
+        .expect("free");
+    assert_eq!(leases.extended_at(&token), None);
+    // Past half the lease, a completion extends it.
+    tokio::time::sleep_until((claimed + lease / 2).into()).await;
+    let sent = Instant::now();
+    store
+        .complete_delivery(&partition, sequences[0], Some(&token))
+        .await
+        .unwrap();
+    let extended = leases
+        .extended_at(&token)
+        .expect("the completion extended the lease");
+    assert!(extended >= sent, "counted from when the write was sent");
+    // Beyond the claim's own end, but within the extension, nobody else can claim it.
+    tokio::time::sleep_until((claimed + lease + Duration::from_millis(300)).into()).await;
+    assert!(extended + lease > Instant::now() + Duration::from_millis(200));
+    assert_eq!(
+        leases.claim(&partition, lease).await.unwrap(),
+        None,
+        "the extended lease was claimed by another"
+    );
+    // And the holder's next fenced write still goes through.
+    store
+        .record_failure(
+            &partition,
+            sequences[1],
+            "503",
+            FailureOutcome::RetryAt(0),
+            Some(&token),
+        )
+        .await
+        .unwrap();
 }
