@@ -719,6 +719,16 @@ async fn the_rescan_probes_changed_topics_and_partitions_whose_lease_ran_out() {
     // Nothing left: released for good, and no longer found.
     holder.release(&quiet, &third, false).await.unwrap();
     assert!(!scanner.pending_partitions().await.unwrap().contains(&quiet));
+
+    // A partition with a live lease is its holder's to read: a publish on its topic does not
+    // make the rescan probe it. Once the holder lets go (here right after that publish, which
+    // it did not see), a later rescan probes it although nothing was published since.
+    let held = holder.claim(&busy, day).await.unwrap().expect("granted");
+    holder.publish(&event("evt_3", "busy"), day).await.unwrap();
+    assert!(!scanner.pending_partitions().await.unwrap().contains(&busy));
+    assert!(!scanner.pending_partitions().await.unwrap().contains(&busy));
+    holder.release(&busy, &held, false).await.unwrap();
+    assert!(scanner.pending_partitions().await.unwrap().contains(&busy));
 }
 
 fn plain_subscription(id: &str, topic: &str) -> herald::model::Subscription {

@@ -325,12 +325,14 @@ impl DeliveryLog for DynamoStore {
         let set = self.refresh_subscriptions().await?;
         let mut found = std::collections::BTreeSet::new();
         let leases = self.expired_leases(&set, &mut found).await;
-        let topics = self.changed_topics(&set, &mut found).await;
+        // If the lease shards could not be read, probe every partition of changed topics.
+        let leased = leases.as_ref().cloned().unwrap_or_default();
+        let topics = self.changed_topics(&set, &leased, &mut found).await;
         if let Err(error) = self.finish_unsubscribes(SWEEP_BUDGET).await {
             // Left for the next rescan.
             tracing::warn!(%error, "cannot finish an interrupted unsubscribe yet");
         }
-        match (leases, topics) {
+        match (leases.map(|_| ()), topics) {
             (Err(error), Err(_)) => Err(error),
             (Err(error), Ok(())) | (Ok(()), Err(error)) => {
                 tracing::warn!(%error, "rescan incomplete; the next one tries again");

@@ -1,7 +1,7 @@
 //! Finding partitions with work: topics that changed since the last rescan, and partitions
 //! whose lease ran out.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use aws_sdk_dynamodb::types::AttributeValue;
 
@@ -58,38 +58,48 @@ impl Inner {
             .collect()
     }
 
-    /// Adds the partitions whose lease ran out (their holder died, froze or handed over).
+    /// Adds the partitions whose lease ran out (their holder died, froze or handed over);
+    /// returns those with a live lease (their holder reads them itself: a worker reads its
+    /// partition once more before it lets the lease go).
     pub(super) async fn expired_leases(
         &self,
         set: &SubscriptionSet,
         found: &mut BTreeSet<PartitionKey>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<HashSet<PartitionKey>, StoreError> {
         let now = now_millis();
+        let mut live = HashSet::new();
         for shard in 0..schema::LEASE_SHARDS {
             for lease in self
                 .query_after(&schema::lease_shard_pk(shard), None, usize::MAX)
                 .await?
             {
-                if get_n(&lease, "lease_until")? < now
-                    && let Some(partition) = PartitionKey::decode(get_s(&lease, schema::SK)?)
-                    && set.subscriptions.contains_key(&partition.subscription_id)
-                {
+                let Some(partition) = PartitionKey::decode(get_s(&lease, schema::SK)?) else {
+                    continue;
+                };
+                if get_n(&lease, "lease_until")? >= now {
+                    live.insert(partition);
+                } else if set.subscriptions.contains_key(&partition.subscription_id) {
                     found.insert(partition);
                 }
             }
         }
-        Ok(())
+        Ok(live)
     }
 
     /// Adds the partitions with pending work among the topics that changed since the last
     /// successful call (all of them on the first), and remembers what it saw.
+    ///
+    /// Partitions in `leased` (a live lease: their holder looks at them) are not probed; their
+    /// topic then keeps its previous mark, so that they are probed at a later rescan once the
+    /// lease is gone (a holder can let go right after a publish it did not see).
     pub(super) async fn changed_topics(
         &self,
         set: &SubscriptionSet,
+        leased: &HashSet<PartitionKey>,
         found: &mut BTreeSet<PartitionKey>,
     ) -> Result<(), StoreError> {
         let topics = self.topics().await?;
-        let marks = self.topic_marks(&topics).await?;
+        let mut marks = self.topic_marks(&topics).await?;
         let previous = self.rescanned.lock().expect("rescan lock").clone();
         for topic in &topics {
             let mark = marks.get(topic).copied().unwrap_or_default();
@@ -103,8 +113,13 @@ impl Inner {
             if unchanged {
                 continue;
             }
+            let mut skipped = false;
             for subscription_id in set.index.matching(topic) {
                 let partition = PartitionKey::new(topic.as_str(), subscription_id);
+                if leased.contains(&partition) {
+                    skipped = true;
+                    continue;
+                }
                 if !self
                     .query_after(&partition.encode(), None, 1)
                     .await?
@@ -112,6 +127,13 @@ impl Inner {
                 {
                     found.insert(partition);
                 }
+            }
+            if skipped {
+                // Seen as changed again next time.
+                match previous.as_ref().and_then(|previous| previous.get(topic)) {
+                    Some(last) => marks.insert(topic.clone(), *last),
+                    None => marks.remove(topic),
+                };
             }
         }
         *self.rescanned.lock().expect("rescan lock") = Some(marks);
