@@ -326,7 +326,19 @@ impl<'a> PartitionWorker<'a> {
                 _ = tokio::time::sleep_until(next_renewal), if renewal.is_none() => {
                     renewal.set(Some(lease.renewal(leases)));
                 }
-                attempt = &mut send => return Ok(attempt),
+                attempt = &mut send => {
+                    // A renewal still in flight is awaited, not dropped: once the outcome's
+                    // fenced write has extended the lease, a late renewal must not land after
+                    // it and move the lease back.
+                    if let Some(request) = renewal.as_mut().as_pin_mut() {
+                        let answer = request.await;
+                        if let Err(LeaseEnded::Lost) = lease.apply(answer) {
+                            tracing::warn!(partition = %self.partition, "partition lease lost during a delivery");
+                            return Err(Stop::Lease(LeaseEnded::Lost));
+                        }
+                    }
+                    return Ok(attempt);
+                }
             }
         }
     }

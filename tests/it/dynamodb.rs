@@ -304,12 +304,15 @@ async fn an_unsubscribe_interrupted_halfway_is_finished_by_a_retry_or_the_sweep(
         assert_eq!(status.code(), Code::NotFound);
     }
     // The first is retried: the retry finishes it and says how much it removed (the sweep,
-    // running every rescan, may have removed some of the 20 first).
+    // running every rescan, may have removed some of the 20 first). Like the first call, it
+    // returns only once the subscription-set copies read before the deletion have expired.
+    let retried_at = std::time::Instant::now();
     let retried = client
         .unsubscribe(proto::UnsubscribeRequest { id: ids[0].clone() })
         .await
         .unwrap()
         .into_inner();
+    assert!(retried_at.elapsed() >= dynamo::TEST_CACHE_VALIDITY);
     assert!(retried.dropped_deliveries <= 20, "{retried:?}");
     assert_eq!(backlog(&ids[0]).await, 0);
     // The second is left alone: the rescan's sweep finishes it.

@@ -80,8 +80,10 @@ pub(super) fn cancellation_reasons(
                 .collect(),
         );
     }
+    // (TransactionInProgressException is not one: that transaction may still commit;
+    // `transact` resends it until it has an answer.)
     match service_error.code() {
-        Some("TransactionConflictException" | "TransactionInProgressException") => Some(Vec::new()),
+        Some("TransactionConflictException") => Some(Vec::new()),
         _ => None,
     }
 }
@@ -96,6 +98,14 @@ pub(super) fn is_conflict(error: &SdkError<TransactWriteItemsError>) -> bool {
         Some(other) => other.code() == Some("TransactionConflictException"),
         None => false,
     }
+}
+
+/// True if DynamoDB says the same transaction (same client request token) is still running.
+pub(super) fn is_in_progress(error: &SdkError<TransactWriteItemsError>) -> bool {
+    error
+        .as_service_error()
+        .and_then(|error| error.code())
+        .is_some_and(|code| code == "TransactionInProgressException")
 }
 
 /// A short random pause after losing a race.

@@ -7,11 +7,18 @@ use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{KeysAndAttributes, TransactWriteItem};
 
-use super::errors::{cancellation_reasons, conflict_pause, is_conflict, refused, sdk_error};
+use super::errors::{
+    cancellation_reasons, conflict_pause, is_conflict, is_in_progress, refused, sdk_error,
+};
 use super::schema::{self, Item, s};
 use super::{BATCH_GET_LIMIT, Inner};
 use crate::model::{Event, PartitionKey};
 use crate::store::{LeaseToken, StoreError};
+
+/// Times an in-progress transaction is sent again (100 ms apart) before giving up.
+const IN_PROGRESS_RESENDS: u32 = 100;
+/// The resolution of the lease ends in the table.
+const MILLISECOND: std::time::Duration = std::time::Duration::from_millis(1);
 
 impl Inner {
     pub(super) async fn get_item(&self, key: Item) -> Result<Option<Item>, StoreError> {
@@ -59,23 +66,36 @@ impl Inner {
         Ok(items)
     }
 
+    /// Runs a transaction under one client request token: when DynamoDB answers that the same
+    /// transaction is still in progress (a retry of the SDK overtook the first attempt), the
+    /// same request is sent again until it has a definite answer, so a transaction that did
+    /// commit is never taken for one that did not.
     pub(super) async fn transact(
         &self,
         items: Vec<TransactWriteItem>,
     ) -> Result<(), SdkError<TransactWriteItemsError>> {
-        let result = self
-            .client
-            .transact_write_items()
-            .set_transact_items(Some(items))
-            .send()
-            .await
-            .map(|_| ());
-        if let Err(error) = &result
-            && is_conflict(error)
-        {
-            self.counts.conflict();
+        let token = crate::ids::new_id("tx");
+        let mut attempt = 0;
+        loop {
+            let result = self
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(items.clone()))
+                .client_request_token(&token)
+                .send()
+                .await
+                .map(|_| ());
+            match &result {
+                Err(error) if is_in_progress(error) && attempt < IN_PROGRESS_RESENDS => {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(error) if is_conflict(error) => self.counts.conflict(),
+                _ => {}
+            }
+            return result;
         }
-        result
     }
 
     /// Reads events by sequence, keyed by sequence: from the event cache, the rest from the
@@ -172,10 +192,13 @@ impl Inner {
         fence: Option<(&PartitionKey, &LeaseToken)>,
     ) -> Result<Option<Vec<String>>, StoreError> {
         let checked = items.len();
+        // Taken before the lease's new end is computed, less the millisecond that end is
+        // truncated to: the worker never counts past what the table says.
+        let sent = std::time::Instant::now();
+        let sent = sent.checked_sub(MILLISECOND).unwrap_or(sent);
         if let Some((partition, token)) = fence {
             items.push(self.lease_fence(partition, token));
         }
-        let sent = std::time::Instant::now();
         let Err(error) = self.transact(items).await else {
             if let Some((_, token)) = fence {
                 self.extended(token, sent);

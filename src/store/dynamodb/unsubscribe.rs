@@ -22,10 +22,14 @@ impl Inner {
             Ok(subscription) => subscription,
             // Deleted already, perhaps by an Unsubscribe that did not finish: finish it.
             Err(StoreError::NotFound(what)) => {
-                return match self.tombstone(id).await? {
-                    Some(subscription) => self.drop_backlog(&subscription).await,
-                    None => Err(StoreError::NotFound(what)),
+                let Some(subscription) = self.tombstone(id).await? else {
+                    return Err(StoreError::NotFound(what));
                 };
+                // The deletion may be only just committed (by a call still waiting, or one
+                // that failed after it): wait out the copies of the set read before it too.
+                let validity = self.read_meta().await?.validity;
+                tokio::time::sleep(settle_time(validity)).await;
+                return self.drop_backlog(&subscription).await;
             }
             Err(error) => return Err(error),
         };
