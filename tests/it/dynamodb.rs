@@ -452,15 +452,7 @@ async fn requests_per_publish_and_per_delivery_do_not_grow_with_the_table() {
     let (store, _table) = dynamo::fresh_store().await;
     let counts = store.request_counters();
     for index in 0..10 {
-        let subscription = herald::model::Subscription {
-            id: format!("sub_{index}"),
-            endpoint: "http://127.0.0.1:9/".into(),
-            topics: vec!["t".into()],
-            secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
-            retry_policy: Default::default(),
-            on_exhausted: herald::model::OnExhausted::DeadLetter,
-            created_at: now_millis(),
-        };
+        let subscription = plain_subscription(&format!("sub_{index}"), "t");
         store
             .create_subscription(&subscription, &herald::store::SubscriptionLimits::NONE)
             .await
@@ -613,15 +605,8 @@ async fn the_rescan_probes_changed_topics_and_partitions_whose_lease_ran_out() {
     let table = dynamo::fresh_table(&endpoint).await;
     let holder = DynamoStore::new(dynamo::client(&endpoint), &table);
     let scanner = DynamoStore::new(dynamo::client(&endpoint), &table);
-    let subscription = herald::model::Subscription {
-        id: "sub_1".into(),
-        endpoint: "http://127.0.0.1:9/".into(),
-        topics: vec!["quiet".into(), "busy".into()],
-        secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
-        retry_policy: Default::default(),
-        on_exhausted: herald::model::OnExhausted::DeadLetter,
-        created_at: now_millis(),
-    };
+    let mut subscription = plain_subscription("sub_1", "quiet");
+    subscription.topics.push("busy".into());
     holder
         .create_subscription(&subscription, &herald::store::SubscriptionLimits::NONE)
         .await
