@@ -69,6 +69,7 @@ fn store(criterion: &mut Criterion) {
         retry_policy: RetryPolicy::default(),
         on_exhausted: OnExhausted::DeadLetter,
         created_at: 0,
+        control: Default::default(),
     };
     runtime
         .block_on(

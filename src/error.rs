@@ -5,6 +5,7 @@
 //! | `InvalidArgument` | `INVALID_ARGUMENT` | `BadRequest` (the field) | a request field is malformed |
 //! | `NotFound` | `NOT_FOUND` | | the named subscription does not exist |
 //! | `AlreadyExists` | `ALREADY_EXISTS` | | an id is taken |
+//! | `FailedPrecondition` | `FAILED_PRECONDITION` | | the call names a state that moved on (a partition head) |
 //! | `Aborted` | `ABORTED` | `RetryInfo` 100 ms | lost optimistic-concurrency races; nothing written |
 //! | `ResourceExhausted` | `RESOURCE_EXHAUSTED` | `RetryInfo` 5 s | the disk is full, or the embedded store's write queue stayed full |
 //! | `QuotaReached` | `RESOURCE_EXHAUSTED` | none | a configured limit (subscriptions) is reached |
@@ -35,6 +36,9 @@ pub enum Error {
     /// The resource exists already.
     #[error("{0}")]
     AlreadyExists(String),
+    /// The state the call expects is not the current one (a partition's head moved).
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// Concurrent writers won the race too often; nothing was written. Retry later.
     #[error("{0}")]
     Aborted(String),
@@ -71,6 +75,7 @@ impl From<StoreError> for Error {
         match error {
             StoreError::NotFound(what) => Error::NotFound(what),
             StoreError::Conflict(message) => Error::AlreadyExists(message),
+            StoreError::FailedPrecondition(message) => Error::FailedPrecondition(message),
             // The only argument a store interprets.
             StoreError::InvalidArgument(message) => Error::invalid("page_token", message),
             StoreError::Contention(message) => Error::Aborted(message),
@@ -114,6 +119,7 @@ impl From<Error> for tonic::Status {
             ),
             Error::NotFound(_) => tonic::Status::not_found(message),
             Error::AlreadyExists(_) => tonic::Status::already_exists(message),
+            Error::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
             Error::Aborted(_) => {
                 retry_later(tonic::Code::Aborted, message, Duration::from_millis(100))
             }

@@ -1,6 +1,6 @@
 //! Domain types shared by the API, the stores and the delivery engine. No prost, no store types.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::trace::TraceContext;
@@ -70,6 +70,8 @@ pub struct Subscription {
     pub on_exhausted: OnExhausted,
     /// Creation time.
     pub created_at: UnixMillis,
+    /// Whether it sends: paused or disabled as a whole, or paused for some topics.
+    pub control: Control,
 }
 
 impl Subscription {
@@ -78,6 +80,41 @@ impl Subscription {
         self.topics
             .iter()
             .any(|pattern| pattern_matches(pattern, topic))
+    }
+}
+
+/// Whether a subscription sends at all.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SubscriptionState {
+    /// It sends (except to the topics paused one by one).
+    #[default]
+    Active,
+    /// An operator paused it: events keep arriving, nothing is sent until it is resumed.
+    Paused,
+    /// Herald stopped it because its endpoint kept failing; nothing is sent until it is
+    /// resumed.
+    Disabled,
+}
+
+/// The operator's controls on a subscription. A paused partition (or a paused or disabled
+/// subscription) keeps receiving events and sends nothing; an attempt already in flight
+/// finishes and its outcome is recorded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Control {
+    /// The state of the subscription as a whole.
+    pub state: SubscriptionState,
+    /// Why it is paused or disabled (empty while active).
+    pub reason: String,
+    /// When `state` last changed (0 if never).
+    pub since: UnixMillis,
+    /// Topics whose partitions are paused one by one (while the subscription is active).
+    pub paused_topics: BTreeSet<String>,
+}
+
+impl Control {
+    /// True if the partition of `topic` may send now.
+    pub fn sends(&self, topic: &str) -> bool {
+        self.state == SubscriptionState::Active && !self.paused_topics.contains(topic)
     }
 }
 
@@ -207,6 +244,40 @@ pub struct PendingDelivery {
     pub last_error: Option<String>,
     /// The sequence of the event before this one in the partition (0 for the first).
     pub previous_sequence: u64,
+}
+
+/// What the store keeps of one partition, for the operator's view. Every figure is read from
+/// counters and the partition's head, never by counting its backlog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionStatus {
+    /// The partition.
+    pub partition: PartitionKey,
+    /// Deliveries waiting to be sent (dead letters not included).
+    pub pending: u64,
+    /// Dead-lettered deliveries kept.
+    pub dead_letters: u64,
+    /// The next delivery to send, if any: its progress and its event's publish time (the
+    /// oldest pending one).
+    pub head: Option<HeadStatus>,
+    /// Failed attempts since the last successful one.
+    pub consecutive_failures: u64,
+    /// When an attempt last succeeded (0: never, or not known).
+    pub last_success_at: UnixMillis,
+    /// When an attempt last failed (0: never, or not known).
+    pub last_failure_at: UnixMillis,
+}
+
+/// The head of a partition: the delivery it sends next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadStatus {
+    /// The event's sequence.
+    pub sequence: u64,
+    /// When the event was published.
+    pub published_at: UnixMillis,
+    /// Progress so far.
+    pub state: DeliveryState,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
 }
 
 /// The result of one failed attempt, as the worker records it.

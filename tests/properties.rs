@@ -37,6 +37,7 @@ fn subscription(id: usize, topics: Vec<String>) -> Subscription {
         retry_policy: RetryPolicy::default(),
         on_exhausted: OnExhausted::DeadLetter,
         created_at: 0,
+        control: Default::default(),
     }
 }
 

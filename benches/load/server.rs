@@ -241,6 +241,36 @@ impl BrokerApi for EmptyBroker {
     ) -> Result<Response<proto::ListPendingResponse>, Status> {
         Err(Status::unimplemented("empty broker"))
     }
+    async fn get_subscription_status(
+        &self,
+        _request: Request<proto::GetSubscriptionStatusRequest>,
+    ) -> Result<Response<proto::SubscriptionStatus>, Status> {
+        Err(Status::unimplemented("empty broker"))
+    }
+    async fn pause_subscription(
+        &self,
+        _request: Request<proto::PauseSubscriptionRequest>,
+    ) -> Result<Response<proto::Subscription>, Status> {
+        Err(Status::unimplemented("empty broker"))
+    }
+    async fn resume_subscription(
+        &self,
+        _request: Request<proto::ResumeSubscriptionRequest>,
+    ) -> Result<Response<proto::Subscription>, Status> {
+        Err(Status::unimplemented("empty broker"))
+    }
+    async fn retry_now(
+        &self,
+        _request: Request<proto::RetryNowRequest>,
+    ) -> Result<Response<proto::RetryNowResponse>, Status> {
+        Err(Status::unimplemented("empty broker"))
+    }
+    async fn skip_head(
+        &self,
+        _request: Request<proto::SkipHeadRequest>,
+    ) -> Result<Response<proto::SkipHeadResponse>, Status> {
+        Err(Status::unimplemented("empty broker"))
+    }
 }
 
 /// Starts the empty broker in this process on a free port.

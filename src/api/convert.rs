@@ -3,10 +3,13 @@
 use crate::trace::TraceContext;
 use std::time::Duration;
 
-use crate::broker::{PublishInput, RetryPolicyInput, SubscribeInput};
+use crate::broker::{
+    PartitionState, PublishInput, RetryPolicyInput, SubscribeInput, http_status, partition_state,
+};
 use crate::error::Error;
 use crate::model::{
-    OnExhausted, PendingDelivery, Published, RetryPolicy, Subscription, UnixMillis,
+    OnExhausted, PartitionStatus, PendingDelivery, Published, RetryPolicy, Subscription,
+    SubscriptionState, UnixMillis,
 };
 use crate::proto;
 
@@ -87,7 +90,70 @@ pub fn subscription(subscription: Subscription, with_secret: bool) -> proto::Sub
             String::new()
         },
         created_at: Some(timestamp(subscription.created_at)),
+        state: subscription_state(subscription.control.state) as i32,
+        state_reason: subscription.control.reason,
+        state_changed_at: optional_timestamp(subscription.control.since),
+        paused_topics: subscription.control.paused_topics.into_iter().collect(),
     }
+}
+
+pub fn subscription_state(state: SubscriptionState) -> proto::SubscriptionState {
+    match state {
+        SubscriptionState::Active => proto::SubscriptionState::Active,
+        SubscriptionState::Paused => proto::SubscriptionState::Paused,
+        SubscriptionState::Disabled => proto::SubscriptionState::Disabled,
+    }
+}
+
+/// The state a ListSubscriptions filter names; `None` for no filter.
+pub fn state_filter(state: i32) -> Result<Option<SubscriptionState>, Error> {
+    match proto::SubscriptionState::try_from(state) {
+        Ok(proto::SubscriptionState::Unspecified) => Ok(None),
+        Ok(proto::SubscriptionState::Active) => Ok(Some(SubscriptionState::Active)),
+        Ok(proto::SubscriptionState::Paused) => Ok(Some(SubscriptionState::Paused)),
+        Ok(proto::SubscriptionState::Disabled) => Ok(Some(SubscriptionState::Disabled)),
+        Err(_) => Err(Error::invalid("state", format!("unknown state {state}"))),
+    }
+}
+
+pub fn partition_status(
+    subscription: &Subscription,
+    status: PartitionStatus,
+) -> proto::PartitionStatus {
+    let state = match partition_state(subscription, &status) {
+        PartitionState::Idle => proto::PartitionState::Idle,
+        PartitionState::Delivering => proto::PartitionState::Delivering,
+        PartitionState::Retrying => proto::PartitionState::Retrying,
+        PartitionState::Blocked => proto::PartitionState::Blocked,
+        PartitionState::Paused => proto::PartitionState::Paused,
+    };
+    let head = status.head;
+    let last_error = head
+        .as_ref()
+        .and_then(|head| head.last_error.clone())
+        .unwrap_or_default();
+    proto::PartitionStatus {
+        topic: status.partition.topic,
+        state: state as i32,
+        pending_count: status.pending,
+        dead_letter_count: status.dead_letters,
+        oldest_pending_published_at: head.as_ref().map(|head| timestamp(head.published_at)),
+        head_sequence: head.as_ref().map_or(0, |head| head.sequence),
+        head_attempts: head.as_ref().map_or(0, |head| head.state.attempts),
+        head_next_attempt_at: head
+            .as_ref()
+            .map(|head| timestamp(head.state.next_attempt_at)),
+        last_http_status: http_status(&last_error).map_or(0, u32::from),
+        last_error,
+        consecutive_failures: status.consecutive_failures,
+        last_success_at: optional_timestamp(status.last_success_at),
+        last_failure_at: optional_timestamp(status.last_failure_at),
+    }
+}
+
+/// A timestamp, unset for 0 (never).
+fn optional_timestamp(millis: UnixMillis) -> Option<prost_types::Timestamp> {
+    (millis > 0).then(|| timestamp(millis))
 }
 
 pub fn pending(delivery: PendingDelivery) -> proto::PendingDelivery {

@@ -84,6 +84,7 @@ impl BrokerService for BrokerApi {
         let caller = auth::caller(&request);
         caller.require(Role::Read, "ListSubscriptions")?;
         let request = request.into_inner();
+        let state = convert::state_filter(request.state)?;
         let page = self
             .broker
             .list_subscriptions(request.page_size, &request.page_token)
@@ -92,9 +93,13 @@ impl BrokerService for BrokerApi {
             subscriptions: page
                 .items
                 .into_iter()
-                // A key limited to some topics sees only the subscriptions within them (a page
-                // may then hold fewer than page_size).
+                // A key limited to some topics sees only the subscriptions within them, and a
+                // state filter keeps only those in the state (a page may then hold fewer than
+                // page_size).
                 .filter(|subscription| caller.may_see(subscription))
+                .filter(|subscription| {
+                    state.is_none_or(|state| subscription.control.state == state)
+                })
                 .map(|subscription| convert::subscription(subscription, false))
                 .collect(),
             next_page_token: page.next_token.unwrap_or_default(),
@@ -138,5 +143,95 @@ impl BrokerService for BrokerApi {
             deliveries: page.items.into_iter().map(convert::pending).collect(),
             next_page_token: page.next_token.unwrap_or_default(),
         }))
+    }
+
+    async fn get_subscription_status(
+        &self,
+        request: Request<proto::GetSubscriptionStatusRequest>,
+    ) -> Result<Response<proto::SubscriptionStatus>, Status> {
+        let caller = auth::caller(&request);
+        caller.require(Role::Read, "GetSubscriptionStatus")?;
+        let request = request.into_inner();
+        let (subscription, page) = self
+            .broker
+            .subscription_status(
+                &request.subscription_id,
+                request.page_size,
+                &request.page_token,
+            )
+            .await?;
+        caller.require_subscription(&subscription)?;
+        Ok(Response::new(proto::SubscriptionStatus {
+            partitions: page
+                .items
+                .into_iter()
+                .map(|status| convert::partition_status(&subscription, status))
+                .collect(),
+            subscription: Some(convert::subscription(subscription, false)),
+            next_page_token: page.next_token.unwrap_or_default(),
+        }))
+    }
+
+    async fn pause_subscription(
+        &self,
+        request: Request<proto::PauseSubscriptionRequest>,
+    ) -> Result<Response<proto::Subscription>, Status> {
+        let caller = auth::caller(&request);
+        caller.require(Role::Operate, "PauseSubscription")?;
+        self.require_subscription(&caller, &request.get_ref().subscription_id)
+            .await?;
+        let request = request.into_inner();
+        let subscription = self
+            .broker
+            .pause(&request.subscription_id, &request.topic, &request.reason)
+            .await?;
+        Ok(Response::new(convert::subscription(subscription, false)))
+    }
+
+    async fn resume_subscription(
+        &self,
+        request: Request<proto::ResumeSubscriptionRequest>,
+    ) -> Result<Response<proto::Subscription>, Status> {
+        let caller = auth::caller(&request);
+        caller.require(Role::Operate, "ResumeSubscription")?;
+        self.require_subscription(&caller, &request.get_ref().subscription_id)
+            .await?;
+        let request = request.into_inner();
+        let subscription = self
+            .broker
+            .resume(&request.subscription_id, &request.topic)
+            .await?;
+        Ok(Response::new(convert::subscription(subscription, false)))
+    }
+
+    async fn retry_now(
+        &self,
+        request: Request<proto::RetryNowRequest>,
+    ) -> Result<Response<proto::RetryNowResponse>, Status> {
+        let caller = auth::caller(&request);
+        caller.require(Role::Operate, "RetryNow")?;
+        self.require_subscription(&caller, &request.get_ref().subscription_id)
+            .await?;
+        let request = request.into_inner();
+        let sequence = self
+            .broker
+            .retry_now(&request.subscription_id, &request.topic)
+            .await?;
+        Ok(Response::new(proto::RetryNowResponse { sequence }))
+    }
+
+    async fn skip_head(
+        &self,
+        request: Request<proto::SkipHeadRequest>,
+    ) -> Result<Response<proto::SkipHeadResponse>, Status> {
+        let caller = auth::caller(&request);
+        caller.require(Role::Operate, "SkipHead")?;
+        self.require_subscription(&caller, &request.get_ref().subscription_id)
+            .await?;
+        let request = request.into_inner();
+        self.broker
+            .skip_head(&request.subscription_id, &request.topic, request.sequence)
+            .await?;
+        Ok(Response::new(proto::SkipHeadResponse {}))
     }
 }

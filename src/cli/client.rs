@@ -136,7 +136,7 @@ fn parse_attribute(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("`{text}` is not key=value"))
 }
 
-async fn connect(server: &ServerArgs) -> anyhow::Result<Client> {
+pub(super) async fn connect(server: &ServerArgs) -> anyhow::Result<Client> {
     let bearer = match &server.api_key {
         Some(key) => Some(
             format!("Bearer {key}")
@@ -210,7 +210,7 @@ pub fn generate_key(args: GenerateKeyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn status_error(status: tonic::Status) -> anyhow::Error {
+pub(super) fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
 }
 
@@ -281,7 +281,7 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_subscription(subscription: &proto::Subscription) {
+pub(super) fn print_subscription(subscription: &proto::Subscription) {
     let policy = subscription.retry_policy.unwrap_or_default();
     println!(
         "{} endpoint={} topics={} initial_backoff={} max_backoff={} max_attempts={} request_timeout={} on_exhausted={:?}",
@@ -294,17 +294,45 @@ fn print_subscription(subscription: &proto::Subscription) {
         show_duration(policy.request_timeout),
         proto::OnExhausted::try_from(subscription.on_exhausted).unwrap_or_default(),
     );
+    let state = proto::SubscriptionState::try_from(subscription.state).unwrap_or_default();
+    if state != proto::SubscriptionState::Active || !subscription.paused_topics.is_empty() {
+        println!(
+            "  state={} reason={:?} paused_topics={}",
+            state
+                .as_str_name()
+                .trim_start_matches("SUBSCRIPTION_STATE_"),
+            subscription.state_reason,
+            subscription.paused_topics.join(","),
+        );
+    }
+}
+
+/// `herald subscriptions`.
+#[derive(Debug, clap::Args)]
+pub struct SubscriptionsArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Only subscriptions in this state.
+    #[arg(long, value_parser = ["active", "paused", "disabled"])]
+    state: Option<String>,
 }
 
 /// Prints every subscription, following pages.
-pub async fn subscriptions(args: ServerArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args).await?;
+pub async fn subscriptions(args: SubscriptionsArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.server).await?;
+    let state = match args.state.as_deref() {
+        Some("active") => proto::SubscriptionState::Active,
+        Some("paused") => proto::SubscriptionState::Paused,
+        Some("disabled") => proto::SubscriptionState::Disabled,
+        _ => proto::SubscriptionState::Unspecified,
+    };
     let mut page_token = String::new();
     loop {
         let page = client
             .list_subscriptions(proto::ListSubscriptionsRequest {
                 page_size: 100,
                 page_token,
+                state: state as i32,
             })
             .await
             .map_err(status_error)?

@@ -1,6 +1,7 @@
 //! The `herald` command line: the server, a client for each RPC, and a verifying sink.
 
 mod client;
+mod operate;
 mod sink;
 
 use clap::{Parser, Subcommand};
@@ -29,11 +30,21 @@ pub enum Command {
     /// Create a subscription.
     Subscribe(SubscribeArgs),
     /// List subscriptions.
-    Subscriptions(client::ServerArgs),
+    Subscriptions(client::SubscriptionsArgs),
     /// Delete a subscription and drop its pending deliveries.
     Unsubscribe(client::UnsubscribeArgs),
     /// List the pending deliveries of a subscription.
     Pending(PendingArgs),
+    /// Show a subscription's state and each partition's: backlog, head, last error.
+    Status(operate::StatusArgs),
+    /// Pause a subscription, or one partition (`--topic`): events are kept, nothing is sent.
+    Pause(operate::PauseArgs),
+    /// Resume a paused or disabled subscription, or one partition (`--topic`).
+    Resume(operate::ResumeArgs),
+    /// Make a partition's head due now (cut its backoff short).
+    Retry(operate::PartitionArgs),
+    /// Dead-letter a partition's head so that the partition moves on.
+    Skip(operate::SkipArgs),
     /// Receive webhooks, verify their signatures and sequence chains, and print them.
     Sink(SinkArgs),
     /// DynamoDB administration.
@@ -67,6 +78,11 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Subscriptions(args) => client::subscriptions(args).await,
         Command::Unsubscribe(args) => client::unsubscribe(args).await,
         Command::Pending(args) => client::pending(args).await,
+        Command::Status(args) => operate::status(args).await,
+        Command::Pause(args) => operate::pause(args).await,
+        Command::Resume(args) => operate::resume(args).await,
+        Command::Retry(args) => operate::retry(args).await,
+        Command::Skip(args) => operate::skip(args).await,
         Command::Sink(args) => sink::run(args).await,
         Command::Keys(KeysCommand::Generate(args)) => client::generate_key(args),
         Command::Dynamodb(DynamodbCommand::CreateTable(args)) => {

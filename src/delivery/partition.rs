@@ -32,6 +32,10 @@ fn store_retry_delay(failures: u32) -> Duration {
 /// steady trickle of events then costs no task start and no subscription read per event.
 const LINGER: Duration = Duration::from_secs(2);
 
+/// How often a paused partition looks whether it was resumed on another instance (a resume
+/// through this instance wakes it at once).
+const PAUSED_CHECK: Duration = Duration::from_secs(1);
+
 /// Why a partition worker stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stop {
@@ -70,6 +74,8 @@ pub(crate) struct PartitionWorker<'a> {
     subscription: Subscription,
     key: Vec<u8>,
     rng: StdRng,
+    /// The engine's change count when the subscription was last read.
+    changes_seen: u64,
 }
 
 impl<'a> PartitionWorker<'a> {
@@ -90,6 +96,7 @@ impl<'a> PartitionWorker<'a> {
             subscription,
             key,
             rng: StdRng::from_os_rng(),
+            changes_seen: inner.changes.load(std::sync::atomic::Ordering::SeqCst),
         }
     }
 
@@ -119,6 +126,11 @@ impl<'a> PartitionWorker<'a> {
                 let permit = self.slot().await?;
                 // Waiting for a slot may have taken a while: check the lease again.
                 self.hold_lease().await?;
+                if !self.may_send().await? {
+                    drop(permit);
+                    self.wait_while_paused().await?;
+                    continue 'batch;
+                }
                 let started = Instant::now();
                 let attempt = self.attempt(&delivery).await?;
                 drop(permit);
@@ -252,8 +264,9 @@ impl<'a> PartitionWorker<'a> {
         Ok(())
     }
 
-    /// Waits until the delivery is due. Returns false if it woke early to renew the lease (the
-    /// head is read again: an operator may have changed it).
+    /// Waits until the delivery is due. Returns false if it woke early, to renew the lease or
+    /// because it was woken (a publish, or an operator's retry-now, skip or change): the head
+    /// is read again, since an operator may have changed it.
     async fn wait_until_due(&mut self, delivery: &PendingDelivery) -> Result<bool, Stop> {
         let now = now_millis();
         if delivery.state.next_attempt_at <= now {
@@ -261,8 +274,67 @@ impl<'a> PartitionWorker<'a> {
         }
         let due = Instant::now() + Duration::from_millis(delivery.state.next_attempt_at - now);
         let woke_early = self.renewal_due() < due;
-        self.sleep_until(due).await?;
-        Ok(!woke_early)
+        let mut shutdown = self.inner.shutdown.clone();
+        let woken = tokio::select! {
+            _ = tokio::time::sleep_until(due.min(self.renewal_due())) => false,
+            _ = self.signal.wake.notified() => true,
+            _ = shutdown.fired() => return Err(Stop::Shutdown),
+        };
+        self.hold_lease().await?;
+        Ok(!woke_early && !woken)
+    }
+
+    /// Whether the partition may send now: neither it nor its subscription is paused or
+    /// disabled. The subscription is read again first if it was changed through this
+    /// instance, and on a shared store always (from the store's short-lived copy), so a
+    /// pause through another instance holds before the next attempt.
+    async fn may_send(&mut self) -> Result<bool, Stop> {
+        let changes = self.inner.changes.load(std::sync::atomic::Ordering::SeqCst);
+        if self.inner.leases.is_some() || changes != self.changes_seen {
+            self.changes_seen = changes;
+            match self
+                .inner
+                .subscriptions
+                .get_subscription(&self.partition.subscription_id)
+                .await
+            {
+                Ok(subscription) => {
+                    if subscription.secret != self.subscription.secret {
+                        match crate::signing::decode_secret(&subscription.secret) {
+                            Ok(key) => self.key = key,
+                            Err(error) => {
+                                tracing::error!(partition = %self.partition, %error, "subscription has an unusable secret");
+                                return Err(Stop::SubscriptionGone);
+                            }
+                        }
+                    }
+                    self.subscription = subscription;
+                }
+                Err(StoreError::NotFound(_)) => return Err(Stop::SubscriptionGone),
+                Err(error) => {
+                    // Keep going by the copy in hand; the next attempt reads it again.
+                    tracing::warn!(partition = %self.partition, %error, "cannot read the subscription again");
+                }
+            }
+        }
+        Ok(self.subscription.control.sends(&self.partition.topic))
+    }
+
+    /// Waits until the partition may send again (resumed), keeping the lease.
+    async fn wait_while_paused(&mut self) -> Result<(), Stop> {
+        tracing::debug!(partition = %self.partition, "paused");
+        loop {
+            let mut shutdown = self.inner.shutdown.clone();
+            tokio::select! {
+                _ = self.signal.wake.notified() => {}
+                _ = tokio::time::sleep_until((Instant::now() + PAUSED_CHECK).min(self.renewal_due())) => {}
+                _ = shutdown.fired() => return Err(Stop::Shutdown),
+            }
+            self.hold_lease().await?;
+            if self.may_send().await? {
+                return Ok(());
+            }
+        }
     }
 
     async fn slot(&self) -> Result<SemaphorePermit<'a>, Stop> {

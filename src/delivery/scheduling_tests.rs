@@ -40,6 +40,7 @@ impl MemoryLog {
             retry_policy: policy,
             on_exhausted,
             created_at: 0,
+            control: Default::default(),
         };
         let mut previous = 0;
         let pending = sequences
@@ -107,12 +108,37 @@ impl SubscriptionStore for MemoryLog {
     async fn delete_subscription(&self, _: &str) -> Result<u64, StoreError> {
         unreachable!("the worker never deletes subscriptions")
     }
+
+    async fn update_subscription(
+        &self,
+        _: &str,
+        _: crate::store::SubscriptionUpdate,
+    ) -> Result<Subscription, StoreError> {
+        unreachable!("the worker never updates subscriptions")
+    }
 }
 
 #[async_trait]
 impl DeliveryLog for MemoryLog {
     async fn publish(&self, _: &NewEvent, _: Duration) -> Result<Published, StoreError> {
         unreachable!("the worker never publishes")
+    }
+
+    async fn partition_status(
+        &self,
+        _: &str,
+        _: usize,
+        _: Option<&str>,
+    ) -> Result<Page<crate::model::PartitionStatus>, StoreError> {
+        unreachable!("the worker never reads a status")
+    }
+
+    async fn retry_now(&self, _: &PartitionKey) -> Result<Option<u64>, StoreError> {
+        unreachable!("the worker never makes a head due")
+    }
+
+    async fn skip_head(&self, _: &PartitionKey, _: u64) -> Result<(), StoreError> {
+        unreachable!("the worker never skips")
     }
 
     async fn next_deliveries(

@@ -7,7 +7,7 @@
 //! work left leaves the lease expired, where every instance's periodic rescan finds it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -72,6 +72,9 @@ pub(crate) struct Inner {
     pub(crate) permits: Semaphore,
     /// Partitions with a running task, each with its wake-up signal.
     partitions: Mutex<HashMap<PartitionKey, Arc<Signal>>>,
+    /// Moves each time a subscription is changed through this instance, so that its running
+    /// partition tasks read it again before their next attempt.
+    pub(crate) changes: AtomicU64,
     tasks: TaskTracker,
     pub(crate) shutdown: Shutdown,
 }
@@ -99,6 +102,7 @@ impl Engine {
                 permits: Semaphore::new(config.concurrency),
                 config,
                 partitions: Mutex::new(HashMap::new()),
+                changes: AtomicU64::new(0),
                 tasks: TaskTracker::new(),
                 shutdown,
             }),
@@ -151,6 +155,20 @@ impl Engine {
                         .tasks
                         .spawn(run_partition(inner, partition, new_work));
                 }
+            }
+        }
+    }
+
+    /// Tells the engine that a subscription changed (paused, resumed, updated): its running
+    /// partition tasks read it again before their next attempt, and those waiting (paused,
+    /// or for a backoff) wake to do so.
+    pub fn subscription_changed(&self, subscription_id: &str) {
+        self.inner.changes.fetch_add(1, Ordering::SeqCst);
+        let running = self.inner.partitions.lock().expect("partition map lock");
+        for (partition, signal) in running.iter() {
+            if partition.subscription_id == subscription_id {
+                signal.new_work.store(true, Ordering::SeqCst);
+                signal.wake.notify_one();
             }
         }
     }

@@ -28,7 +28,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::model::{FailureOutcome, NewEvent, Page, PartitionKey, PendingDelivery, Published};
+use crate::model::{
+    FailureOutcome, NewEvent, Page, PartitionKey, PartitionStatus, PendingDelivery, Published,
+};
 use crate::store::{LeaseToken, StoreError};
 
 /// Events and per-partition delivery progress.
@@ -102,8 +104,46 @@ pub trait DeliveryLog: Send + Sync {
         page_token: Option<&str>,
     ) -> Result<Page<PendingDelivery>, StoreError>;
 
+    /// The partitions of a subscription that have ever received a delivery (and, on
+    /// DynamoDB, those of every published topic it matches), ordered by topic, paged: at
+    /// most `page_size` starting after `page_token`. The cost of a page does not depend on
+    /// the backlog. `NotFound` if the subscription does not exist.
+    async fn partition_status(
+        &self,
+        subscription_id: &str,
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<Page<PartitionStatus>, StoreError>;
+
+    /// Makes the partition's head due now (its backoff is cut short) and returns its
+    /// sequence; `None` if nothing is pending. Not fenced: an operator's call.
+    async fn retry_now(&self, partition: &PartitionKey) -> Result<Option<u64>, StoreError>;
+
+    /// Dead-letters the partition's head, provided it is the delivery of `sequence`, so that
+    /// the partition moves on; `FailedPrecondition` (nothing written) if the head is another
+    /// delivery or there is none. Not fenced: an attempt at it already in flight finishes,
+    /// and a success then completes the dead letter.
+    async fn skip_head(&self, partition: &PartitionKey, sequence: u64) -> Result<(), StoreError>;
+
     /// At least every partition that has a delivery that is neither completed nor
     /// dead-lettered (it may list others), so the worker can resume after a restart and pick up
     /// partitions that another instance left.
     async fn pending_partitions(&self) -> Result<Vec<PartitionKey>, StoreError>;
+}
+
+/// The last error recorded on a delivery an operator skipped.
+pub const SKIPPED: &str = "skipped by an operator";
+
+/// Why a skip was refused: the head is not the delivery the operator named.
+pub fn head_moved(partition: &PartitionKey, expected: u64, head: Option<u64>) -> StoreError {
+    match head {
+        Some(head) => StoreError::FailedPrecondition(format!(
+            "the head of partition {partition} is sequence {head}, not {expected}; look again \
+             (herald status) and skip the current head if it is the one"
+        )),
+        None => StoreError::FailedPrecondition(format!(
+            "partition {partition} has no pending delivery, so sequence {expected} is not its \
+             head"
+        )),
+    }
 }

@@ -9,6 +9,10 @@ pub enum StoreError {
     /// The write conflicts with the current state (for example an id that already exists).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The call names a state that is no longer current (for example a partition head that
+    /// moved); nothing was written. Look again before retrying.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// An argument the store interprets (such as a page token) is malformed.
     #[error("{0}")]
     InvalidArgument(String),

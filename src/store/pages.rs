@@ -3,7 +3,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
-use crate::model::{Page, PendingDelivery, Subscription};
+use crate::model::{Page, PartitionStatus, PendingDelivery, Subscription};
 use crate::store::StoreError;
 
 /// Cuts `items`, read with one more than `page_size` to learn whether another page follows,
@@ -24,6 +24,14 @@ pub fn subscription_page(items: Vec<Subscription>, page_size: usize) -> Page<Sub
 pub fn pending_page(items: Vec<PendingDelivery>, page_size: usize) -> Page<PendingDelivery> {
     page(items, page_size, |last| {
         encode_pending_token(&last.partition.topic, last.event.sequence)
+    })
+}
+
+/// A partition-status page from up to `page_size + 1` partitions in topic order; the token
+/// is the last topic (encoded like a subscription token).
+pub fn partition_page(items: Vec<PartitionStatus>, page_size: usize) -> Page<PartitionStatus> {
+    page(items, page_size, |last| {
+        encode_subscription_token(&last.partition.topic)
     })
 }
 

@@ -3,8 +3,8 @@
 //! Every record kind is an explicit stored struct with a version tag, never the serde form of
 //! a domain type, so that renaming a field of the API's types cannot silently change what is
 //! on disk. JSON records carry `"v"`; a record without it was written before versions existed
-//! (version 0) and is still read. The partition record is binary: a version byte and three
-//! little-endian words (24 bytes without the version byte is version 0). The tests at the end
+//! (version 0) and is still read. The partition record is binary: a version byte and seven
+//! little-endian words (version 1 had three; 24 bytes without the version byte is version 0). The tests at the end
 //! decode records in every earlier format.
 
 use std::collections::BTreeMap;
@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{DeliveryState, Event, OnExhausted, RetryPolicy, Subscription, UnixMillis};
+use crate::model::{
+    Control, DeliveryState, Event, OnExhausted, RetryPolicy, Subscription, SubscriptionState,
+    UnixMillis,
+};
 use crate::store::StoreError;
 use crate::trace::TraceContext;
 
@@ -22,7 +25,7 @@ const MAX_ERROR_LEN: usize = 512;
 /// Version written into every JSON record (`"v"`).
 const JSON_RECORD_VERSION: u32 = 1;
 /// Version byte of binary partition records.
-const PARTITION_RECORD_VERSION: u8 = 1;
+const PARTITION_RECORD_VERSION: u8 = 2;
 
 /// The version of a JSON record: its `"v"`, or 0 if it has none.
 #[derive(Deserialize)]
@@ -51,23 +54,45 @@ pub struct PartitionRecord {
     pub dead_through: u64,
     /// Pending deliveries, dead-lettered included.
     pub pending: u64,
+    /// Dead-lettered deliveries kept (version 2; 0 when read from older records).
+    pub dead_letters: u64,
+    /// Failed attempts since the last successful one (version 2).
+    pub consecutive_failures: u64,
+    /// When an attempt last succeeded, 0 if never (version 2).
+    pub last_success_at: UnixMillis,
+    /// When an attempt last failed, 0 if never (version 2).
+    pub last_failure_at: UnixMillis,
 }
 
+/// Length of a version-2 partition record: the version byte and seven words.
+const PARTITION_RECORD_LEN: usize = 1 + 7 * 8;
+
 impl PartitionRecord {
-    /// Version byte, then three little-endian words.
-    pub fn encode(&self) -> [u8; 25] {
-        let mut bytes = [0u8; 25];
+    /// Version byte, then seven little-endian words.
+    pub fn encode(&self) -> [u8; PARTITION_RECORD_LEN] {
+        let mut bytes = [0u8; PARTITION_RECORD_LEN];
         bytes[0] = PARTITION_RECORD_VERSION;
-        bytes[1..9].copy_from_slice(&self.last_enqueued.to_le_bytes());
-        bytes[9..17].copy_from_slice(&self.dead_through.to_le_bytes());
-        bytes[17..25].copy_from_slice(&self.pending.to_le_bytes());
+        let words = [
+            self.last_enqueued,
+            self.dead_through,
+            self.pending,
+            self.dead_letters,
+            self.consecutive_failures,
+            self.last_success_at,
+            self.last_failure_at,
+        ];
+        for (index, word) in words.iter().enumerate() {
+            bytes[1 + index * 8..9 + index * 8].copy_from_slice(&word.to_le_bytes());
+        }
         bytes
     }
 
-    /// Inverse of [`PartitionRecord::encode`]; also reads version 0 (the words alone).
+    /// Inverse of [`PartitionRecord::encode`]; also reads version 1 (a version byte and
+    /// three words) and version 0 (the three words alone).
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
         let words = match bytes {
-            [PARTITION_RECORD_VERSION, words @ ..] if words.len() == 24 => words,
+            [PARTITION_RECORD_VERSION, words @ ..] if words.len() == 56 => words,
+            [1, words @ ..] if words.len() == 24 => words,
             words if words.len() == 24 => words,
             _ => {
                 return Err(StoreError::Corrupt(format!(
@@ -78,14 +103,21 @@ impl PartitionRecord {
             }
         };
         let word = |index: usize| {
+            let Some(slice) = words.get(index * 8..index * 8 + 8) else {
+                return 0;
+            };
             let mut buffer = [0u8; 8];
-            buffer.copy_from_slice(&words[index * 8..index * 8 + 8]);
+            buffer.copy_from_slice(slice);
             u64::from_le_bytes(buffer)
         };
         Ok(PartitionRecord {
             last_enqueued: word(0),
             dead_through: word(1),
             pending: word(2),
+            dead_letters: word(3),
+            consecutive_failures: word(4),
+            last_success_at: word(5),
+            last_failure_at: word(6),
         })
     }
 }
@@ -282,6 +314,52 @@ struct StoredSubscription {
     request_timeout_ms: u64,
     on_exhausted: String,
     created_at: UnixMillis,
+    /// Added in version 1 without a version change: absent means active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    control: Option<StoredControl>,
+}
+
+/// The operator's controls as stored.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredControl {
+    /// `active`, `paused` or `disabled`.
+    state: String,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    since: UnixMillis,
+    #[serde(default)]
+    paused_topics: Vec<String>,
+}
+
+fn state_name(state: SubscriptionState) -> &'static str {
+    match state {
+        SubscriptionState::Active => "active",
+        SubscriptionState::Paused => "paused",
+        SubscriptionState::Disabled => "disabled",
+    }
+}
+
+fn control_from(stored: Option<StoredControl>, what: &str) -> Result<Control, StoreError> {
+    let Some(stored) = stored else {
+        return Ok(Control::default());
+    };
+    let state = match stored.state.as_str() {
+        "active" => SubscriptionState::Active,
+        "paused" => SubscriptionState::Paused,
+        "disabled" => SubscriptionState::Disabled,
+        other => {
+            return Err(StoreError::Corrupt(format!(
+                "{what}: unknown subscription state `{other}`"
+            )));
+        }
+    };
+    Ok(Control {
+        state,
+        reason: stored.reason,
+        since: stored.since,
+        paused_topics: stored.paused_topics.into_iter().collect(),
+    })
 }
 
 /// A subscription as stored before versions existed (version 0): the serde form of the domain
@@ -338,6 +416,12 @@ pub fn encode_subscription(subscription: &Subscription) -> Vec<u8> {
         request_timeout_ms: millis(policy.request_timeout),
         on_exhausted: on_exhausted_name(subscription.on_exhausted).to_string(),
         created_at: subscription.created_at,
+        control: (subscription.control != Control::default()).then(|| StoredControl {
+            state: state_name(subscription.control.state).to_string(),
+            reason: subscription.control.reason.clone(),
+            since: subscription.control.since,
+            paused_topics: subscription.control.paused_topics.iter().cloned().collect(),
+        }),
     };
     serde_json::to_vec(&stored).expect("records serialize")
 }
@@ -361,6 +445,7 @@ pub fn decode_subscription(bytes: &[u8], what: &str) -> Result<Subscription, Sto
             },
             on_exhausted: on_exhausted_from(&old.on_exhausted, what)?,
             created_at: old.created_at,
+            control: Control::default(),
         });
     }
     let stored: StoredSubscription = from_json(bytes, what)?;
@@ -377,6 +462,7 @@ pub fn decode_subscription(bytes: &[u8], what: &str) -> Result<Subscription, Sto
         },
         on_exhausted: on_exhausted_from(&stored.on_exhausted, what)?,
         created_at: stored.created_at,
+        control: control_from(stored.control, what)?,
     })
 }
 
@@ -395,12 +481,50 @@ mod tests {
             last_enqueued: 7,
             dead_through: 3,
             pending: u64::MAX,
+            dead_letters: 2,
+            consecutive_failures: 5,
+            last_success_at: 11,
+            last_failure_at: 13,
         };
         assert_eq!(PartitionRecord::decode(&record.encode()).unwrap(), record);
         assert!(PartitionRecord::decode(&[1, 2]).is_err());
         let mut newer = record.encode();
-        newer[0] = 2;
+        newer[0] = 3;
         assert!(PartitionRecord::decode(&newer).is_err());
+        // Version 1: a version byte and the first three words.
+        let mut version_1 = vec![1u8];
+        for word in [9u64, 4, 2] {
+            version_1.extend_from_slice(&word.to_le_bytes());
+        }
+        assert_eq!(
+            PartitionRecord::decode(&version_1).unwrap(),
+            PartitionRecord {
+                last_enqueued: 9,
+                dead_through: 4,
+                pending: 2,
+                ..PartitionRecord::default()
+            }
+        );
+    }
+
+    #[test]
+    fn subscription_controls_round_trip_and_active_ones_are_not_written() {
+        let mut subscription = decode_subscription(version_0::SUBSCRIPTION.as_bytes(), "sub")
+            .expect("version 0 reads");
+        let active = encode_subscription(&subscription);
+        assert!(!String::from_utf8_lossy(&active).contains("control"));
+        subscription.control = Control {
+            state: SubscriptionState::Disabled,
+            reason: "endpoint failing since 10:00".into(),
+            since: 42,
+            paused_topics: ["a".to_string()].into(),
+        };
+        let encoded = encode_subscription(&subscription);
+        assert_eq!(decode_subscription(&encoded, "sub").unwrap(), subscription);
+        let unknown = String::from_utf8(encoded)
+            .unwrap()
+            .replace("\"disabled\"", "\"sleeping\"");
+        assert!(decode_subscription(unknown.as_bytes(), "sub").is_err());
     }
 
     #[test]
@@ -492,7 +616,8 @@ mod tests {
                 PartitionRecord {
                     last_enqueued: 9,
                     dead_through: 4,
-                    pending: 2
+                    pending: 2,
+                    ..PartitionRecord::default()
                 }
             );
         }

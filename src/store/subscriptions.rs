@@ -1,5 +1,7 @@
 //! The subscription registry: which endpoints want which topics.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
 use crate::model::{Page, Subscription};
@@ -50,6 +52,12 @@ impl SubscriptionLimits {
     }
 }
 
+/// A change to a subscription: applied to the current stored value, it edits it in place or
+/// refuses with an error (which the update returns, writing nothing). It may be applied more
+/// than once (a lost optimistic race is retried with the newer value).
+pub type SubscriptionUpdate =
+    Arc<dyn Fn(&mut Subscription) -> Result<(), StoreError> + Send + Sync>;
+
 /// Stored subscriptions. A subscription's effect on publishing is part of the contract: after
 /// [`SubscriptionStore::create_subscription`] returns, every publish on a matching topic (from
 /// any instance sharing the store) fans out to it; after
@@ -68,6 +76,20 @@ pub trait SubscriptionStore: Send + Sync {
         subscription: &Subscription,
         limits: &SubscriptionLimits,
     ) -> Result<(), StoreError>;
+
+    /// Applies `update` to the stored subscription atomically (read, change, write, with no
+    /// other change in between) and returns the new value; writes nothing if the value did
+    /// not change. `NotFound` if the id is unknown. The id, secret and creation time cannot
+    /// change; changing its topics is not supported yet (`Internal`).
+    ///
+    /// Like Subscribe, the change is seen by every instance sharing the store once this
+    /// returns: on DynamoDB the call waits out the copies of the subscription set that other
+    /// instances may hold.
+    async fn update_subscription(
+        &self,
+        id: &str,
+        update: SubscriptionUpdate,
+    ) -> Result<Subscription, StoreError>;
 
     /// Returns the subscription with this id, or `NotFound`.
     async fn get_subscription(&self, id: &str) -> Result<Subscription, StoreError>;
@@ -89,4 +111,20 @@ pub trait SubscriptionStore: Send + Sync {
     /// removal, returning what it removed) or the store's background sweep completes it. The
     /// embedded store does it in one transaction.
     async fn delete_subscription(&self, id: &str) -> Result<u64, StoreError>;
+}
+
+/// Refuses an update that changes what a subscription cannot change in place.
+pub fn unchanged_identity(
+    current: &Subscription,
+    updated: &Subscription,
+) -> Result<(), StoreError> {
+    if updated.id != current.id
+        || updated.created_at != current.created_at
+        || updated.topics != current.topics
+    {
+        return Err(StoreError::Internal(
+            "a subscription update may not change its id, creation time or topics".into(),
+        ));
+    }
+    Ok(())
 }

@@ -89,6 +89,7 @@ mod tests {
             retry_policy: RetryPolicy::default(),
             on_exhausted: OnExhausted::DeadLetter,
             created_at: 0,
+            control: Default::default(),
         }
     }
 

@@ -286,6 +286,7 @@ async fn invalid_input_gets_a_precise_status_and_stores_nothing(backend: Backend
     let list = |page_size: i32, page_token: &str| proto::ListSubscriptionsRequest {
         page_size,
         page_token: page_token.into(),
+        state: 0,
     };
     assert_status(
         client.list_subscriptions(list(-1, "")).await,
@@ -417,6 +418,7 @@ async fn subscriptions_are_listed_paged_and_deleted_with_their_backlog(backend: 
             .list_subscriptions(proto::ListSubscriptionsRequest {
                 page_size: 2,
                 page_token,
+                state: 0,
             })
             .await
             .unwrap()

@@ -728,6 +728,7 @@ fn plain_subscription(id: &str, topic: &str) -> herald::model::Subscription {
         retry_policy: Default::default(),
         on_exhausted: herald::model::OnExhausted::DeadLetter,
         created_at: now_millis(),
+        control: Default::default(),
     }
 }
 

@@ -136,6 +136,7 @@ async fn client_deadlines_during_a_fan_out_strand_nothing(backend: Backend) {
                 .list_subscriptions(herald::proto::ListSubscriptionsRequest {
                     page_size: 1000,
                     page_token,
+                    state: 0,
                 })
                 .await
                 .unwrap()

@@ -13,6 +13,7 @@ mod documented;
 mod dynamodb;
 mod faults;
 mod observability;
+mod operate;
 mod security;
 mod store_conformance;
 mod tls;

@@ -8,7 +8,9 @@ use aws_sdk_dynamodb::types::{Delete, Put, TransactWriteItem, Update};
 
 use super::schema::{self, Item, get_n, n, s};
 use super::{DynamoStore, Inner, SWEEP_BUDGET};
-use crate::model::{FailureOutcome, NewEvent, Page, PartitionKey, PendingDelivery, Published};
+use crate::model::{
+    FailureOutcome, NewEvent, Page, PartitionKey, PartitionStatus, PendingDelivery, Published,
+};
 use crate::store::pages;
 use crate::store::records;
 use crate::store::{DeliveryLog, LeaseToken, StoreError, SubscriptionStore};
@@ -76,9 +78,15 @@ impl Inner {
             .expect("event cache lock")
             .pending(topic, sequence)
             == Some(1);
+        // A worker's completion carries the partition's success counters when they are due.
+        let stats = fence.and_then(|(partition, _)| self.success_stats(partition));
+        let with_stats = |mut items: Vec<TransactWriteItem>| {
+            items.extend(stats.clone());
+            items
+        };
         if !last_reference {
             let Some(reasons) = self
-                .transact_fenced(vec![delete_delivery(), decrement], fence)
+                .transact_fenced(with_stats(vec![delete_delivery(), decrement]), fence)
                 .await?
             else {
                 return Ok(true);
@@ -99,7 +107,7 @@ impl Inner {
             )
             .build();
         match self
-            .transact_fenced(vec![delete_delivery(), delete_event], fence)
+            .transact_fenced(with_stats(vec![delete_delivery(), delete_event]), fence)
             .await?
         {
             None => Ok(true),
@@ -215,7 +223,10 @@ impl DeliveryLog for DynamoStore {
                     .expression_attribute_values(":error", s(error))
                     .build()
                     .expect("complete update");
-                vec![TransactWriteItem::builder().update(update).build()]
+                vec![
+                    TransactWriteItem::builder().update(update).build(),
+                    self.failure_stats(partition, false),
+                ]
             }
             FailureOutcome::DeadLetter => {
                 let Some(item) = self
@@ -248,6 +259,7 @@ impl DeliveryLog for DynamoStore {
                                 .expect("complete put"),
                         )
                         .build(),
+                    self.failure_stats(partition, true),
                 ]
             }
         };
@@ -313,6 +325,29 @@ impl DeliveryLog for DynamoStore {
             }
         }
         Ok(pages::pending_page(items, page_size))
+    }
+
+    async fn partition_status(
+        &self,
+        subscription_id: &str,
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<Page<PartitionStatus>, StoreError> {
+        let after = page_token
+            .map(pages::decode_subscription_token)
+            .transpose()?;
+        let subscription = self.get_subscription(subscription_id).await?;
+        self.inner
+            .partition_status(&subscription, page_size, after)
+            .await
+    }
+
+    async fn retry_now(&self, partition: &PartitionKey) -> Result<Option<u64>, StoreError> {
+        self.inner.retry_now(partition).await
+    }
+
+    async fn skip_head(&self, partition: &PartitionKey, sequence: u64) -> Result<(), StoreError> {
+        self.inner.skip_head(partition, sequence).await
     }
 
     /// The first call probes every partition of every topic. Later calls probe only the

@@ -148,8 +148,15 @@ impl Inner {
         event: &Item,
     ) -> Result<Vec<Item>, StoreError> {
         let due = get_n(event, "published_at")?;
+        let ordinal = get_n(event, "ordinal")?;
         let delivery = |id: &str, previous: u64| {
-            schema::delivery_item(&PartitionKey::new(topic, id), sequence, previous, due)
+            schema::delivery_item(
+                &PartitionKey::new(topic, id),
+                sequence,
+                previous,
+                due,
+                ordinal,
+            )
         };
         if let Some(AttributeValue::S(listed)) = event.get("fanout") {
             let fanout: Vec<(String, u64)> = serde_json::from_str(listed).map_err(|_| {
@@ -180,6 +187,7 @@ impl Inner {
         let before = TopicState {
             last_sequence: record.previous_sequence,
             last_version: record.previous_version,
+            events: 0,
         };
         let previous = previous_sequences(&set, &subscribers, before);
         Ok(subscribers

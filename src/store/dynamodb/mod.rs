@@ -44,6 +44,7 @@ mod errors;
 mod fanout;
 mod io;
 mod leases;
+mod operate;
 mod publish;
 mod reads;
 mod requests;
@@ -62,6 +63,7 @@ use std::time::Duration;
 use aws_sdk_dynamodb::Client;
 use tokio::sync::watch;
 
+use crate::model::PartitionKey;
 use crate::store::{PartitionLeases, Store, StoreError};
 pub use admin::{DynamoConfig, client_from_env, create_table, create_table_with_cache_validity};
 use errors::sdk_error;
@@ -132,6 +134,8 @@ pub struct Inner {
     /// (topic's last sequence, whether a fan-out was open) at the previous `pending_partitions`
     /// call, for every topic.
     rescanned: Mutex<Option<HashMap<String, TopicMark>>>,
+    /// When this instance last wrote each partition's success counters (see `operate`).
+    stats_written: Mutex<HashMap<PartitionKey, std::time::Instant>>,
     #[cfg(feature = "fault-injection")]
     faults: Faults,
     fanouts_repaired: AtomicU64,
@@ -169,6 +173,7 @@ impl DynamoStore {
             queues: Mutex::new(HashMap::new()),
             repair_after: Duration::from_secs(10),
             rescanned: Mutex::new(None),
+            stats_written: Mutex::new(HashMap::new()),
             #[cfg(feature = "fault-injection")]
             faults: Faults::default(),
             fanouts_repaired: AtomicU64::new(0),

@@ -69,6 +69,8 @@ struct Plan {
     count: usize,
     /// The first publish's sequence; the others follow one by one.
     first_sequence: u64,
+    /// The topic's event count before the batch: the first publish's ordinal is one more.
+    events_before: u64,
     now: u64,
     version: u64,
     subscribers: Vec<String>,
@@ -265,6 +267,7 @@ impl Inner {
             TopicState {
                 last_sequence: last,
                 last_version: plan.version,
+                events: plan.events_before + plan.count as u64,
             },
         );
         if !plan.subscribers.is_empty() {
@@ -489,6 +492,7 @@ impl Inner {
         let mut plan = Plan {
             count: 0,
             first_sequence,
+            events_before: state.events,
             now,
             version: set.version,
             subscribers,
@@ -508,6 +512,7 @@ impl Inner {
         let mut events = Vec::new();
         for (index, waiting) in batch.iter().enumerate() {
             let sequence = first_sequence + index as u64;
+            let ordinal = state.events + index as u64 + 1;
             let deliveries = plan.subscribers.len();
             let needed =
                 usize::from(waiting.key.is_some()) + usize::from(deliveries > 0) + deliveries;
@@ -546,7 +551,7 @@ impl Inner {
                     previous_sequence: state.last_sequence,
                     previous_version: state.last_version,
                 });
-                items.push(self.put(schema::event_item(&stored, deliveries, repair)));
+                items.push(self.put(schema::event_item(&stored, ordinal, deliveries, repair)));
                 let mut all: Vec<Item> = plan
                     .subscribers
                     .iter()
@@ -557,6 +562,7 @@ impl Inner {
                             sequence,
                             previous_of(position),
                             now,
+                            ordinal,
                         )
                     })
                     .collect();
@@ -574,8 +580,9 @@ impl Inner {
         }
         let last = first_sequence + plan.count as u64 - 1;
         let open = (!plan.rest.is_empty()).then_some(last);
+        let count = state.events + plan.count as u64;
         plan.items
-            .push(self.advance_topic(topic, state, last, set.version, open));
+            .push(self.advance_topic(topic, state, (last, count), set.version, open));
         plan.owners.push(None);
         if state.last_sequence == 0 {
             plan.items
@@ -625,19 +632,20 @@ impl Inner {
             .build()
     }
 
-    /// Moves the topic's last sequence from what this instance read to `last`, provided no
-    /// publish on it used a newer subscription set (the set versions a topic's publishes use
-    /// only grow, which keeps each subscription's `previous` chain whole); with `open_fanout`,
-    /// also marks the fan-out of that sequence as unfinished.
+    /// Moves the topic's last sequence from what this instance read to `last` and its event
+    /// count to `events`, provided no publish on it used a newer subscription set (the set
+    /// versions a topic's publishes use only grow, which keeps each subscription's `previous`
+    /// chain whole); with `open_fanout`, also marks the fan-out of that sequence as unfinished.
     fn advance_topic(
         &self,
         topic: &str,
         state: TopicState,
-        last: u64,
+        (last, events): (u64, u64),
         version: u64,
         open_fanout: Option<u64>,
     ) -> TransactWriteItem {
-        let mut expression = "SET last_seq = :sequence, last_version = :version".to_string();
+        let mut expression =
+            "SET last_seq = :sequence, last_version = :version, events = :events".to_string();
         if open_fanout.is_some() {
             expression.push_str(" ADD open_fanouts :open");
         }
@@ -646,6 +654,7 @@ impl Inner {
             .set_key(Some(schema::topic_key(topic)))
             .update_expression(expression)
             .expression_attribute_values(":sequence", n(last))
+            .expression_attribute_values(":events", n(events))
             .expression_attribute_values(":version", n(version));
         let update = match open_fanout {
             Some(sequence) => update.expression_attribute_values(
@@ -727,6 +736,10 @@ pub(super) fn previous_sequences(
 pub(super) struct TopicState {
     pub(super) last_sequence: u64,
     pub(super) last_version: u64,
+    /// Events published on the topic (counted since this attribute exists): each event's
+    /// ordinal, stored on its deliveries, so that a partition's backlog is the difference
+    /// of its tail's and its head's ordinals.
+    pub(super) events: u64,
 }
 
 impl Inner {
@@ -738,6 +751,7 @@ impl Inner {
             Some(item) => TopicState {
                 last_sequence: get_n(&item, "last_seq")?,
                 last_version: get_n(&item, "last_version")?,
+                events: get_n(&item, "events")?,
             },
             None => TopicState::default(),
         };

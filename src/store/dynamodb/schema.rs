@@ -17,6 +17,7 @@
 //! | dead letter | `DEAD#{topic}#{subscription}` | sequence |
 //! | idempotency key | `IDEMPOTENCY#{topic}` | key |
 //! | partition lease | `LEASES#{shard}` (00..15) | `{topic}#{subscription}` |
+//! | partition counters (dead letters, failures, last success) | `STATS#{topic}#{subscription}` | `STATS` |
 
 use std::collections::HashMap;
 
@@ -94,6 +95,11 @@ pub fn delivery_key(partition: &PartitionKey, sequence: u64) -> Item {
 /// Key of a dead-letter item.
 pub fn dead_key(partition: &PartitionKey, sequence: u64) -> Item {
     key(&dead_pk(partition), &sequence_key(sequence))
+}
+
+/// Key of a partition's counters item.
+pub fn stats_key(partition: &PartitionKey) -> Item {
+    key(&format!("STATS#{}", partition.encode()), "STATS")
 }
 
 /// Key of an idempotency item.
@@ -184,10 +190,17 @@ pub struct FanoutRecord {
     pub previous_version: u64,
 }
 
-/// The event item for `event` with `pending` deliveries referencing it; an event whose
-/// fan-out does not fit its first transaction carries its [`FanoutRecord`].
-pub fn event_item(event: &Event, pending: usize, fanout: Option<FanoutRecord>) -> Item {
+/// The event item for `event`, the topic's `ordinal`-th, with `pending` deliveries
+/// referencing it; an event whose fan-out does not fit its first transaction carries its
+/// [`FanoutRecord`].
+pub fn event_item(
+    event: &Event,
+    ordinal: u64,
+    pending: usize,
+    fanout: Option<FanoutRecord>,
+) -> Item {
     let mut item = event_key(&event.topic, event.sequence);
+    item.insert("ordinal".into(), n(ordinal));
     item.insert("id".into(), s(&event.id));
     item.insert("content_type".into(), s(&event.content_type));
     item.insert(
@@ -254,9 +267,18 @@ pub fn event_from_item(topic: &str, item: &Item) -> Result<Event, StoreError> {
     })
 }
 
-/// A new delivery item.
-pub fn delivery_item(partition: &PartitionKey, sequence: u64, previous: u64, due: u64) -> Item {
+/// A new delivery item of the topic's `ordinal`-th event (0: unknown, not stored).
+pub fn delivery_item(
+    partition: &PartitionKey,
+    sequence: u64,
+    previous: u64,
+    due: u64,
+    ordinal: u64,
+) -> Item {
     let mut item = delivery_key(partition, sequence);
+    if ordinal > 0 {
+        item.insert("ordinal".into(), n(ordinal));
+    }
     item.insert("attempts".into(), n(0));
     item.insert("next_attempt_at".into(), n(due));
     item.insert("previous".into(), n(previous));
@@ -346,7 +368,7 @@ mod tests {
             published_at: 7,
             trace: None,
         };
-        let item = event_item(&event, 3, None);
+        let item = event_item(&event, 1, 3, None);
         assert_eq!(event_from_item("user:new", &item).unwrap(), event);
         assert_eq!(get_n(&item, "pending").unwrap(), 3);
         assert_eq!(fanout_record(&item).unwrap(), None);
@@ -355,7 +377,7 @@ mod tests {
             previous_sequence: 41,
             previous_version: 4,
         };
-        let item = event_item(&event, 3, Some(record));
+        let item = event_item(&event, 1, 3, Some(record));
         assert_eq!(event_from_item("user:new", &item).unwrap(), event);
         assert_eq!(fanout_record(&item).unwrap(), Some(record));
     }

@@ -15,7 +15,7 @@ use crate::model::{Page, Subscription};
 use crate::store::pages;
 use crate::store::records;
 use crate::store::topic_index::TopicIndex;
-use crate::store::{StoreError, SubscriptionLimits, SubscriptionStore};
+use crate::store::{StoreError, SubscriptionLimits, SubscriptionStore, SubscriptionUpdate};
 
 /// How long a read of the subscription set may be used to fan out publishes, unless the
 /// table's version item says otherwise (`cache_validity_ms`, written when the table is
@@ -228,6 +228,21 @@ impl SubscriptionStore for DynamoStore {
         ));
         task.await
             .map_err(|error| StoreError::Internal(format!("subscription commit failed: {error}")))?
+    }
+
+    async fn update_subscription(
+        &self,
+        id: &str,
+        update: SubscriptionUpdate,
+    ) -> Result<Subscription, StoreError> {
+        // In its own task, so that a caller going away does not leave the change half-seen.
+        let task = tokio::spawn(super::operate::update_and_settle(
+            self.inner.clone(),
+            id.to_string(),
+            update,
+        ));
+        task.await
+            .map_err(|error| StoreError::Internal(format!("subscription update failed: {error}")))?
     }
 
     /// From the current copy of the set (no request while it is young), else from the

@@ -10,7 +10,10 @@ use super::EmbeddedStore;
 use super::schema::{DELIVERIES, EVENTS, PARTITIONS, PENDING_PARTITIONS, SUBSCRIPTIONS};
 use super::unavailable;
 use super::writer::Command;
-use crate::model::{FailureOutcome, NewEvent, Page, PartitionKey, PendingDelivery, Published};
+use crate::model::{
+    FailureOutcome, HeadStatus, NewEvent, Page, PartitionKey, PartitionStatus, PendingDelivery,
+    Published,
+};
 use crate::store::pages;
 use crate::store::records::{DeliveryRecord, PartitionRecord, decode_event};
 use crate::store::{DeliveryLog, LeaseToken, StoreError};
@@ -97,18 +100,7 @@ impl DeliveryLog for EmbeddedStore {
         self.read_with(move |transaction| {
             let subscription_id = subscription_id.as_str();
             let topic = topic.as_deref();
-            {
-                let subscriptions = transaction.open_table(SUBSCRIPTIONS).map_err(unavailable)?;
-                if subscriptions
-                    .get(subscription_id)
-                    .map_err(unavailable)?
-                    .is_none()
-                {
-                    return Err(StoreError::NotFound(format!(
-                        "subscription {subscription_id}"
-                    )));
-                }
-            }
+            require_subscription(&transaction, subscription_id)?;
             let start_after = |candidate: &str| match &after {
                 Some((token_topic, sequence)) if token_topic == candidate => sequence + 1,
                 _ => 0,
@@ -151,6 +143,77 @@ impl DeliveryLog for EmbeddedStore {
         .await
     }
 
+    async fn partition_status(
+        &self,
+        subscription_id: &str,
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<Page<PartitionStatus>, StoreError> {
+        let after = page_token
+            .map(pages::decode_subscription_token)
+            .transpose()?;
+        let subscription_id = subscription_id.to_string();
+        self.read_with(move |transaction| {
+            let subscription_id = subscription_id.as_str();
+            require_subscription(&transaction, subscription_id)?;
+            let partitions = transaction.open_table(PARTITIONS).map_err(unavailable)?;
+            let start = after.as_deref().unwrap_or("");
+            let mut items = Vec::new();
+            for entry in partitions
+                .range((subscription_id, start)..)
+                .map_err(unavailable)?
+            {
+                let (key, value) = entry.map_err(unavailable)?;
+                let (owner, topic) = key.value();
+                if owner != subscription_id || items.len() > page_size {
+                    break;
+                }
+                if after.as_deref() == Some(topic) {
+                    continue;
+                }
+                let record = PartitionRecord::decode(value.value())?;
+                let partition = PartitionKey::new(topic, subscription_id);
+                let head = read_partition(
+                    &transaction,
+                    &partition,
+                    record.dead_through.saturating_add(1),
+                    1,
+                )?
+                .into_iter()
+                .find(|delivery| !delivery.state.dead_lettered)
+                .map(|delivery| HeadStatus {
+                    sequence: delivery.event.sequence,
+                    published_at: delivery.event.published_at,
+                    state: delivery.state,
+                    last_error: delivery.last_error,
+                });
+                items.push(PartitionStatus {
+                    partition,
+                    pending: record.pending.saturating_sub(record.dead_letters),
+                    dead_letters: record.dead_letters,
+                    head,
+                    consecutive_failures: record.consecutive_failures,
+                    last_success_at: record.last_success_at,
+                    last_failure_at: record.last_failure_at,
+                });
+            }
+            Ok(pages::partition_page(items, page_size))
+        })
+        .await
+    }
+
+    async fn retry_now(&self, partition: &PartitionKey) -> Result<Option<u64>, StoreError> {
+        let partition = partition.clone();
+        self.submit(|reply| Command::RetryNow(partition, reply))
+            .await
+    }
+
+    async fn skip_head(&self, partition: &PartitionKey, sequence: u64) -> Result<(), StoreError> {
+        let partition = partition.clone();
+        self.submit(|reply| Command::SkipHead(partition, sequence, reply))
+            .await
+    }
+
     async fn pending_partitions(&self) -> Result<Vec<PartitionKey>, StoreError> {
         self.read_with(move |transaction| {
             let table = transaction
@@ -166,6 +229,24 @@ impl DeliveryLog for EmbeddedStore {
         })
         .await
     }
+}
+
+/// `NotFound` unless the subscription exists.
+fn require_subscription(
+    transaction: &ReadTransaction,
+    subscription_id: &str,
+) -> Result<(), StoreError> {
+    let subscriptions = transaction.open_table(SUBSCRIPTIONS).map_err(unavailable)?;
+    if subscriptions
+        .get(subscription_id)
+        .map_err(unavailable)?
+        .is_none()
+    {
+        return Err(StoreError::NotFound(format!(
+            "subscription {subscription_id}"
+        )));
+    }
+    Ok(())
 }
 
 /// Reads up to `limit` deliveries of a partition with sequence >= `from`, joined with events.

@@ -10,7 +10,7 @@ use super::writer::Command;
 use crate::model::{Page, Subscription};
 use crate::store::pages;
 use crate::store::records;
-use crate::store::{StoreError, SubscriptionLimits, SubscriptionStore};
+use crate::store::{StoreError, SubscriptionLimits, SubscriptionStore, SubscriptionUpdate};
 
 #[async_trait]
 impl SubscriptionStore for EmbeddedStore {
@@ -22,6 +22,16 @@ impl SubscriptionStore for EmbeddedStore {
         let subscription = subscription.clone();
         let limits = *limits;
         self.submit(|reply| Command::CreateSubscription(subscription, limits, reply))
+            .await
+    }
+
+    async fn update_subscription(
+        &self,
+        id: &str,
+        update: SubscriptionUpdate,
+    ) -> Result<Subscription, StoreError> {
+        let id = id.to_string();
+        self.submit(|reply| Command::UpdateSubscription(id, update, reply))
             .await
     }
 

@@ -11,14 +11,16 @@ use super::schema::{
 };
 use super::unavailable;
 use crate::model::{
-    Event, FailureOutcome, NewEvent, PartitionKey, Published, Subscription, now_micros,
+    Event, FailureOutcome, NewEvent, PartitionKey, Published, Subscription, now_micros, now_millis,
 };
+use crate::store::delivery_log::{SKIPPED, head_moved};
 use crate::store::records::{
     DeliveryRecord, IdempotencyRecord, PartitionRecord, decode_subscription, encode_event,
     encode_subscription,
 };
+use crate::store::subscriptions::unchanged_identity;
 use crate::store::topic_index::TopicIndex;
-use crate::store::{StoreError, SubscriptionLimits};
+use crate::store::{StoreError, SubscriptionLimits, SubscriptionUpdate};
 
 /// Most expired idempotency keys removed per sweep.
 const SWEEP_LIMIT: usize = 1000;
@@ -320,18 +322,24 @@ impl<'transaction> Tables<'transaction> {
         sequence: u64,
     ) -> Result<(), StoreError> {
         let partition_key = partition.encode();
-        let removed = self
+        let was_dead = match self
             .deliveries
             .remove((partition_key.as_str(), sequence))
             .map_err(unavailable)?
-            .is_some();
-        if !removed {
-            return Ok(());
-        }
+        {
+            Some(removed) => DeliveryRecord::decode(removed.value())?.dead_lettered,
+            None => return Ok(()),
+        };
         let subscription_id = partition.subscription_id.as_str();
         let topic = partition.topic.as_str();
         let mut record = self.partition(subscription_id, topic)?;
         record.pending = record.pending.saturating_sub(1);
+        if was_dead {
+            // Skipped by an operator while its attempt was in flight, which then succeeded.
+            record.dead_letters = record.dead_letters.saturating_sub(1);
+        }
+        record.consecutive_failures = 0;
+        record.last_success_at = now_millis();
         if record.pending == 0 {
             self.pending_partitions
                 .remove((subscription_id, topic))
@@ -354,21 +362,27 @@ impl<'transaction> Tables<'transaction> {
         let Some(mut delivery) = self.delivery(&partition_key, sequence)? else {
             return Ok(());
         };
+        let was_dead = delivery.dead_lettered;
         delivery.attempts += 1;
         delivery.set_error(error);
+        let subscription_id = partition.subscription_id.as_str();
+        let topic = partition.topic.as_str();
+        let mut record = self.partition(subscription_id, topic)?;
+        record.consecutive_failures += 1;
+        record.last_failure_at = now_millis();
         match outcome {
             FailureOutcome::RetryAt(at) => delivery.next_attempt_at = *at,
             FailureOutcome::DeadLetter => {
                 delivery.dead_lettered = true;
-                let subscription_id = partition.subscription_id.as_str();
-                let topic = partition.topic.as_str();
-                let mut record = self.partition(subscription_id, topic)?;
                 record.dead_through = record.dead_through.max(sequence);
-                self.partitions
-                    .insert((subscription_id, topic), record.encode().as_slice())
-                    .map_err(unavailable)?;
+                if !was_dead {
+                    record.dead_letters += 1;
+                }
             }
         }
+        self.partitions
+            .insert((subscription_id, topic), record.encode().as_slice())
+            .map_err(unavailable)?;
         self.deliveries
             .insert(
                 (partition_key.as_str(), sequence),
@@ -376,6 +390,98 @@ impl<'transaction> Tables<'transaction> {
             )
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    /// Replaces a subscription by `update`'s edit of it. Its topics cannot change (the topic
+    /// index is not rebuilt here).
+    pub(super) fn update_subscription(
+        &mut self,
+        id: &str,
+        update: &SubscriptionUpdate,
+    ) -> Applied<Subscription> {
+        let current = match self.subscriptions.get(id).map_err(unavailable)? {
+            Some(bytes) => decode_subscription(bytes.value(), "subscription")?,
+            None => return Ok(Err(StoreError::NotFound(format!("subscription {id}")))),
+        };
+        let mut updated = current.clone();
+        if let Err(error) = update(&mut updated) {
+            return Ok(Err(error));
+        }
+        if let Err(error) = unchanged_identity(&current, &updated) {
+            return Ok(Err(error));
+        }
+        if updated != current {
+            self.subscriptions
+                .insert(id, encode_subscription(&updated).as_slice())
+                .map_err(unavailable)?;
+        }
+        Ok(Ok(updated))
+    }
+
+    /// The partition's head: its first delivery that is neither completed nor dead-lettered.
+    fn head(
+        &self,
+        partition: &PartitionKey,
+        record: &PartitionRecord,
+    ) -> Result<Option<(u64, DeliveryRecord)>, StoreError> {
+        let key = partition.encode();
+        let from = record.dead_through.saturating_add(1);
+        for entry in self
+            .deliveries
+            .range((key.as_str(), from)..=(key.as_str(), u64::MAX))
+            .map_err(unavailable)?
+        {
+            let (entry_key, value) = entry.map_err(unavailable)?;
+            let delivery = DeliveryRecord::decode(value.value())?;
+            if !delivery.dead_lettered {
+                return Ok(Some((entry_key.value().1, delivery)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Makes the head due at `now`; returns its sequence.
+    pub(super) fn retry_now(&mut self, partition: &PartitionKey, now: u64) -> Applied<Option<u64>> {
+        let record = self.partition(&partition.subscription_id, &partition.topic)?;
+        let Some((sequence, mut delivery)) = self.head(partition, &record)? else {
+            return Ok(Ok(None));
+        };
+        if delivery.next_attempt_at > now {
+            delivery.next_attempt_at = now;
+            self.deliveries
+                .insert(
+                    (partition.encode().as_str(), sequence),
+                    delivery.encode().as_slice(),
+                )
+                .map_err(unavailable)?;
+        }
+        Ok(Ok(Some(sequence)))
+    }
+
+    /// Dead-letters the head if it is the delivery of `sequence`.
+    pub(super) fn skip_head(&mut self, partition: &PartitionKey, sequence: u64) -> Applied<()> {
+        let subscription_id = partition.subscription_id.as_str();
+        let topic = partition.topic.as_str();
+        let mut record = self.partition(subscription_id, topic)?;
+        let head = self.head(partition, &record)?;
+        let head_sequence = head.as_ref().map(|(at, _)| *at);
+        let Some((head_sequence, mut delivery)) = head.filter(|(head, _)| *head == sequence) else {
+            return Ok(Err(head_moved(partition, sequence, head_sequence)));
+        };
+        delivery.dead_lettered = true;
+        delivery.set_error(SKIPPED);
+        self.deliveries
+            .insert(
+                (partition.encode().as_str(), head_sequence),
+                delivery.encode().as_slice(),
+            )
+            .map_err(unavailable)?;
+        record.dead_through = record.dead_through.max(head_sequence);
+        record.dead_letters += 1;
+        self.partitions
+            .insert((subscription_id, topic), record.encode().as_slice())
+            .map_err(unavailable)?;
+        Ok(Ok(()))
     }
 
     /// Drops one reference to an event, deleting it with the last.

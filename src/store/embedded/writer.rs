@@ -15,7 +15,7 @@ use super::tables::Tables;
 use super::{DatabaseSlot, current, unavailable};
 use crate::model::{FailureOutcome, NewEvent, PartitionKey, Published, Subscription, now_millis};
 use crate::store::topic_index::TopicIndex;
-use crate::store::{StoreError, SubscriptionLimits};
+use crate::store::{StoreError, SubscriptionLimits, SubscriptionUpdate};
 
 /// Most commands applied in one transaction.
 const MAX_BATCH: usize = 2048;
@@ -36,6 +36,9 @@ pub(super) enum Command {
     Publish(NewEvent, Duration, Reply<Published>),
     Complete(PartitionKey, u64, Reply<()>),
     Failure(PartitionKey, u64, String, FailureOutcome, Reply<()>),
+    UpdateSubscription(String, SubscriptionUpdate, Reply<Subscription>),
+    RetryNow(PartitionKey, Reply<Option<u64>>),
+    SkipHead(PartitionKey, u64, Reply<()>),
 }
 
 impl Command {
@@ -51,6 +54,8 @@ enum Outcome {
     Unit(Reply<()>, Result<(), StoreError>),
     Count(Reply<u64>, Result<u64, StoreError>),
     Published(Reply<Published>, Result<Published, StoreError>),
+    Subscription(Reply<Subscription>, Result<Subscription, StoreError>),
+    Head(Reply<Option<u64>>, Result<Option<u64>, StoreError>),
 }
 
 impl Outcome {
@@ -64,6 +69,12 @@ impl Outcome {
                 let _ = reply.send(batch_error.map_or(result, |error| Err(error.clone())));
             }
             Outcome::Published(reply, result) => {
+                let _ = reply.send(batch_error.map_or(result, |error| Err(error.clone())));
+            }
+            Outcome::Subscription(reply, result) => {
+                let _ = reply.send(batch_error.map_or(result, |error| Err(error.clone())));
+            }
+            Outcome::Head(reply, result) => {
                 let _ = reply.send(batch_error.map_or(result, |error| Err(error.clone())));
             }
         }
@@ -326,6 +337,15 @@ impl Writer {
                         reply,
                         Ok(tables.record_failure(&partition, sequence, &error, &outcome)?),
                     ),
+                    Command::UpdateSubscription(id, update, reply) => {
+                        Outcome::Subscription(reply, tables.update_subscription(&id, &update)?)
+                    }
+                    Command::RetryNow(partition, reply) => {
+                        Outcome::Head(reply, tables.retry_now(&partition, now)?)
+                    }
+                    Command::SkipHead(partition, sequence, reply) => {
+                        Outcome::Unit(reply, tables.skip_head(&partition, sequence)?)
+                    }
                 };
                 outcomes.push(outcome);
             }

@@ -17,6 +17,7 @@ fn subscription(id: &str, topics: &[&str]) -> Subscription {
         retry_policy: RetryPolicy::default(),
         on_exhausted: OnExhausted::DeadLetter,
         created_at: now_millis(),
+        control: Default::default(),
     }
 }
 

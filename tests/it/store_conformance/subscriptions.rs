@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use herald::model::PartitionKey;
+use herald::model::{PartitionKey, Subscription};
 use herald::store::{Store, StoreError, SubscriptionLimits};
 
 use super::{DAY, event, subscription, subscription_with_time};
@@ -11,7 +11,73 @@ on_backends!(
     subscriptions_are_created_listed_and_deleted,
     deleting_a_subscription_drops_its_backlog,
     subscription_limits_hold_in_total_and_per_pattern,
+    updates_change_a_subscription_in_place_or_write_nothing,
 );
+
+async fn updates_change_a_subscription_in_place_or_write_nothing(store: Arc<dyn Store>) {
+    use herald::model::SubscriptionState;
+    store
+        .create_subscription(
+            &subscription("sub_u", &["t", "u"]),
+            &SubscriptionLimits::NONE,
+        )
+        .await
+        .unwrap();
+    let before = store.get_subscription("sub_u").await.unwrap();
+    let paused = store
+        .update_subscription(
+            "sub_u",
+            Arc::new(|subscription| {
+                subscription.control.state = SubscriptionState::Paused;
+                subscription.control.reason = "maintenance".into();
+                subscription.control.paused_topics.insert("u".into());
+                Ok(())
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(paused.control.state, SubscriptionState::Paused);
+    let read = store.get_subscription("sub_u").await.unwrap();
+    assert_eq!(read, paused);
+    assert!(!read.control.sends("t"));
+    assert_eq!(
+        Subscription {
+            control: before.control.clone(),
+            ..read.clone()
+        },
+        before,
+        "only the control changed"
+    );
+    // An update that refuses writes nothing; one that changes the topics is refused.
+    let refused = store
+        .update_subscription(
+            "sub_u",
+            Arc::new(|subscription| {
+                subscription.control.state = SubscriptionState::Active;
+                Err(StoreError::FailedPrecondition("no".into()))
+            }),
+        )
+        .await;
+    assert!(matches!(refused, Err(StoreError::FailedPrecondition(_))));
+    let topics = store
+        .update_subscription(
+            "sub_u",
+            Arc::new(|subscription| {
+                subscription.topics.push("v".into());
+                Ok(())
+            }),
+        )
+        .await;
+    assert!(matches!(topics, Err(StoreError::Internal(_))), "{topics:?}");
+    assert_eq!(store.get_subscription("sub_u").await.unwrap(), paused);
+    let missing = store
+        .update_subscription("sub_missing", Arc::new(|_| Ok(())))
+        .await;
+    assert!(matches!(missing, Err(StoreError::NotFound(_))));
+    // Listed with its control, and survives as stored.
+    let listed = store.list_subscriptions(10, None).await.unwrap().items;
+    assert_eq!(listed, [paused]);
+}
 
 async fn subscriptions_are_created_listed_and_deleted(store: Arc<dyn Store>) {
     for id in ["sub_a", "sub_b", "sub_c"] {

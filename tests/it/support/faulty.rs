@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use herald::model::{
-    FailureOutcome, NewEvent, Page, PartitionKey, PendingDelivery, Published, Subscription,
+    FailureOutcome, NewEvent, Page, PartitionKey, PartitionStatus, PendingDelivery, Published,
+    Subscription,
 };
 use herald::store::{
     DeliveryLog, LeaseToken, PartitionLeases, Store, StoreError, SubscriptionLimits,
-    SubscriptionStore,
+    SubscriptionStore, SubscriptionUpdate,
 };
 
 /// Wraps a real store; `fail_completions(n)` / `fail_failures(n)` make the next `n` calls of
@@ -77,6 +78,14 @@ impl SubscriptionStore for FaultyStore {
         self.inner.create_subscription(subscription, limits).await
     }
 
+    async fn update_subscription(
+        &self,
+        id: &str,
+        update: SubscriptionUpdate,
+    ) -> Result<Subscription, StoreError> {
+        self.inner.update_subscription(id, update).await
+    }
+
     async fn get_subscription(&self, id: &str) -> Result<Subscription, StoreError> {
         self.inner.get_subscription(id).await
     }
@@ -105,6 +114,25 @@ impl DeliveryLog for FaultyStore {
         let delay = self.publish_delay_millis.load(Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
         published
+    }
+
+    async fn partition_status(
+        &self,
+        subscription_id: &str,
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<Page<PartitionStatus>, StoreError> {
+        self.inner
+            .partition_status(subscription_id, page_size, page_token)
+            .await
+    }
+
+    async fn retry_now(&self, partition: &PartitionKey) -> Result<Option<u64>, StoreError> {
+        self.inner.retry_now(partition).await
+    }
+
+    async fn skip_head(&self, partition: &PartitionKey, sequence: u64) -> Result<(), StoreError> {
+        self.inner.skip_head(partition, sequence).await
     }
 
     async fn next_deliveries(

@@ -1,5 +1,9 @@
 //! The broker's operations, independent of gRPC: validate, assign ids, store, wake the engine.
 
+mod operate;
+
+pub use operate::{PartitionState, http_status, partition_state};
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -185,6 +189,7 @@ impl Broker {
             retry_policy,
             on_exhausted: input.on_exhausted.unwrap_or(OnExhausted::DeadLetter),
             created_at: now_millis(),
+            control: Default::default(),
         };
         self.subscriptions
             .create_subscription(&subscription, &self.limits.subscriptions)

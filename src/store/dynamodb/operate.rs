@@ -1,0 +1,373 @@
+//! The operator's calls on DynamoDB: changing a subscription in place (pause, resume), a
+//! partition's status, retry-now and skip; and the per-partition counters the status reads.
+//!
+//! # What the status costs
+//! A partition's backlog is not counted: every delivery carries its event's ordinal (the
+//! topic's count of events when it was published), and a partition receives every event of
+//! its topic from its first one on, so its backlog is `tail ordinal - head ordinal + 1`: two
+//! single-item queries. Deliveries written before ordinals existed are counted instead. The
+//! counters that change only on failures (dead letters, consecutive failures, last failure)
+//! are written with the failure; the last success time is written with a completion that
+//! ends a run of failures, and otherwise at most once a minute per partition and instance, so
+//! a busy partition's completions stay one-item-lighter.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_dynamodb::types::{Delete, Put, Select, TransactWriteItem, Update};
+
+use super::errors::{
+    cancellation_reasons, conflict_pause, is_condition_failure, refused, sdk_error,
+};
+use super::schema::{self, Item, get_n, get_s, n, s};
+use super::{Inner, MAX_CONFLICT_RETRIES};
+use crate::model::{HeadStatus, Page, PartitionKey, PartitionStatus, Subscription, now_millis};
+use crate::store::delivery_log::{SKIPPED, head_moved};
+use crate::store::pages;
+use crate::store::records;
+use crate::store::subscriptions::unchanged_identity;
+use crate::store::{StoreError, SubscriptionUpdate};
+
+/// How often a busy partition's completions also write its last success time.
+const STATS_REFRESH: Duration = Duration::from_secs(60);
+/// Partitions whose last stats write this instance remembers, at most.
+const STATS_MEMORY: usize = 100_000;
+
+impl Inner {
+    /// The counters update that goes with a failed attempt (and, with `dead_lettered`, a new
+    /// dead letter).
+    pub(super) fn failure_stats(
+        &self,
+        partition: &PartitionKey,
+        dead_lettered: bool,
+    ) -> TransactWriteItem {
+        // The next success ends a run of failures: it writes its counters.
+        self.stats_written
+            .lock()
+            .expect("stats lock")
+            .remove(partition);
+        let expression = if dead_lettered {
+            "ADD consecutive_failures :one, dead_letters :one SET last_failure_at = :now"
+        } else {
+            "ADD consecutive_failures :one SET last_failure_at = :now"
+        };
+        self.stats_update(partition, expression)
+    }
+
+    /// The counters update that goes with a completion, when one is due (see the module doc).
+    pub(super) fn success_stats(&self, partition: &PartitionKey) -> Option<TransactWriteItem> {
+        let mut written = self.stats_written.lock().expect("stats lock");
+        if written
+            .get(partition)
+            .is_some_and(|at| at.elapsed() < STATS_REFRESH)
+        {
+            return None;
+        }
+        if written.len() >= STATS_MEMORY {
+            written.clear();
+        }
+        written.insert(partition.clone(), Instant::now());
+        drop(written);
+        Some(self.stats_update(
+            partition,
+            "SET consecutive_failures = :zero, last_success_at = :now",
+        ))
+    }
+
+    fn stats_update(&self, partition: &PartitionKey, expression: &str) -> TransactWriteItem {
+        let mut update = Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(schema::stats_key(partition)))
+            .update_expression(expression)
+            .expression_attribute_values(":now", n(now_millis()));
+        if expression.contains(":one") {
+            update = update.expression_attribute_values(":one", n(1));
+        }
+        if expression.contains(":zero") {
+            update = update.expression_attribute_values(":zero", n(0));
+        }
+        TransactWriteItem::builder()
+            .update(update.build().expect("complete update"))
+            .build()
+    }
+
+    /// Applies `update` to the stored subscription with the version item moved in the same
+    /// transaction (so every instance's copy of the set is refreshed within its validity);
+    /// returns the new value and, if it was written, the validity to wait out.
+    pub(super) async fn update_subscription(
+        &self,
+        id: &str,
+        update: &SubscriptionUpdate,
+    ) -> Result<(Subscription, Option<Duration>), StoreError> {
+        let _one_at_a_time = self.changes.lock().await;
+        for attempt in 0..MAX_CONFLICT_RETRIES {
+            let Some(item) = self.get_item(schema::subscription_key(id)).await? else {
+                return Err(StoreError::NotFound(format!("subscription {id}")));
+            };
+            let data = get_s(&item, "data")?.to_string();
+            let current = records::decode_subscription(data.as_bytes(), "subscription")?;
+            let mut updated = current.clone();
+            update(&mut updated)?;
+            unchanged_identity(&current, &updated)?;
+            if updated == current {
+                return Ok((updated, None));
+            }
+            let meta = self.read_meta().await?;
+            let mut replacement = item;
+            replacement.insert(
+                "data".into(),
+                s(String::from_utf8(records::encode_subscription(&updated))
+                    .expect("JSON is UTF-8")),
+            );
+            let put = Put::builder()
+                .table_name(&self.table)
+                .set_item(Some(replacement))
+                .condition_expression("#data = :old")
+                .expression_attribute_names("#data", "data")
+                .expression_attribute_values(":old", s(data))
+                .build()
+                .expect("complete put");
+            let items = vec![
+                self.bump_version(meta.version),
+                TransactWriteItem::builder().put(put).build(),
+            ];
+            let sent = Instant::now();
+            match self.transact(items).await {
+                Ok(()) => {
+                    self.apply_own_change(meta.version, sent, |set| {
+                        set.subscriptions.insert(id.to_string(), updated.clone());
+                    });
+                    return Ok((updated, Some(meta.validity)));
+                }
+                Err(error) => match cancellation_reasons(&error) {
+                    Some(reasons) => {
+                        if let Some(error) = refused(&reasons) {
+                            return Err(error);
+                        }
+                        // Another change moved the version or the subscription: read again.
+                        conflict_pause(attempt).await;
+                    }
+                    None => return Err(sdk_error(error)),
+                },
+            }
+        }
+        Err(StoreError::Contention(
+            "too many concurrent subscription changes; nothing was written".into(),
+        ))
+    }
+
+    /// The partition's first delivery item, if any.
+    async fn head_item(&self, partition: &PartitionKey) -> Result<Option<Item>, StoreError> {
+        Ok(self
+            .query_after(&partition.encode(), None, 1)
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    /// The partition's last delivery item, if any.
+    async fn tail_item(&self, partition: &PartitionKey) -> Result<Option<Item>, StoreError> {
+        let output = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("pk = :pk")
+            .expression_attribute_values(":pk", s(partition.encode()))
+            .consistent_read(true)
+            .scan_index_forward(false)
+            .limit(1)
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        Ok(output.items.unwrap_or_default().into_iter().next())
+    }
+
+    /// Counts a partition's deliveries (for deliveries written before ordinals existed).
+    async fn count_deliveries(&self, partition: &PartitionKey) -> Result<u64, StoreError> {
+        let mut count = 0;
+        let mut start = None;
+        loop {
+            let output = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("pk = :pk")
+                .expression_attribute_values(":pk", s(partition.encode()))
+                .select(Select::Count)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(sdk_error)?;
+            count += output.count.max(0) as u64;
+            match output.last_evaluated_key {
+                Some(key) if !key.is_empty() => start = Some(key),
+                _ => return Ok(count),
+            }
+        }
+    }
+
+    /// The backlog between the head and the tail item (see the module doc).
+    async fn backlog(
+        &self,
+        partition: &PartitionKey,
+        head: Option<&Item>,
+    ) -> Result<u64, StoreError> {
+        let Some(head) = head else {
+            return Ok(0);
+        };
+        let Some(tail) = self.tail_item(partition).await? else {
+            return Ok(0);
+        };
+        let (first, last) = (get_n(head, "ordinal")?, get_n(&tail, "ordinal")?);
+        if first > 0 && last >= first {
+            return Ok(last - first + 1);
+        }
+        self.count_deliveries(partition).await
+    }
+
+    pub(super) async fn partition_status(
+        &self,
+        subscription: &Subscription,
+        page_size: usize,
+        after: Option<String>,
+    ) -> Result<Page<PartitionStatus>, StoreError> {
+        let mut topics: Vec<String> = self
+            .topics()
+            .await?
+            .into_iter()
+            .filter(|topic| subscription.matches(topic))
+            .filter(|topic| after.as_ref().is_none_or(|after| topic > after))
+            .collect();
+        topics.truncate(page_size + 1);
+        let partitions: Vec<PartitionKey> = topics
+            .iter()
+            .map(|topic| PartitionKey::new(topic.as_str(), subscription.id.as_str()))
+            .collect();
+        let mut stats = std::collections::HashMap::new();
+        for item in self
+            .batch_get(partitions.iter().map(schema::stats_key).collect())
+            .await?
+        {
+            stats.insert(get_s(&item, schema::PK)?.to_string(), item);
+        }
+        let mut items = Vec::new();
+        for partition in partitions {
+            let head_item = self.head_item(&partition).await?;
+            let pending = self.backlog(&partition, head_item.as_ref()).await?;
+            let head = match head_item {
+                Some(item) => {
+                    let fields = schema::delivery_fields(&item, false)?;
+                    let published_at = self
+                        .batch_get_events(&partition.topic, &[fields.sequence])
+                        .await?
+                        .remove(&fields.sequence)
+                        .map_or(0, |event| event.published_at);
+                    Some(HeadStatus {
+                        sequence: fields.sequence,
+                        published_at,
+                        state: fields.state,
+                        last_error: fields.last_error,
+                    })
+                }
+                None => None,
+            };
+            let counters = stats.get(get_s(&schema::stats_key(&partition), schema::PK)?);
+            let counter = |name: &str| counters.map_or(Ok(0), |item| get_n(item, name));
+            items.push(PartitionStatus {
+                pending,
+                dead_letters: counter("dead_letters")?,
+                head,
+                consecutive_failures: counter("consecutive_failures")?,
+                last_success_at: counter("last_success_at")?,
+                last_failure_at: counter("last_failure_at")?,
+                partition,
+            });
+        }
+        Ok(pages::partition_page(items, page_size))
+    }
+
+    pub(super) async fn retry_now(
+        &self,
+        partition: &PartitionKey,
+    ) -> Result<Option<u64>, StoreError> {
+        let Some(head) = self.head_item(partition).await? else {
+            return Ok(None);
+        };
+        let sequence = schema::get_sequence(&head)?;
+        let now = now_millis();
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(schema::delivery_key(partition, sequence)))
+            .update_expression("SET next_attempt_at = :now")
+            .condition_expression("attribute_exists(pk) AND next_attempt_at > :now")
+            .expression_attribute_values(":now", n(now))
+            .send()
+            .await;
+        match result {
+            // Already due, or completed meanwhile: nothing to cut short.
+            Ok(_) => Ok(Some(sequence)),
+            Err(error) if is_condition_failure(&error) => Ok(Some(sequence)),
+            Err(error) => Err(sdk_error(error)),
+        }
+    }
+
+    pub(super) async fn skip_head(
+        &self,
+        partition: &PartitionKey,
+        sequence: u64,
+    ) -> Result<(), StoreError> {
+        let head = self.head_item(partition).await?;
+        let head_sequence = head.as_ref().map(schema::get_sequence).transpose()?;
+        let Some(item) = head.filter(|_| head_sequence == Some(sequence)) else {
+            return Err(head_moved(partition, sequence, head_sequence));
+        };
+        let mut dead = item;
+        dead.extend(schema::dead_key(partition, sequence));
+        dead.insert("last_error".into(), s(SKIPPED));
+        let items = vec![
+            TransactWriteItem::builder()
+                .delete(
+                    Delete::builder()
+                        .table_name(&self.table)
+                        .set_key(Some(schema::delivery_key(partition, sequence)))
+                        .condition_expression("attribute_exists(pk)")
+                        .build()
+                        .expect("complete delete"),
+                )
+                .build(),
+            TransactWriteItem::builder()
+                .put(
+                    Put::builder()
+                        .table_name(&self.table)
+                        .set_item(Some(dead))
+                        .build()
+                        .expect("complete put"),
+                )
+                .build(),
+            self.stats_update(
+                partition,
+                "ADD dead_letters :one SET last_failure_at = :now",
+            ),
+        ];
+        match self.transact_fenced(items, None).await? {
+            None => Ok(()),
+            // Completed (or dead-lettered) between the read and the write.
+            Some(_) => Err(head_moved(partition, sequence, None)),
+        }
+    }
+}
+
+/// Runs an update and waits out the other instances' copies of the set if it wrote.
+pub(super) async fn update_and_settle(
+    inner: Arc<Inner>,
+    id: String,
+    update: SubscriptionUpdate,
+) -> Result<Subscription, StoreError> {
+    let (subscription, validity) = inner.update_subscription(&id, &update).await?;
+    if let Some(validity) = validity {
+        tokio::time::sleep(super::subscriptions::settle_time(validity)).await;
+    }
+    Ok(subscription)
+}

@@ -1,0 +1,402 @@
+//! The operator's controls through the gRPC API, with real receivers, on both stores: status,
+//! skip, pause and resume, retry-now.
+
+use std::time::Duration;
+
+use herald::proto;
+use herald::proto::broker_service_client::BrokerServiceClient;
+use tonic::transport::Channel;
+
+use crate::support::{
+    Backend, Receiver, Reply, all_pending, eventually, millis, publish_request, spawn_app,
+    subscribe_request,
+};
+
+/// The status of a subscription's partition of `topic`, if it has one.
+async fn partition(
+    client: &mut BrokerServiceClient<Channel>,
+    subscription_id: &str,
+    topic: &str,
+) -> Option<proto::PartitionStatus> {
+    client
+        .get_subscription_status(proto::GetSubscriptionStatusRequest {
+            subscription_id: subscription_id.to_string(),
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await
+        .expect("status")
+        .into_inner()
+        .partitions
+        .into_iter()
+        .find(|partition| partition.topic == topic)
+}
+
+fn state(status: &Option<proto::PartitionStatus>) -> proto::PartitionState {
+    status
+        .as_ref()
+        .map(|status| proto::PartitionState::try_from(status.state).unwrap())
+        .unwrap_or_default()
+}
+
+/// The bodies the receiver has acknowledged, in arrival order, repeats removed.
+fn delivered_bodies(receiver: &Receiver) -> Vec<String> {
+    receiver
+        .delivered()
+        .iter()
+        .map(|received| String::from_utf8_lossy(&received.body).into_owned())
+        .collect()
+}
+
+async fn publish(client: &mut BrokerServiceClient<Channel>, topic: &str, body: &str) -> u64 {
+    client
+        .publish(publish_request(topic, body.as_bytes().to_vec()))
+        .await
+        .expect("publish")
+        .into_inner()
+        .sequence
+}
+
+/// A BLOCKed partition shows the failing head with its error; skipping it with a stale
+/// sequence is refused, with the head's sequence it moves the partition on, in order.
+async fn a_blocked_partition_shows_its_error_and_skip_moves_it_on(backend: Backend) {
+    let receiver = Receiver::scripted(|received| {
+        if received.body.as_ref() == b"poison" {
+            Reply::Status(500)
+        } else {
+            Reply::Status(204)
+        }
+    })
+    .await;
+    let app = spawn_app(backend, |_| {}).await;
+    let mut client = app.client.clone();
+    let mut request = subscribe_request(&receiver.url(), &["ops:block"]);
+    request.on_exhausted = proto::OnExhausted::Block as i32;
+    request.retry_policy.as_mut().unwrap().max_attempts = 2;
+    let subscription = client.subscribe(request).await.unwrap().into_inner();
+    let id = subscription.id.as_str();
+
+    publish(&mut client, "ops:block", "first").await;
+    let poison = publish(&mut client, "ops:block", "poison").await;
+    let after = publish(&mut client, "ops:block", "after").await;
+    publish(&mut client, "ops:block", "last").await;
+
+    eventually(
+        Duration::from_secs(20),
+        "the partition is BLOCKED at the poison event",
+        || {
+            let mut client = client.clone();
+            async move {
+                let status = partition(&mut client, id, "ops:block").await;
+                state(&status) == proto::PartitionState::Blocked
+            }
+        },
+    )
+    .await;
+    let status = partition(&mut client, id, "ops:block").await.unwrap();
+    assert_eq!(status.head_sequence, poison);
+    assert_eq!(status.pending_count, 3, "{status:?}");
+    assert!(status.head_attempts >= 2, "{status:?}");
+    assert!(status.last_error.starts_with("HTTP 500"), "{status:?}");
+    assert_eq!(status.last_http_status, 500);
+    assert!(status.consecutive_failures >= 2, "{status:?}");
+    assert!(
+        status.last_success_at.is_some(),
+        "the first event was delivered"
+    );
+    assert!(status.oldest_pending_published_at.is_some());
+    assert_eq!(delivered_bodies(&receiver), ["first"]);
+
+    // A sequence that is not the head is refused and changes nothing.
+    let stale = client
+        .skip_head(proto::SkipHeadRequest {
+            subscription_id: id.to_string(),
+            topic: "ops:block".into(),
+            sequence: after,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), tonic::Code::FailedPrecondition, "{stale:?}");
+    assert!(stale.message().contains(&poison.to_string()), "{stale:?}");
+    let missing = client
+        .skip_head(proto::SkipHeadRequest {
+            subscription_id: id.to_string(),
+            topic: "ops:block".into(),
+            sequence: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::InvalidArgument);
+    let unknown = client
+        .skip_head(proto::SkipHeadRequest {
+            subscription_id: "sub_unknown".into(),
+            topic: "ops:block".into(),
+            sequence: poison,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+
+    client
+        .skip_head(proto::SkipHeadRequest {
+            subscription_id: id.to_string(),
+            topic: "ops:block".into(),
+            sequence: poison,
+        })
+        .await
+        .expect("skip the head");
+    eventually(
+        Duration::from_secs(10),
+        "the events after the skipped one arrive",
+        || async { receiver.delivered_count() == 3 },
+    )
+    .await;
+    assert_eq!(delivered_bodies(&receiver), ["first", "after", "last"]);
+    eventually(Duration::from_secs(10), "the partition is idle", || {
+        let mut client = client.clone();
+        async move {
+            let status = partition(&mut client, id, "ops:block").await;
+            state(&status) == proto::PartitionState::Idle
+        }
+    })
+    .await;
+    let status = partition(&mut client, id, "ops:block").await.unwrap();
+    assert_eq!((status.pending_count, status.dead_letter_count), (0, 1));
+    assert_eq!(status.consecutive_failures, 0);
+    let parked = all_pending(&mut client, id).await;
+    assert_eq!(parked.len(), 1);
+    assert!(parked[0].dead_lettered);
+    assert_eq!(parked[0].sequence, poison);
+    assert_eq!(parked[0].last_error, "skipped by an operator");
+    app.stop().await;
+}
+
+/// Nothing is sent while a subscription (or one partition) is paused; events published
+/// meanwhile are kept and arrive in order once it is resumed.
+async fn nothing_is_sent_while_paused_and_order_holds_after_resume(backend: Backend) {
+    let receiver = Receiver::start().await;
+    // A second subscription's deliveries show that the engine is busy meanwhile.
+    let witness = Receiver::start().await;
+    let app = spawn_app(backend, |_| {}).await;
+    let mut client = app.client.clone();
+    let subscription = client
+        .subscribe(subscribe_request(&receiver.url(), &["ops:a", "ops:b"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = subscription.id.clone();
+    client
+        .subscribe(subscribe_request(&witness.url(), &["ops:a", "ops:b"]))
+        .await
+        .unwrap();
+    publish(&mut client, "ops:a", "a1").await;
+    eventually(Duration::from_secs(10), "a1 arrives", || async {
+        receiver.delivered_count() == 1
+    })
+    .await;
+
+    let paused = client
+        .pause_subscription(proto::PauseSubscriptionRequest {
+            subscription_id: id.clone(),
+            topic: String::new(),
+            reason: "receiver deploy".into(),
+        })
+        .await
+        .expect("pause")
+        .into_inner();
+    assert_eq!(paused.state, proto::SubscriptionState::Paused as i32);
+    assert_eq!(paused.state_reason, "receiver deploy");
+    assert!(paused.state_changed_at.is_some());
+    for body in ["a2", "a3"] {
+        publish(&mut client, "ops:a", body).await;
+    }
+    publish(&mut client, "ops:b", "b1").await;
+    eventually(
+        Duration::from_secs(10),
+        "the witness gets all four events",
+        || async { witness.delivered_count() == 4 },
+    )
+    .await;
+    let status = partition(&mut client, &id, "ops:a").await;
+    assert_eq!(state(&status), proto::PartitionState::Paused);
+    assert_eq!(status.unwrap().pending_count, 2);
+    assert_eq!(
+        partition(&mut client, &id, "ops:b")
+            .await
+            .unwrap()
+            .pending_count,
+        1
+    );
+    assert_eq!(delivered_bodies(&receiver), ["a1"], "sent while paused");
+    let listed = client
+        .list_subscriptions(proto::ListSubscriptionsRequest {
+            page_size: 0,
+            page_token: String::new(),
+            state: proto::SubscriptionState::Paused as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .subscriptions;
+    assert_eq!(
+        listed.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        [id.as_str()]
+    );
+    // Pausing again is a no-op.
+    client
+        .pause_subscription(proto::PauseSubscriptionRequest {
+            subscription_id: id.clone(),
+            topic: String::new(),
+            reason: String::new(),
+        })
+        .await
+        .expect("pause again");
+
+    let resumed = client
+        .resume_subscription(proto::ResumeSubscriptionRequest {
+            subscription_id: id.clone(),
+            topic: String::new(),
+        })
+        .await
+        .expect("resume")
+        .into_inner();
+    assert_eq!(resumed.state, proto::SubscriptionState::Active as i32);
+    eventually(
+        Duration::from_secs(10),
+        "the kept events arrive",
+        || async { receiver.delivered_count() == 4 },
+    )
+    .await;
+    let bodies = delivered_bodies(&receiver);
+    let of_a: Vec<&String> = bodies.iter().filter(|body| body.starts_with('a')).collect();
+    assert_eq!(of_a, ["a1", "a2", "a3"]);
+
+    // One partition only: the other keeps sending.
+    let wrong = client
+        .pause_subscription(proto::PauseSubscriptionRequest {
+            subscription_id: id.clone(),
+            topic: "other:topic".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), tonic::Code::InvalidArgument, "{wrong:?}");
+    let paused = client
+        .pause_subscription(proto::PauseSubscriptionRequest {
+            subscription_id: id.clone(),
+            topic: "ops:b".into(),
+            reason: String::new(),
+        })
+        .await
+        .expect("pause one partition")
+        .into_inner();
+    assert_eq!(paused.state, proto::SubscriptionState::Active as i32);
+    assert_eq!(paused.paused_topics, ["ops:b"]);
+    publish(&mut client, "ops:b", "b2").await;
+    publish(&mut client, "ops:a", "a4").await;
+    eventually(Duration::from_secs(10), "a4 arrives", || async {
+        delivered_bodies(&receiver).contains(&"a4".to_string())
+    })
+    .await;
+    eventually(Duration::from_secs(10), "the witness gets b2", || async {
+        witness.delivered_count() == 6
+    })
+    .await;
+    assert!(!delivered_bodies(&receiver).contains(&"b2".to_string()));
+    assert_eq!(
+        state(&partition(&mut client, &id, "ops:b").await),
+        proto::PartitionState::Paused
+    );
+    client
+        .resume_subscription(proto::ResumeSubscriptionRequest {
+            subscription_id: id.clone(),
+            topic: "ops:b".into(),
+        })
+        .await
+        .expect("resume one partition");
+    eventually(Duration::from_secs(10), "b2 arrives", || async {
+        receiver.delivered_count() == 6
+    })
+    .await;
+    app.stop().await;
+}
+
+/// Retry-now makes a head that waits out a long `Retry-After` due at once.
+async fn retry_now_cuts_a_long_backoff_short(backend: Backend) {
+    let receiver = Receiver::scripted(|received| {
+        if received.attempt == 1 {
+            Reply::RetryAfter(503, 600)
+        } else {
+            Reply::Status(204)
+        }
+    })
+    .await;
+    let app = spawn_app(backend, |_| {}).await;
+    let mut client = app.client.clone();
+    let mut request = subscribe_request(&receiver.url(), &["ops:retry"]);
+    request.retry_policy.as_mut().unwrap().max_backoff = Some(millis(600_000));
+    let subscription = client.subscribe(request).await.unwrap().into_inner();
+    let id = subscription.id.as_str();
+    let sequence = publish(&mut client, "ops:retry", "later").await;
+    eventually(
+        Duration::from_secs(10),
+        "the head waits for its second attempt",
+        || {
+            let mut client = client.clone();
+            async move {
+                let status = partition(&mut client, id, "ops:retry").await;
+                state(&status) == proto::PartitionState::Retrying
+            }
+        },
+    )
+    .await;
+    let status = partition(&mut client, id, "ops:retry").await.unwrap();
+    let next = status.head_next_attempt_at.unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(next.seconds > now + 500, "Retry-After honoured: {status:?}");
+    assert_eq!(status.last_http_status, 503);
+
+    let response = client
+        .retry_now(proto::RetryNowRequest {
+            subscription_id: id.to_string(),
+            topic: "ops:retry".into(),
+        })
+        .await
+        .expect("retry now")
+        .into_inner();
+    assert_eq!(response.sequence, sequence);
+    eventually(
+        Duration::from_secs(10),
+        "the event arrives after retry-now",
+        || async { receiver.delivered_count() == 1 },
+    )
+    .await;
+    // Nothing left: retry-now says so.
+    eventually(Duration::from_secs(10), "the partition is idle", || {
+        let mut client = client.clone();
+        async move {
+            let status = partition(&mut client, id, "ops:retry").await;
+            state(&status) == proto::PartitionState::Idle
+        }
+    })
+    .await;
+    let response = client
+        .retry_now(proto::RetryNowRequest {
+            subscription_id: id.to_string(),
+            topic: "ops:retry".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.sequence, 0);
+    app.stop().await;
+}
+
+crate::on_both_backends!(
+    a_blocked_partition_shows_its_error_and_skip_moves_it_on,
+    nothing_is_sent_while_paused_and_order_holds_after_resume,
+    retry_now_cuts_a_long_backoff_short,
+);
