@@ -244,6 +244,37 @@ pub struct PendingDelivery {
     pub last_error: Option<String>,
     /// The sequence of the event before this one in the partition (0 for the first).
     pub previous_sequence: u64,
+    /// Set if the event is sent again, out of the partition's order: redriven from the dead
+    /// letters or replayed.
+    pub redelivery: Option<Redelivery>,
+}
+
+/// Why an event is sent again, out of its partition's order (header `herald-redelivery`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redelivery {
+    /// An operator redrove it from the partition's dead letters.
+    Redrive,
+    /// An operator replayed a range of the partition's delivered events.
+    Replay,
+}
+
+impl Redelivery {
+    /// The name stored and sent in the `herald-redelivery` header.
+    pub fn name(self) -> &'static str {
+        match self {
+            Redelivery::Redrive => "redrive",
+            Redelivery::Replay => "replay",
+        }
+    }
+
+    /// Inverse of [`Redelivery::name`].
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "redrive" => Some(Redelivery::Redrive),
+            "replay" => Some(Redelivery::Replay),
+            _ => None,
+        }
+    }
 }
 
 /// What the store keeps of one partition, for the operator's view. Every figure is read from

@@ -271,6 +271,18 @@ impl BrokerApi for EmptyBroker {
     ) -> Result<Response<proto::SkipHeadResponse>, Status> {
         Err(Status::unimplemented("empty broker"))
     }
+    async fn redrive_dead_letters(
+        &self,
+        _request: Request<proto::RedriveDeadLettersRequest>,
+    ) -> Result<Response<proto::RedriveDeadLettersResponse>, Status> {
+        Err(Status::unimplemented("empty broker"))
+    }
+    async fn purge_dead_letters(
+        &self,
+        _request: Request<proto::PurgeDeadLettersRequest>,
+    ) -> Result<Response<proto::PurgeDeadLettersResponse>, Status> {
+        Err(Status::unimplemented("empty broker"))
+    }
 }
 
 /// Starts the empty broker in this process on a free port.

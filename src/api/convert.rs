@@ -168,6 +168,9 @@ pub fn pending(delivery: PendingDelivery) -> proto::PendingDelivery {
         dead_lettered: delivery.state.dead_lettered,
         published_at: Some(timestamp(delivery.event.published_at)),
         attributes: delivery.event.attributes.into_iter().collect(),
+        redelivery: delivery
+            .redelivery
+            .map_or_else(String::new, |redelivery| redelivery.name().to_string()),
     }
 }
 

@@ -135,6 +135,7 @@ impl BrokerService for BrokerApi {
             .list_pending(
                 &request.subscription_id,
                 &request.topic,
+                request.dead_letters_only,
                 request.page_size,
                 &request.page_token,
             )
@@ -233,5 +234,41 @@ impl BrokerService for BrokerApi {
             .skip_head(&request.subscription_id, &request.topic, request.sequence)
             .await?;
         Ok(Response::new(proto::SkipHeadResponse {}))
+    }
+
+    async fn redrive_dead_letters(
+        &self,
+        request: Request<proto::RedriveDeadLettersRequest>,
+    ) -> Result<Response<proto::RedriveDeadLettersResponse>, Status> {
+        let caller = auth::caller(&request);
+        caller.require(Role::Operate, "RedriveDeadLetters")?;
+        self.require_subscription(&caller, &request.get_ref().subscription_id)
+            .await?;
+        let request = request.into_inner();
+        let redriven_count = self
+            .broker
+            .redrive(&request.subscription_id, &request.topic, &request.sequences)
+            .await?;
+        Ok(Response::new(proto::RedriveDeadLettersResponse {
+            redriven_count,
+        }))
+    }
+
+    async fn purge_dead_letters(
+        &self,
+        request: Request<proto::PurgeDeadLettersRequest>,
+    ) -> Result<Response<proto::PurgeDeadLettersResponse>, Status> {
+        let caller = auth::caller(&request);
+        caller.require(Role::Operate, "PurgeDeadLetters")?;
+        self.require_subscription(&caller, &request.get_ref().subscription_id)
+            .await?;
+        let request = request.into_inner();
+        let purged_count = self
+            .broker
+            .purge(&request.subscription_id, &request.topic, &request.sequences)
+            .await?;
+        Ok(Response::new(proto::PurgeDeadLettersResponse {
+            purged_count,
+        }))
     }
 }

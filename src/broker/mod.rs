@@ -250,6 +250,7 @@ impl Broker {
         &self,
         subscription_id: &str,
         topic: &str,
+        dead_only: bool,
         page_size: i32,
         page_token: &str,
     ) -> Result<Page<PendingDelivery>, Error> {
@@ -262,7 +263,7 @@ impl Broker {
         let token = Some(page_token).filter(|token| !token.is_empty());
         Ok(self
             .log
-            .list_pending(subscription_id, topic, page_size, token)
+            .list_pending(subscription_id, topic, dead_only, page_size, token)
             .await?)
     }
 }

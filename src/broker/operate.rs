@@ -153,6 +153,26 @@ impl Broker {
         Ok(())
     }
 
+    /// Puts dead letters back in front of the partition (all of them if `sequences` is
+    /// empty); returns how many.
+    pub async fn redrive(&self, id: &str, topic: &str, sequences: &[u64]) -> Result<u64, Error> {
+        require_id("subscription_id", id)?;
+        let sequences = dead_letter_selection(sequences)?;
+        let partition = self.partition(id, topic).await?;
+        let count = self.log.redrive(&partition, sequences).await?;
+        self.engine.notify(std::slice::from_ref(&partition));
+        Ok(count)
+    }
+
+    /// Deletes dead letters (all of the partition's if `sequences` is empty); returns how
+    /// many.
+    pub async fn purge(&self, id: &str, topic: &str, sequences: &[u64]) -> Result<u64, Error> {
+        require_id("subscription_id", id)?;
+        let sequences = dead_letter_selection(sequences)?;
+        let partition = self.partition(id, topic).await?;
+        Ok(self.log.purge(&partition, sequences).await?)
+    }
+
     /// The partition of `topic` of an existing subscription that receives it.
     async fn partition(&self, id: &str, topic: &str) -> Result<PartitionKey, Error> {
         match self.received_topic(id, topic, true).await? {
@@ -203,6 +223,26 @@ impl Broker {
         self.engine.subscription_changed(id);
         Ok(subscription)
     }
+}
+
+/// Most dead letters one call names.
+const MAX_SELECTED: usize = 1000;
+
+/// The named dead letters, or `None` for all of them.
+fn dead_letter_selection(sequences: &[u64]) -> Result<Option<&[u64]>, Error> {
+    if sequences.len() > MAX_SELECTED {
+        return Err(Error::invalid(
+            "sequences",
+            format!(
+                "{} sequences named; at most {MAX_SELECTED} per call (or none for all)",
+                sequences.len()
+            ),
+        ));
+    }
+    if sequences.contains(&0) {
+        return Err(Error::invalid("sequences", "0 is not a sequence"));
+    }
+    Ok(Some(sequences).filter(|sequences| !sequences.is_empty()))
 }
 
 #[cfg(test)]

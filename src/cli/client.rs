@@ -128,6 +128,9 @@ pub struct PendingArgs {
     /// Token of the page to show.
     #[arg(long, default_value = "")]
     page_token: String,
+    /// Only dead letters.
+    #[arg(long)]
+    dead_letters: bool,
 }
 
 fn parse_attribute(text: &str) -> Result<(String, String), String> {
@@ -366,13 +369,14 @@ pub async fn pending(args: PendingArgs) -> anyhow::Result<()> {
             topic: args.topic,
             page_size: args.page_size,
             page_token: args.page_token,
+            dead_letters_only: args.dead_letters,
         })
         .await
         .map_err(status_error)?
         .into_inner();
     for delivery in &page.deliveries {
         println!(
-            "{} topic={} sequence={} attempts={} {} last_error={:?}",
+            "{} topic={} sequence={} attempts={} {}{} last_error={:?}",
             delivery.event_id,
             delivery.topic,
             delivery.sequence,
@@ -382,6 +386,11 @@ pub async fn pending(args: PendingArgs) -> anyhow::Result<()> {
             } else {
                 let due = delivery.next_attempt_at.unwrap_or_default();
                 format!("next_attempt_at={}", due.seconds)
+            },
+            if delivery.redelivery.is_empty() {
+                String::new()
+            } else {
+                format!(" redelivery={}", delivery.redelivery)
             },
             delivery.last_error,
         );

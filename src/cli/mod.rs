@@ -45,6 +45,10 @@ pub enum Command {
     Retry(operate::PartitionArgs),
     /// Dead-letter a partition's head so that the partition moves on.
     Skip(operate::SkipArgs),
+    /// Put dead letters back in front of their partition (sent next, marked as redriven).
+    Redrive(operate::DeadLetterArgs),
+    /// Delete dead letters for good.
+    Purge(operate::DeadLetterArgs),
     /// Receive webhooks, verify their signatures and sequence chains, and print them.
     Sink(SinkArgs),
     /// DynamoDB administration.
@@ -83,6 +87,8 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Resume(args) => operate::resume(args).await,
         Command::Retry(args) => operate::retry(args).await,
         Command::Skip(args) => operate::skip(args).await,
+        Command::Redrive(args) => operate::redrive(args).await,
+        Command::Purge(args) => operate::purge(args).await,
         Command::Sink(args) => sink::run(args).await,
         Command::Keys(KeysCommand::Generate(args)) => client::generate_key(args),
         Command::Dynamodb(DynamodbCommand::CreateTable(args)) => {

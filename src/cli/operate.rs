@@ -68,6 +68,57 @@ pub struct SkipArgs {
     sequence: u64,
 }
 
+/// `herald redrive` and `herald purge`: some dead letters of a partition, or all.
+#[derive(Debug, clap::Args)]
+#[group(id = "selection", required = true, args = ["sequences", "all"])]
+pub struct DeadLetterArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Subscription id.
+    subscription_id: String,
+    /// The partition's topic.
+    #[arg(long)]
+    topic: String,
+    /// A dead letter's sequence (`herald pending SUB --dead-letters` lists them); repeatable.
+    #[arg(long = "sequence")]
+    sequences: Vec<u64>,
+    /// Every dead letter of the partition.
+    #[arg(long, conflicts_with = "sequences")]
+    all: bool,
+}
+
+/// Puts dead letters back in front of their partition.
+pub async fn redrive(args: DeadLetterArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.server).await?;
+    let response = client
+        .redrive_dead_letters(proto::RedriveDeadLettersRequest {
+            subscription_id: args.subscription_id,
+            topic: args.topic,
+            sequences: args.sequences,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!("redriven={}", response.redriven_count);
+    Ok(())
+}
+
+/// Deletes dead letters for good.
+pub async fn purge(args: DeadLetterArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.server).await?;
+    let response = client
+        .purge_dead_letters(proto::PurgeDeadLettersRequest {
+            subscription_id: args.subscription_id,
+            topic: args.topic,
+            sequences: args.sequences,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!("purged={}", response.purged_count);
+    Ok(())
+}
+
 /// Prints the subscription and a table of its partitions, following pages.
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.server).await?;

@@ -65,6 +65,7 @@ impl MemoryLog {
                     },
                     last_error: None,
                     previous_sequence: previous,
+                    redelivery: None,
                 };
                 previous = sequence;
                 delivery
@@ -141,6 +142,14 @@ impl DeliveryLog for MemoryLog {
         unreachable!("the worker never skips")
     }
 
+    async fn redrive(&self, _: &PartitionKey, _: Option<&[u64]>) -> Result<u64, StoreError> {
+        unreachable!("the worker never redrives")
+    }
+
+    async fn purge(&self, _: &PartitionKey, _: Option<&[u64]>) -> Result<u64, StoreError> {
+        unreachable!("the worker never purges")
+    }
+
     async fn next_deliveries(
         &self,
         _: &PartitionKey,
@@ -199,6 +208,7 @@ impl DeliveryLog for MemoryLog {
         &self,
         _: &str,
         _: Option<&str>,
+        _: bool,
         _: usize,
         _: Option<&str>,
     ) -> Result<Page<PendingDelivery>, StoreError> {

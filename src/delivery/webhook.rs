@@ -22,6 +22,9 @@ pub mod headers {
     pub const SEQUENCE: &str = "herald-sequence";
     /// The sequence of the previous event of the same partition (0 for the first).
     pub const PREVIOUS_SEQUENCE: &str = "herald-previous-sequence";
+    /// `redrive` or `replay` on an event sent again out of its partition's order (by an
+    /// operator); absent on first deliveries and their retries.
+    pub const REDELIVERY: &str = "herald-redelivery";
     /// W3C trace context: a child span of the publisher's, new on every attempt.
     pub const TRACEPARENT: &str = "traceparent";
     /// W3C trace state, as the publisher sent it.
@@ -139,6 +142,9 @@ pub async fn send(
             headers::PREVIOUS_SEQUENCE,
             delivery.previous_sequence.to_string(),
         );
+    if let Some(redelivery) = delivery.redelivery {
+        request = request.header(headers::REDELIVERY, redelivery.name());
+    }
     // Each attempt is a child span of the publisher's.
     if let Some(trace) = &event.trace {
         request = request.header(headers::TRACEPARENT, trace.child());

@@ -92,14 +92,15 @@ pub trait DeliveryLog: Send + Sync {
         fence: Option<&LeaseToken>,
     ) -> Result<(), StoreError>;
 
-    /// Lists the pending deliveries of a subscription (dead-lettered included), ordered by
-    /// topic then sequence, optionally only those of `topic`. At most `page_size` entries
-    /// starting after `page_token`; the cost of a page does not depend on the backlog size.
-    /// `NotFound` if the subscription does not exist.
+    /// Lists the pending deliveries of a subscription (dead-lettered included; only those
+    /// with `dead_only`), ordered by topic then sequence, optionally only those of `topic`.
+    /// At most `page_size` entries starting after `page_token`; the cost of a page does not
+    /// depend on the backlog size. `NotFound` if the subscription does not exist.
     async fn list_pending(
         &self,
         subscription_id: &str,
         topic: Option<&str>,
+        dead_only: bool,
         page_size: usize,
         page_token: Option<&str>,
     ) -> Result<Page<PendingDelivery>, StoreError>;
@@ -124,6 +125,24 @@ pub trait DeliveryLog: Send + Sync {
     /// delivery or there is none. Not fenced: an attempt at it already in flight finishes,
     /// and a success then completes the dead letter.
     async fn skip_head(&self, partition: &PartitionKey, sequence: u64) -> Result<(), StoreError>;
+
+    /// Puts dead letters of the partition back in front of its pending deliveries, marked as
+    /// redriven, with fresh attempts: those of `sequences`, or all if `None`. Returns how many.
+    /// `NotFound` (nothing changed, on the embedded store) if a named sequence is not a dead
+    /// letter of the partition.
+    async fn redrive(
+        &self,
+        partition: &PartitionKey,
+        sequences: Option<&[u64]>,
+    ) -> Result<u64, StoreError>;
+
+    /// Deletes dead letters of the partition for good: those of `sequences`, or all if
+    /// `None`. Returns how many. `NotFound` as for [`DeliveryLog::redrive`].
+    async fn purge(
+        &self,
+        partition: &PartitionKey,
+        sequences: Option<&[u64]>,
+    ) -> Result<u64, StoreError>;
 
     /// At least every partition that has a delivery that is neither completed nor
     /// dead-lettered (it may list others), so the worker can resume after a restart and pick up

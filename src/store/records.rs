@@ -138,6 +138,10 @@ pub struct DeliveryRecord {
     pub previous_sequence: u64,
     /// The last failure.
     pub last_error: Option<String>,
+    /// `redrive` or `replay` for an event sent again out of order (added in version 1
+    /// without a version change: absent means a first delivery).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redelivery: Option<String>,
 }
 
 impl DeliveryRecord {
@@ -150,6 +154,7 @@ impl DeliveryRecord {
             dead_lettered: false,
             previous_sequence,
             last_error: None,
+            redelivery: None,
         }
     }
 

@@ -309,6 +309,7 @@ async fn invalid_input_gets_a_precise_status_and_stores_nothing(backend: Backend
             topic: topic.into(),
             page_size: 10,
             page_token: page_token.into(),
+            dead_letters_only: false,
         };
     assert_status(
         client.list_pending(pending("", "", "")).await,
@@ -464,6 +465,7 @@ async fn subscriptions_are_listed_paged_and_deleted_with_their_backlog(backend: 
                 topic: String::new(),
                 page_size: 1,
                 page_token,
+                dead_letters_only: false,
             })
             .await
             .unwrap()
@@ -481,6 +483,7 @@ async fn subscriptions_are_listed_paged_and_deleted_with_their_backlog(backend: 
             topic: "b:y".into(),
             page_size: 10,
             page_token: String::new(),
+            dead_letters_only: false,
         })
         .await
         .unwrap()

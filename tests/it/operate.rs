@@ -1,6 +1,8 @@
 //! The operator's controls through the gRPC API, with real receivers, on both stores: status,
 //! skip, pause and resume, retry-now.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use herald::proto;
@@ -395,7 +397,158 @@ async fn retry_now_cuts_a_long_backoff_short(backend: Backend) {
     app.stop().await;
 }
 
+/// Dead letters are listed, redriven (named ones, then what is left is purged), and a
+/// redriven event arrives marked as such, ahead of events published after the redrive.
+async fn dead_letters_are_listed_redriven_and_purged(backend: Backend) {
+    let healed = Arc::new(AtomicBool::new(false));
+    let receiver = Receiver::scripted({
+        let healed = healed.clone();
+        move |received| {
+            if received.body.starts_with(b"bad") && !healed.load(Ordering::SeqCst) {
+                Reply::Status(500)
+            } else {
+                Reply::Status(204)
+            }
+        }
+    })
+    .await;
+    let app = spawn_app(backend, |_| {}).await;
+    let mut client = app.client.clone();
+    let mut request = subscribe_request(&receiver.url(), &["ops:dead"]);
+    request.retry_policy.as_mut().unwrap().max_attempts = 2;
+    let subscription = client.subscribe(request).await.unwrap().into_inner();
+    let id = subscription.id.as_str();
+    let mut sequences = std::collections::HashMap::new();
+    for body in ["ok1", "bad1", "ok2", "bad2", "ok3"] {
+        sequences.insert(body, publish(&mut client, "ops:dead", body).await);
+    }
+    eventually(
+        Duration::from_secs(20),
+        "the good events arrive and the bad ones are dead-lettered",
+        || {
+            let mut client = client.clone();
+            async move {
+                let status = partition(&mut client, id, "ops:dead").await;
+                status.is_some_and(|status| status.dead_letter_count == 2)
+                    && state(&partition(&mut client, id, "ops:dead").await)
+                        == proto::PartitionState::Idle
+            }
+        },
+    )
+    .await;
+    assert_eq!(delivered_bodies(&receiver), ["ok1", "ok2", "ok3"]);
+    let dead = list_dead(&mut client, id).await;
+    assert_eq!(
+        dead.iter().map(|entry| entry.sequence).collect::<Vec<_>>(),
+        [sequences["bad1"], sequences["bad2"]]
+    );
+    assert!(dead.iter().all(|entry| entry.dead_lettered));
+
+    // A sequence that is not a dead letter: refused, nothing moves.
+    let wrong = client
+        .redrive_dead_letters(proto::RedriveDeadLettersRequest {
+            subscription_id: id.to_string(),
+            topic: "ops:dead".into(),
+            sequences: vec![sequences["bad1"], sequences["ok2"]],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), tonic::Code::NotFound, "{wrong:?}");
+    assert_eq!(list_dead(&mut client, id).await.len(), 2);
+
+    healed.store(true, Ordering::SeqCst);
+    let redriven = client
+        .redrive_dead_letters(proto::RedriveDeadLettersRequest {
+            subscription_id: id.to_string(),
+            topic: "ops:dead".into(),
+            sequences: vec![sequences["bad1"]],
+        })
+        .await
+        .expect("redrive")
+        .into_inner();
+    assert_eq!(redriven.redriven_count, 1);
+    publish(&mut client, "ops:dead", "ok4").await;
+    eventually(
+        Duration::from_secs(10),
+        "the redriven event and the next one arrive",
+        || async { receiver.delivered_count() == 5 },
+    )
+    .await;
+    let delivered = receiver.delivered();
+    let bodies: Vec<String> = delivered
+        .iter()
+        .map(|received| String::from_utf8_lossy(&received.body).into_owned())
+        .collect();
+    assert_eq!(bodies, ["ok1", "ok2", "ok3", "bad1", "ok4"]);
+    let again = &delivered[3];
+    assert_eq!(again.redelivery, "redrive");
+    assert_eq!(again.sequence, sequences["bad1"]);
+    assert_eq!(
+        again.previous, sequences["ok1"],
+        "its original place in the chain"
+    );
+    assert_eq!(
+        delivered[4].redelivery, "",
+        "first deliveries are not marked"
+    );
+    assert!(again.signature_valid(&subscription.secret));
+
+    eventually(Duration::from_secs(10), "one dead letter is left", || {
+        let mut client = client.clone();
+        async move {
+            partition(&mut client, id, "ops:dead")
+                .await
+                .is_some_and(|status| status.dead_letter_count == 1 && status.pending_count == 0)
+        }
+    })
+    .await;
+    let purged = client
+        .purge_dead_letters(proto::PurgeDeadLettersRequest {
+            subscription_id: id.to_string(),
+            topic: "ops:dead".into(),
+            sequences: Vec::new(),
+        })
+        .await
+        .expect("purge")
+        .into_inner();
+    assert_eq!(purged.purged_count, 1);
+    assert!(list_dead(&mut client, id).await.is_empty());
+    assert!(all_pending(&mut client, id).await.is_empty());
+    let status = partition(&mut client, id, "ops:dead").await.unwrap();
+    assert_eq!((status.pending_count, status.dead_letter_count), (0, 0));
+    let none = client
+        .redrive_dead_letters(proto::RedriveDeadLettersRequest {
+            subscription_id: id.to_string(),
+            topic: "ops:dead".into(),
+            sequences: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(none.redriven_count, 0);
+    app.stop().await;
+}
+
+async fn list_dead(
+    client: &mut BrokerServiceClient<Channel>,
+    subscription_id: &str,
+) -> Vec<proto::PendingDelivery> {
+    client
+        .list_pending(proto::ListPendingRequest {
+            subscription_id: subscription_id.to_string(),
+            topic: String::new(),
+            page_size: 100,
+            page_token: String::new(),
+            dead_letters_only: true,
+        })
+        .await
+        .expect("list dead letters")
+        .into_inner()
+        .deliveries
+}
+
 crate::on_both_backends!(
+    dead_letters_are_listed_redriven_and_purged,
     a_blocked_partition_shows_its_error_and_skip_moves_it_on,
     nothing_is_sent_while_paused_and_order_holds_after_resume,
     retry_now_cuts_a_long_backoff_short,

@@ -43,6 +43,7 @@ impl Inner {
         topic: &str,
         sequence: u64,
         fence: Option<(&PartitionKey, &LeaseToken)>,
+        extra: Option<TransactWriteItem>,
     ) -> Result<bool, StoreError> {
         let delete_delivery = || {
             TransactWriteItem::builder()
@@ -78,10 +79,9 @@ impl Inner {
             .expect("event cache lock")
             .pending(topic, sequence)
             == Some(1);
-        // A worker's completion carries the partition's success counters when they are due.
-        let stats = fence.and_then(|(partition, _)| self.success_stats(partition));
+        // With the caller's item (counters) in the same transaction.
         let with_stats = |mut items: Vec<TransactWriteItem>| {
-            items.extend(stats.clone());
+            items.extend(extra.clone());
             items
         };
         if !last_reference {
@@ -187,11 +187,14 @@ impl DeliveryLog for DynamoStore {
         sequence: u64,
         fence: Option<&LeaseToken>,
     ) -> Result<(), StoreError> {
+        // A worker's completion carries the partition's success counters when they are due.
+        let stats = fence.and_then(|_| self.success_stats(partition));
         self.remove_delivery(
             schema::delivery_key(partition, sequence),
             &partition.topic,
             sequence,
             fence.map(|token| (partition, token)),
+            stats,
         )
         .await
         .map(|_| ())
@@ -271,6 +274,7 @@ impl DeliveryLog for DynamoStore {
         &self,
         subscription_id: &str,
         topic: Option<&str>,
+        dead_only: bool,
         page_size: usize,
         page_token: Option<&str>,
     ) -> Result<Page<PendingDelivery>, StoreError> {
@@ -300,9 +304,12 @@ impl DeliveryLog for DynamoStore {
             };
             let partition = PartitionKey::new(topic.as_str(), subscription_id);
             let left = wanted - items.len();
-            let live = self
-                .query_after(&partition.encode(), start.as_deref(), left)
-                .await?;
+            let live = if dead_only {
+                Vec::new()
+            } else {
+                self.query_after(&partition.encode(), start.as_deref(), left)
+                    .await?
+            };
             let dead = self
                 .query_after(&schema::dead_pk(&partition), start.as_deref(), left)
                 .await?;
@@ -340,6 +347,22 @@ impl DeliveryLog for DynamoStore {
         self.inner
             .partition_status(&subscription, page_size, after)
             .await
+    }
+
+    async fn redrive(
+        &self,
+        partition: &PartitionKey,
+        sequences: Option<&[u64]>,
+    ) -> Result<u64, StoreError> {
+        self.inner.redrive(partition, sequences).await
+    }
+
+    async fn purge(
+        &self,
+        partition: &PartitionKey,
+        sequences: Option<&[u64]>,
+    ) -> Result<u64, StoreError> {
+        self.inner.purge(partition, sequences).await
     }
 
     async fn retry_now(&self, partition: &PartitionKey) -> Result<Option<u64>, StoreError> {

@@ -21,7 +21,9 @@ use super::errors::{
 };
 use super::schema::{self, Item, get_n, get_s, n, s};
 use super::{Inner, MAX_CONFLICT_RETRIES};
-use crate::model::{HeadStatus, Page, PartitionKey, PartitionStatus, Subscription, now_millis};
+use crate::model::{
+    HeadStatus, Page, PartitionKey, PartitionStatus, Redelivery, Subscription, now_millis,
+};
 use crate::store::delivery_log::{SKIPPED, head_moved};
 use crate::store::pages;
 use crate::store::records;
@@ -32,6 +34,11 @@ use crate::store::{StoreError, SubscriptionUpdate};
 const STATS_REFRESH: Duration = Duration::from_secs(60);
 /// Partitions whose last stats write this instance remembers, at most.
 const STATS_MEMORY: usize = 100_000;
+/// Redriven deliveries at a partition's front counted one by one, at most (beyond, the
+/// backlog is counted).
+const REDRIVEN_COUNTED: usize = 100;
+/// Dead letters moved per transaction (two items each, and the counter).
+const REDRIVE_CHUNK: usize = 49;
 
 impl Inner {
     /// The counters update that goes with a failed attempt (and, with `dead_lettered`, a new
@@ -206,7 +213,9 @@ impl Inner {
         }
     }
 
-    /// The backlog between the head and the tail item (see the module doc).
+    /// The backlog between the head and the tail item (see the module doc). Redriven
+    /// deliveries sit in front of the others, out of the ordinals' run: up to a page of them
+    /// is counted, then the run is measured from the first delivery that is not one.
     async fn backlog(
         &self,
         partition: &PartitionKey,
@@ -218,11 +227,160 @@ impl Inner {
         let Some(tail) = self.tail_item(partition).await? else {
             return Ok(0);
         };
-        let (first, last) = (get_n(head, "ordinal")?, get_n(&tail, "ordinal")?);
-        if first > 0 && last >= first {
-            return Ok(last - first + 1);
+        let mut first = head.clone();
+        let mut redriven = 0;
+        if head.contains_key("redelivery") {
+            let front = self
+                .query_after(&partition.encode(), None, REDRIVEN_COUNTED)
+                .await?;
+            redriven = front
+                .iter()
+                .take_while(|item| item.contains_key("redelivery"))
+                .count() as u64;
+            match front.into_iter().nth(redriven as usize) {
+                Some(item) => first = item,
+                None if redriven < REDRIVEN_COUNTED as u64 => return Ok(redriven),
+                None => return self.count_deliveries(partition).await,
+            }
+        }
+        let (start, end) = (get_n(&first, "ordinal")?, get_n(&tail, "ordinal")?);
+        if start > 0 && end >= start {
+            return Ok(redriven + end - start + 1);
         }
         self.count_deliveries(partition).await
+    }
+
+    /// The dead letters of a partition that `sequences` names (all if `None`); `NotFound`
+    /// if a named one is not there.
+    async fn dead_items(
+        &self,
+        partition: &PartitionKey,
+        sequences: Option<&[u64]>,
+    ) -> Result<Vec<Item>, StoreError> {
+        let Some(sequences) = sequences else {
+            return self
+                .query_after(&schema::dead_pk(partition), None, usize::MAX)
+                .await;
+        };
+        let mut wanted: Vec<u64> = sequences.to_vec();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let items = self
+            .batch_get(
+                wanted
+                    .iter()
+                    .map(|sequence| schema::dead_key(partition, *sequence))
+                    .collect(),
+            )
+            .await?;
+        let found: std::collections::HashSet<u64> = items
+            .iter()
+            .map(schema::get_sequence)
+            .collect::<Result<_, _>>()?;
+        if let Some(missing) = wanted.iter().find(|sequence| !found.contains(sequence)) {
+            return Err(StoreError::NotFound(format!(
+                "dead letter {partition}/{missing}"
+            )));
+        }
+        Ok(items)
+    }
+
+    /// Moves dead letters back in front of the partition's deliveries, a transaction per
+    /// chunk (each with its counter update); see [`crate::store::DeliveryLog::redrive`].
+    pub(super) async fn redrive(
+        &self,
+        partition: &PartitionKey,
+        sequences: Option<&[u64]>,
+    ) -> Result<u64, StoreError> {
+        let items = self.dead_items(partition, sequences).await?;
+        let now = now_millis();
+        let mut moved = 0;
+        for chunk in items.chunks(REDRIVE_CHUNK) {
+            let mut writes = Vec::new();
+            for dead in chunk {
+                let sequence = schema::get_sequence(dead)?;
+                let mut delivery = dead.clone();
+                delivery.extend(schema::delivery_key(partition, sequence));
+                delivery.insert("attempts".into(), n(0));
+                delivery.insert("next_attempt_at".into(), n(now));
+                delivery.insert("redelivery".into(), s(Redelivery::Redrive.name()));
+                writes.push(self.delete_existing(schema::dead_key(partition, sequence)));
+                writes.push(
+                    TransactWriteItem::builder()
+                        .put(
+                            Put::builder()
+                                .table_name(&self.table)
+                                .set_item(Some(delivery))
+                                .build()
+                                .expect("complete put"),
+                        )
+                        .build(),
+                );
+            }
+            writes.push(self.dead_letters_added(partition, -(chunk.len() as i64)));
+            if self.transact_fenced(writes, None).await?.is_some() {
+                return Err(StoreError::Contention(format!(
+                    "dead letters of {partition} changed meanwhile; {moved} were redriven, \
+                     look again and retry"
+                )));
+            }
+            moved += chunk.len() as u64;
+        }
+        Ok(moved)
+    }
+
+    /// Deletes dead letters (and events no longer referenced), each with its counter update.
+    pub(super) async fn purge(
+        &self,
+        partition: &PartitionKey,
+        sequences: Option<&[u64]>,
+    ) -> Result<u64, StoreError> {
+        let mut purged = 0;
+        for dead in self.dead_items(partition, sequences).await? {
+            let sequence = schema::get_sequence(&dead)?;
+            let counter = self.dead_letters_added(partition, -1);
+            if self
+                .remove_delivery(
+                    schema::dead_key(partition, sequence),
+                    &partition.topic,
+                    sequence,
+                    None,
+                    Some(counter),
+                )
+                .await?
+            {
+                purged += 1;
+            }
+        }
+        Ok(purged)
+    }
+
+    fn delete_existing(&self, key: Item) -> TransactWriteItem {
+        TransactWriteItem::builder()
+            .delete(
+                Delete::builder()
+                    .table_name(&self.table)
+                    .set_key(Some(key))
+                    .condition_expression("attribute_exists(pk)")
+                    .build()
+                    .expect("complete delete"),
+            )
+            .build()
+    }
+
+    /// Moves the partition's dead-letter counter by `change`.
+    fn dead_letters_added(&self, partition: &PartitionKey, change: i64) -> TransactWriteItem {
+        TransactWriteItem::builder()
+            .update(
+                Update::builder()
+                    .table_name(&self.table)
+                    .set_key(Some(schema::stats_key(partition)))
+                    .update_expression("ADD dead_letters :change")
+                    .expression_attribute_values(":change", n(change))
+                    .build()
+                    .expect("complete update"),
+            )
+            .build()
     }
 
     pub(super) async fn partition_status(

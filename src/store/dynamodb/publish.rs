@@ -349,7 +349,7 @@ impl Inner {
             let partition = PartitionKey::new(topic, id.as_str());
             for sequence in first..first + count as u64 {
                 let key = schema::delivery_key(&partition, sequence);
-                if let Err(error) = self.remove_delivery(key, topic, sequence, None).await {
+                if let Err(error) = self.remove_delivery(key, topic, sequence, None, None).await {
                     tracing::warn!(%partition, sequence, %error, "cannot remove a delivery to a deleted subscription");
                 }
             }

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::AttributeValue;
 
-use crate::model::{DeliveryState, Event, PartitionKey, PendingDelivery};
+use crate::model::{DeliveryState, Event, PartitionKey, PendingDelivery, Redelivery};
 use crate::store::StoreError;
 use crate::trace::TraceContext;
 
@@ -295,6 +295,8 @@ pub struct DeliveryFields {
     pub previous: u64,
     /// Last failure.
     pub last_error: Option<String>,
+    /// Why it is sent again out of order, if it is.
+    pub redelivery: Option<Redelivery>,
 }
 
 /// Decodes a delivery or dead-letter item.
@@ -311,6 +313,10 @@ pub fn delivery_fields(item: &Item, dead_lettered: bool) -> Result<DeliveryField
             .get("last_error")
             .and_then(|value| value.as_s().ok())
             .cloned(),
+        redelivery: item
+            .get("redelivery")
+            .and_then(|value| value.as_s().ok())
+            .and_then(|name| Redelivery::from_name(name)),
     })
 }
 
@@ -326,6 +332,7 @@ pub fn pending_delivery(
         state: fields.state,
         last_error: fields.last_error,
         previous_sequence: fields.previous,
+        redelivery: fields.redelivery,
     }
 }
 

@@ -213,7 +213,13 @@ impl Inner {
                         let sequence = schema::get_sequence(&item)?;
                         removed += 1;
                         if self
-                            .remove_delivery(key_of(&partition, sequence), &topic, sequence, None)
+                            .remove_delivery(
+                                key_of(&partition, sequence),
+                                &topic,
+                                sequence,
+                                None,
+                                None,
+                            )
                             .await?
                         {
                             *dropped += 1;
@@ -221,6 +227,14 @@ impl Inner {
                     }
                 }
             }
+            // The partition's counters go with it.
+            self.client
+                .delete_item()
+                .table_name(&self.table)
+                .set_key(Some(schema::stats_key(&partition)))
+                .send()
+                .await
+                .map_err(sdk_error)?;
         }
         Ok(true)
     }

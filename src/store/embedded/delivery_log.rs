@@ -7,12 +7,14 @@ use async_trait::async_trait;
 use redb::{ReadTransaction, ReadableTable};
 
 use super::EmbeddedStore;
-use super::schema::{DELIVERIES, EVENTS, PARTITIONS, PENDING_PARTITIONS, SUBSCRIPTIONS};
+use super::schema::{
+    DEAD_LETTERS, DELIVERIES, EVENTS, PARTITIONS, PENDING_PARTITIONS, SUBSCRIPTIONS,
+};
 use super::unavailable;
 use super::writer::Command;
 use crate::model::{
     FailureOutcome, HeadStatus, NewEvent, Page, PartitionKey, PartitionStatus, PendingDelivery,
-    Published,
+    Published, Redelivery,
 };
 use crate::store::pages;
 use crate::store::records::{DeliveryRecord, PartitionRecord, decode_event};
@@ -91,6 +93,7 @@ impl DeliveryLog for EmbeddedStore {
         &self,
         subscription_id: &str,
         topic: Option<&str>,
+        dead_only: bool,
         page_size: usize,
         page_token: Option<&str>,
     ) -> Result<Page<PendingDelivery>, StoreError> {
@@ -111,7 +114,13 @@ impl DeliveryLog for EmbeddedStore {
             match topic {
                 Some(topic) => {
                     let partition = PartitionKey::new(topic, subscription_id);
-                    items = read_partition(&transaction, &partition, start_after(topic), wanted)?;
+                    items = read_with_dead(
+                        &transaction,
+                        &partition,
+                        start_after(topic),
+                        wanted,
+                        dead_only,
+                    )?;
                 }
                 None => {
                     let pending = transaction
@@ -129,11 +138,12 @@ impl DeliveryLog for EmbeddedStore {
                         }
                         let partition = PartitionKey::new(topic, subscription_id);
                         let left = wanted - items.len();
-                        items.extend(read_partition(
+                        items.extend(read_with_dead(
                             &transaction,
                             &partition,
                             start_after(topic),
                             left,
+                            dead_only,
                         )?);
                     }
                 }
@@ -214,6 +224,28 @@ impl DeliveryLog for EmbeddedStore {
             .await
     }
 
+    async fn redrive(
+        &self,
+        partition: &PartitionKey,
+        sequences: Option<&[u64]>,
+    ) -> Result<u64, StoreError> {
+        let partition = partition.clone();
+        let sequences = sequences.map(<[u64]>::to_vec);
+        self.submit(|reply| Command::Redrive(partition, sequences, reply))
+            .await
+    }
+
+    async fn purge(
+        &self,
+        partition: &PartitionKey,
+        sequences: Option<&[u64]>,
+    ) -> Result<u64, StoreError> {
+        let partition = partition.clone();
+        let sequences = sequences.map(<[u64]>::to_vec);
+        self.submit(|reply| Command::Purge(partition, sequences, reply))
+            .await
+    }
+
     async fn pending_partitions(&self) -> Result<Vec<PartitionKey>, StoreError> {
         self.read_with(move |transaction| {
             let table = transaction
@@ -256,7 +288,42 @@ fn read_partition(
     from: u64,
     limit: usize,
 ) -> Result<Vec<PendingDelivery>, StoreError> {
-    let deliveries = transaction.open_table(DELIVERIES).map_err(unavailable)?;
+    read_range(transaction, DELIVERIES, partition, from, limit)
+}
+
+/// Reads up to `limit` of a partition's pending deliveries and dead letters with sequence >=
+/// `from`, in sequence order (only dead letters with `dead_only`), joined with events.
+fn read_with_dead(
+    transaction: &ReadTransaction,
+    partition: &PartitionKey,
+    from: u64,
+    limit: usize,
+    dead_only: bool,
+) -> Result<Vec<PendingDelivery>, StoreError> {
+    let mut merged = read_range(transaction, DEAD_LETTERS, partition, from, limit)?;
+    for delivery in &mut merged {
+        delivery.state.dead_lettered = true;
+    }
+    merged.extend(
+        read_partition(transaction, partition, from, limit)?
+            .into_iter()
+            .filter(|delivery| !dead_only || delivery.state.dead_lettered),
+    );
+    merged.sort_by_key(|delivery| delivery.event.sequence);
+    merged.truncate(limit);
+    Ok(merged)
+}
+
+/// Reads up to `limit` entries of `table` (deliveries or dead letters) of a partition with
+/// sequence >= `from`, joined with events.
+fn read_range(
+    transaction: &ReadTransaction,
+    table: redb::TableDefinition<(&str, u64), &[u8]>,
+    partition: &PartitionKey,
+    from: u64,
+    limit: usize,
+) -> Result<Vec<PendingDelivery>, StoreError> {
+    let deliveries = transaction.open_table(table).map_err(unavailable)?;
     let events = transaction.open_table(EVENTS).map_err(unavailable)?;
     let key = partition.encode();
     let mut result = Vec::new();
@@ -283,6 +350,7 @@ fn read_partition(
             state: record.state(),
             last_error: record.last_error.clone(),
             previous_sequence: record.previous_sequence,
+            redelivery: record.redelivery.as_deref().and_then(Redelivery::from_name),
         });
     }
     Ok(result)

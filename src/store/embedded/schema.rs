@@ -28,6 +28,10 @@ pub(super) const PENDING_PARTITIONS: TableDefinition<(&str, &str), ()> =
 /// (`{topic}#{subscription id}`, sequence) -> delivery record.
 pub(super) const DELIVERIES: TableDefinition<(&str, u64), &[u8]> =
     TableDefinition::new("deliveries");
+/// (`{topic}#{subscription id}`, sequence) -> delivery record of a dead letter. (Before this
+/// table existed, dead letters stayed in `deliveries`, flagged; those are still read.)
+pub(super) const DEAD_LETTERS: TableDefinition<(&str, u64), &[u8]> =
+    TableDefinition::new("dead_letters");
 /// (topic, idempotency key) -> idempotency record.
 pub(super) const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> =
     TableDefinition::new("idempotency");
@@ -80,6 +84,7 @@ fn create_tables(transaction: &WriteTransaction) -> Result<(), redb::Error> {
     transaction.open_table(PARTITIONS)?;
     transaction.open_table(PENDING_PARTITIONS)?;
     transaction.open_table(DELIVERIES)?;
+    transaction.open_table(DEAD_LETTERS)?;
     transaction.open_table(IDEMPOTENCY)?;
     transaction.open_table(IDEMPOTENCY_EXPIRY)?;
     transaction.open_table(PROBES)?;

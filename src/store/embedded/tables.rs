@@ -6,12 +6,13 @@ use std::time::Duration;
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 
 use super::schema::{
-    DELIVERIES, EVENT_REFERENCES, EVENTS, IDEMPOTENCY, IDEMPOTENCY_EXPIRY, PARTITIONS,
-    PENDING_PARTITIONS, SUBSCRIPTIONS, TOPICS,
+    DEAD_LETTERS, DELIVERIES, EVENT_REFERENCES, EVENTS, IDEMPOTENCY, IDEMPOTENCY_EXPIRY,
+    PARTITIONS, PENDING_PARTITIONS, SUBSCRIPTIONS, TOPICS,
 };
 use super::unavailable;
 use crate::model::{
-    Event, FailureOutcome, NewEvent, PartitionKey, Published, Subscription, now_micros, now_millis,
+    Event, FailureOutcome, NewEvent, PartitionKey, Published, Redelivery, Subscription, now_micros,
+    now_millis,
 };
 use crate::store::delivery_log::{SKIPPED, head_moved};
 use crate::store::records::{
@@ -25,6 +26,10 @@ use crate::store::{StoreError, SubscriptionLimits, SubscriptionUpdate};
 /// Most expired idempotency keys removed per sweep.
 const SWEEP_LIMIT: usize = 1000;
 
+/// A dead letter found: its sequence, its record, and whether it is kept in the dead-letter
+/// table (else it is a flagged delivery from before the table existed).
+type DeadLetter = (u64, DeliveryRecord, bool);
+
 /// Result of one command: the outer error aborts the batch, the inner one is the command's own.
 pub(super) type Applied<T> = Result<Result<T, StoreError>, StoreError>;
 
@@ -37,6 +42,7 @@ pub(super) struct Tables<'transaction> {
     partitions: redb::Table<'transaction, (&'static str, &'static str), &'static [u8]>,
     pending_partitions: redb::Table<'transaction, (&'static str, &'static str), ()>,
     deliveries: redb::Table<'transaction, (&'static str, u64), &'static [u8]>,
+    dead_letters: redb::Table<'transaction, (&'static str, u64), &'static [u8]>,
     idempotency: redb::Table<'transaction, (&'static str, &'static str), &'static [u8]>,
     idempotency_expiry: redb::Table<'transaction, (u64, &'static str, &'static str), ()>,
 }
@@ -51,6 +57,7 @@ impl<'transaction> Tables<'transaction> {
             partitions: transaction.open_table(PARTITIONS)?,
             pending_partitions: transaction.open_table(PENDING_PARTITIONS)?,
             deliveries: transaction.open_table(DELIVERIES)?,
+            dead_letters: transaction.open_table(DEAD_LETTERS)?,
             idempotency: transaction.open_table(IDEMPOTENCY)?,
             idempotency_expiry: transaction.open_table(IDEMPOTENCY_EXPIRY)?,
         })
@@ -115,6 +122,13 @@ impl<'transaction> Tables<'transaction> {
             }
             for sequence in sequences {
                 self.deliveries
+                    .remove((partition_key.as_str(), sequence))
+                    .map_err(unavailable)?;
+                self.release_event(topic, sequence)?;
+                dropped += 1;
+            }
+            for sequence in self.dead_sequences(&partition_key)? {
+                self.dead_letters
                     .remove((partition_key.as_str(), sequence))
                     .map_err(unavailable)?;
                 self.release_event(topic, sequence)?;
@@ -328,7 +342,17 @@ impl<'transaction> Tables<'transaction> {
             .map_err(unavailable)?
         {
             Some(removed) => DeliveryRecord::decode(removed.value())?.dead_lettered,
-            None => return Ok(()),
+            None => {
+                let removed = self
+                    .dead_letters
+                    .remove((partition_key.as_str(), sequence))
+                    .map_err(unavailable)?
+                    .is_some();
+                if !removed {
+                    return Ok(());
+                }
+                true
+            }
         };
         let subscription_id = partition.subscription_id.as_str();
         let topic = partition.topic.as_str();
@@ -371,25 +395,192 @@ impl<'transaction> Tables<'transaction> {
         record.consecutive_failures += 1;
         record.last_failure_at = now_millis();
         match outcome {
-            FailureOutcome::RetryAt(at) => delivery.next_attempt_at = *at,
+            FailureOutcome::RetryAt(at) => {
+                delivery.next_attempt_at = *at;
+                self.deliveries
+                    .insert(
+                        (partition_key.as_str(), sequence),
+                        delivery.encode().as_slice(),
+                    )
+                    .map_err(unavailable)?;
+            }
             FailureOutcome::DeadLetter => {
-                delivery.dead_lettered = true;
-                record.dead_through = record.dead_through.max(sequence);
                 if !was_dead {
                     record.dead_letters += 1;
                 }
+                self.bury(&partition_key, sequence, delivery, &mut record)?;
             }
         }
         self.partitions
             .insert((subscription_id, topic), record.encode().as_slice())
             .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Moves a delivery from the partition's pending ones to its dead letters; `record`
+    /// (written by the caller) moves its head past it.
+    fn bury(
+        &mut self,
+        partition_key: &str,
+        sequence: u64,
+        mut delivery: DeliveryRecord,
+        record: &mut PartitionRecord,
+    ) -> Result<(), StoreError> {
+        delivery.dead_lettered = true;
+        record.dead_through = record.dead_through.max(sequence);
         self.deliveries
-            .insert(
-                (partition_key.as_str(), sequence),
-                delivery.encode().as_slice(),
-            )
+            .remove((partition_key, sequence))
+            .map_err(unavailable)?;
+        self.dead_letters
+            .insert((partition_key, sequence), delivery.encode().as_slice())
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    /// The sequences of a partition's dead letters, in order.
+    fn dead_sequences(&self, partition_key: &str) -> Result<Vec<u64>, StoreError> {
+        let mut sequences = Vec::new();
+        for entry in self
+            .dead_letters
+            .range((partition_key, 0)..=(partition_key, u64::MAX))
+            .map_err(unavailable)?
+        {
+            let (key, _) = entry.map_err(unavailable)?;
+            sequences.push(key.value().1);
+        }
+        Ok(sequences)
+    }
+
+    /// The dead letters `sequences` names (all of the partition's if `None`), with their
+    /// records: a dead letter kept in the dead-letter table, or (written before it existed)
+    /// a flagged one among the deliveries. `NotFound` for a named sequence that is neither.
+    fn dead_letters_named(
+        &self,
+        partition: &PartitionKey,
+        record: &PartitionRecord,
+        sequences: Option<&[u64]>,
+    ) -> Applied<Vec<DeadLetter>> {
+        let key = partition.encode();
+        let mut found = Vec::new();
+        let named: Vec<u64> = match sequences {
+            Some(sequences) => sequences.to_vec(),
+            None => {
+                let mut all = self.dead_sequences(&key)?;
+                // Flagged ones from before the table: at or below the head mark.
+                for entry in self
+                    .deliveries
+                    .range((key.as_str(), 0)..=(key.as_str(), record.dead_through))
+                    .map_err(unavailable)?
+                {
+                    let (entry_key, value) = entry.map_err(unavailable)?;
+                    if DeliveryRecord::decode(value.value())?.dead_lettered {
+                        all.push(entry_key.value().1);
+                    }
+                }
+                all
+            }
+        };
+        for sequence in named {
+            if let Some(bytes) = self
+                .dead_letters
+                .get((key.as_str(), sequence))
+                .map_err(unavailable)?
+            {
+                found.push((sequence, DeliveryRecord::decode(bytes.value())?, true));
+                continue;
+            }
+            match self.delivery(&key, sequence)? {
+                Some(delivery) if delivery.dead_lettered => found.push((sequence, delivery, false)),
+                _ => {
+                    return Ok(Err(StoreError::NotFound(format!(
+                        "dead letter {partition}/{sequence}"
+                    ))));
+                }
+            }
+        }
+        found.sort_by_key(|(sequence, ..)| *sequence);
+        found.dedup_by_key(|(sequence, ..)| *sequence);
+        Ok(Ok(found))
+    }
+
+    /// Puts dead letters back in front of the partition's pending deliveries (their
+    /// sequences are below its head, so they are sent next), marked as redriven, with fresh
+    /// attempts. Returns how many.
+    pub(super) fn redrive(
+        &mut self,
+        partition: &PartitionKey,
+        sequences: Option<&[u64]>,
+        now: u64,
+    ) -> Applied<u64> {
+        let subscription_id = partition.subscription_id.as_str();
+        let topic = partition.topic.as_str();
+        let mut record = self.partition(subscription_id, topic)?;
+        let found = match self.dead_letters_named(partition, &record, sequences)? {
+            Ok(found) => found,
+            Err(error) => return Ok(Err(error)),
+        };
+        let key = partition.encode();
+        for (sequence, mut delivery, in_table) in found.iter().cloned() {
+            if in_table {
+                self.dead_letters
+                    .remove((key.as_str(), sequence))
+                    .map_err(unavailable)?;
+            }
+            delivery.dead_lettered = false;
+            delivery.attempts = 0;
+            delivery.next_attempt_at = now;
+            delivery.redelivery = Some(Redelivery::Redrive.name().to_string());
+            self.deliveries
+                .insert((key.as_str(), sequence), delivery.encode().as_slice())
+                .map_err(unavailable)?;
+            record.dead_through = record.dead_through.min(sequence.saturating_sub(1));
+        }
+        let count = found.len() as u64;
+        record.dead_letters = record.dead_letters.saturating_sub(count);
+        self.partitions
+            .insert((subscription_id, topic), record.encode().as_slice())
+            .map_err(unavailable)?;
+        Ok(Ok(count))
+    }
+
+    /// Deletes dead letters for good. Returns how many.
+    pub(super) fn purge(
+        &mut self,
+        partition: &PartitionKey,
+        sequences: Option<&[u64]>,
+    ) -> Applied<u64> {
+        let subscription_id = partition.subscription_id.as_str();
+        let topic = partition.topic.as_str();
+        let mut record = self.partition(subscription_id, topic)?;
+        let found = match self.dead_letters_named(partition, &record, sequences)? {
+            Ok(found) => found,
+            Err(error) => return Ok(Err(error)),
+        };
+        let key = partition.encode();
+        for (sequence, _, in_table) in &found {
+            if *in_table {
+                self.dead_letters
+                    .remove((key.as_str(), *sequence))
+                    .map_err(unavailable)?;
+            } else {
+                self.deliveries
+                    .remove((key.as_str(), *sequence))
+                    .map_err(unavailable)?;
+            }
+            self.release_event(topic, *sequence)?;
+        }
+        let count = found.len() as u64;
+        record.dead_letters = record.dead_letters.saturating_sub(count);
+        record.pending = record.pending.saturating_sub(count);
+        if record.pending == 0 {
+            self.pending_partitions
+                .remove((subscription_id, topic))
+                .map_err(unavailable)?;
+        }
+        self.partitions
+            .insert((subscription_id, topic), record.encode().as_slice())
+            .map_err(unavailable)?;
+        Ok(Ok(count))
     }
 
     /// Replaces a subscription by `update`'s edit of it. Its topics cannot change (the topic
@@ -468,15 +659,8 @@ impl<'transaction> Tables<'transaction> {
         let Some((head_sequence, mut delivery)) = head.filter(|(head, _)| *head == sequence) else {
             return Ok(Err(head_moved(partition, sequence, head_sequence)));
         };
-        delivery.dead_lettered = true;
         delivery.set_error(SKIPPED);
-        self.deliveries
-            .insert(
-                (partition.encode().as_str(), head_sequence),
-                delivery.encode().as_slice(),
-            )
-            .map_err(unavailable)?;
-        record.dead_through = record.dead_through.max(head_sequence);
+        self.bury(&partition.encode(), head_sequence, delivery, &mut record)?;
         record.dead_letters += 1;
         self.partitions
             .insert((subscription_id, topic), record.encode().as_slice())

@@ -39,6 +39,8 @@ pub(super) enum Command {
     UpdateSubscription(String, SubscriptionUpdate, Reply<Subscription>),
     RetryNow(PartitionKey, Reply<Option<u64>>),
     SkipHead(PartitionKey, u64, Reply<()>),
+    Redrive(PartitionKey, Option<Vec<u64>>, Reply<u64>),
+    Purge(PartitionKey, Option<Vec<u64>>, Reply<u64>),
 }
 
 impl Command {
@@ -345,6 +347,13 @@ impl Writer {
                     }
                     Command::SkipHead(partition, sequence, reply) => {
                         Outcome::Unit(reply, tables.skip_head(&partition, sequence)?)
+                    }
+                    Command::Redrive(partition, sequences, reply) => Outcome::Count(
+                        reply,
+                        tables.redrive(&partition, sequences.as_deref(), now)?,
+                    ),
+                    Command::Purge(partition, sequences, reply) => {
+                        Outcome::Count(reply, tables.purge(&partition, sequences.as_deref())?)
                     }
                 };
                 outcomes.push(outcome);

@@ -266,7 +266,10 @@ async fn completion_and_failure_move_the_partition_head(store: Arc<dyn Store>) {
             .is_empty()
     );
     // The dead letter is still listed as pending.
-    let pending = store.list_pending("sub_1", None, 10, None).await.unwrap();
+    let pending = store
+        .list_pending("sub_1", None, false, 10, None)
+        .await
+        .unwrap();
     assert_eq!(pending.items.len(), 1);
     assert_eq!(pending.items[0].event.sequence, sequences[1]);
     assert!(pending.items[0].state.dead_lettered);
@@ -308,7 +311,7 @@ async fn list_pending_pages_over_topics_and_includes_dead_letters(store: Arc<dyn
     let mut token = None;
     loop {
         let page = store
-            .list_pending("sub_1", None, 4, token.as_deref())
+            .list_pending("sub_1", None, false, 4, token.as_deref())
             .await
             .unwrap();
         assert!(page.items.len() <= 4);
@@ -340,17 +343,19 @@ async fn list_pending_pages_over_topics_and_includes_dead_letters(store: Arc<dyn
     );
 
     let only_b = store
-        .list_pending("sub_1", Some("b"), 10, None)
+        .list_pending("sub_1", Some("b"), false, 10, None)
         .await
         .unwrap();
     assert_eq!(only_b.items.len(), 3);
     assert!(only_b.next_token.is_none());
     assert!(matches!(
-        store.list_pending("sub_x", None, 10, None).await,
+        store.list_pending("sub_x", None, false, 10, None).await,
         Err(StoreError::NotFound(_))
     ));
     assert!(matches!(
-        store.list_pending("sub_1", None, 10, Some("@@")).await,
+        store
+            .list_pending("sub_1", None, false, 10, Some("@@"))
+            .await,
         Err(StoreError::InvalidArgument(_))
     ));
 }

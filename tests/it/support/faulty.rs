@@ -179,12 +179,29 @@ impl DeliveryLog for FaultyStore {
         &self,
         subscription_id: &str,
         topic: Option<&str>,
+        dead_only: bool,
         page_size: usize,
         page_token: Option<&str>,
     ) -> Result<Page<PendingDelivery>, StoreError> {
         self.inner
-            .list_pending(subscription_id, topic, page_size, page_token)
+            .list_pending(subscription_id, topic, dead_only, page_size, page_token)
             .await
+    }
+
+    async fn redrive(
+        &self,
+        partition: &PartitionKey,
+        sequences: Option<&[u64]>,
+    ) -> Result<u64, StoreError> {
+        self.inner.redrive(partition, sequences).await
+    }
+
+    async fn purge(
+        &self,
+        partition: &PartitionKey,
+        sequences: Option<&[u64]>,
+    ) -> Result<u64, StoreError> {
+        self.inner.purge(partition, sequences).await
     }
 
     async fn pending_partitions(&self) -> Result<Vec<PartitionKey>, StoreError> {

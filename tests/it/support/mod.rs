@@ -390,6 +390,7 @@ pub async fn all_pending(
                 topic: String::new(),
                 page_size: 100,
                 page_token,
+                dead_letters_only: false,
             })
             .await
             .expect("list pending")

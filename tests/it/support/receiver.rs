@@ -69,6 +69,8 @@ pub struct Received {
     pub traceparent: String,
     /// The `tracestate` header (empty if none).
     pub tracestate: String,
+    /// The `herald-redelivery` header (empty if none).
+    pub redelivery: String,
     pub body: Bytes,
     /// 1 for the first request with this event id, 2 for the second...
     pub attempt: u32,
@@ -211,6 +213,7 @@ async fn handle(
     let content_type = header("content-type");
     let traceparent = header("traceparent");
     let tracestate = header("tracestate");
+    let redelivery = header("herald-redelivery");
     let body = request.into_body().collect().await?.to_bytes();
     let attempt = {
         let mut attempts = state.attempts.lock().unwrap();
@@ -230,6 +233,7 @@ async fn handle(
         content_type,
         traceparent,
         tracestate,
+        redelivery,
         body,
         attempt,
         reply: Reply::Status(204),
