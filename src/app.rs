@@ -149,6 +149,7 @@ pub async fn run_with_store(
     let Listeners {
         grpc: listener,
         metrics: metrics_listener,
+        admin: admin_listener,
     } = listeners.into();
     // Bad keys or TLS files fail the start before anything else does.
     let keys = Arc::new(
@@ -186,7 +187,20 @@ pub async fn run_with_store(
     let resumed = engine.resume().await?;
     tracing::info!(partitions = resumed, "resumed pending deliveries");
     let store_health = store.health();
-    let broker_service = broker_service(&config, store, engine.clone(), endpoint_rules, keys);
+    let broker = broker(&config, store, engine.clone(), endpoint_rules);
+    if let Some(listener) = admin_listener {
+        let admin = crate::admin::Admin {
+            broker: broker.clone(),
+            metrics: metrics.clone(),
+            keys: keys.clone(),
+        };
+        tokio::spawn(crate::admin::serve(
+            listener,
+            Arc::new(admin),
+            trigger.handle(),
+        ));
+    }
+    let broker_service = broker_service(&config, broker, keys);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -232,15 +246,14 @@ pub async fn run_with_store(
     served.map_err(|error| Error::Internal(format!("gRPC server: {error}")))
 }
 
-/// The Broker service: the operations over `store`, behind authentication and rate limits.
-fn broker_service(
+/// The operations over `store`.
+fn broker(
     config: &ServeConfig,
     store: Arc<dyn Store>,
     engine: Engine,
     endpoint_rules: Arc<crate::delivery::endpoint_policy::AddressRules>,
-    keys: Arc<Keys>,
-) -> InterceptedService<BrokerServiceServer<BrokerApi>, Authenticate> {
-    let broker = Arc::new(Broker::new(
+) -> Arc<Broker> {
+    Arc::new(Broker::new(
         store,
         engine,
         Limits {
@@ -253,7 +266,15 @@ fn broker_service(
                 per_pattern: config.max_subscriptions_per_pattern,
             },
         },
-    ));
+    ))
+}
+
+/// The Broker service: `broker` behind authentication and rate limits.
+fn broker_service(
+    config: &ServeConfig,
+    broker: Arc<Broker>,
+    keys: Arc<Keys>,
+) -> InterceptedService<BrokerServiceServer<BrokerApi>, Authenticate> {
     let rates = RateLimits::new(config.rate_limit_publish, config.rate_limit_manage);
     // Large enough that an oversized payload reaches our own check and its precise message.
     let max_message = (config.max_payload_bytes + MESSAGE_OVERHEAD).max(4 * 1024 * 1024);
@@ -270,6 +291,8 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// `/metrics`, if served.
     pub metrics: Option<TcpListener>,
+    /// The admin listener (status page and metrics), if served.
+    pub admin: Option<TcpListener>,
 }
 
 impl From<TcpListener> for Listeners {
@@ -277,6 +300,7 @@ impl From<TcpListener> for Listeners {
         Listeners {
             grpc,
             metrics: None,
+            admin: None,
         }
     }
 }

@@ -230,10 +230,45 @@ impl Keys {
             .or_else(|| header.strip_prefix("bearer "))
             .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <API key>`"))?
             .trim();
+        self.find(token).map_err(Status::unauthenticated)
+    }
+
+    /// Checks an HTTP request's `Authorization` header (for the admin listener): `Bearer
+    /// <API key>`, or `Basic` with the API key as the password (what a browser's login
+    /// prompt sends; the user name is ignored). The error says what is wrong.
+    pub fn authenticate_http(&self, header: Option<&str>) -> Result<Caller, String> {
+        if !self.required() {
+            return Ok(Caller::Anyone);
+        }
+        let header = header.ok_or("missing `Authorization: Bearer <API key>`")?;
+        if let Some(token) = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+        {
+            return self.find(token.trim());
+        }
+        let basic = header
+            .strip_prefix("Basic ")
+            .or_else(|| header.strip_prefix("basic "))
+            .ok_or(
+                "authorization must be `Bearer <API key>` or `Basic` with the key as password",
+            )?;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(basic.trim())
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .ok_or("malformed Basic credentials")?;
+        let (_, password) = decoded
+            .split_once(':')
+            .ok_or("malformed Basic credentials")?;
+        self.find(password)
+    }
+
+    fn find(&self, token: &str) -> Result<Caller, String> {
         let set = self.current.read().expect("lock").clone();
         set.find(token)
             .map(Caller::Key)
-            .ok_or_else(|| Status::unauthenticated("unknown API key"))
+            .ok_or_else(|| "unknown API key".to_string())
     }
 
     /// Reloads the key file every `interval` until the process ends.

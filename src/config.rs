@@ -169,6 +169,12 @@ pub struct ServeConfig {
     #[arg(long, env = "HERALD_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// Address of the admin listener: the status page at `/` and the metrics at `/metrics`,
+    /// behind the API keys when there are some (role `read`); off unless given. Port 0 picks
+    /// a free port (printed as `herald admin on ...`).
+    #[arg(long, env = "HERALD_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+
     /// Log lines as `text` (default) or `json` (one object per line), on stderr.
     #[arg(long, env = "HERALD_LOG_FORMAT", value_enum, default_value = defaults::LOG_FORMAT)]
     pub log_format: LogFormat,
@@ -292,6 +298,7 @@ impl ServeConfig {
             default_request_timeout: retry.request_timeout,
             shutdown_grace: duration(defaults::SHUTDOWN_GRACE),
             metrics_listen: None,
+            admin_listen: None,
             log_format: LogFormat::Text,
             max_subscriptions: defaults::MAX_SUBSCRIPTIONS,
             max_subscriptions_per_pattern: defaults::MAX_SUBSCRIPTIONS_PER_PATTERN,

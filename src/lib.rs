@@ -11,7 +11,8 @@
 //! - [`api`]: the gRPC adapter over [`broker`]; [`auth`]: API keys and what each may call.
 //! - [`broker`]: the operations (publish, subscribe, ...), validated by [`validate`].
 //! - [`model`]: domain types; [`rate`]: per-key rate limits.
-//! - [`metrics`]: Prometheus metrics and their `/metrics` listener.
+//! - [`metrics`]: Prometheus metrics and their `/metrics` listener; [`admin`]: the admin
+//!   listener (status page and metrics).
 //! - [`store`]: the storage contract, split by job (subscriptions, delivery log, leases), and
 //!   its backends.
 //! - [`delivery`]: partition workers, HTTP signing and sending, backoff.
@@ -24,6 +25,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod api;
 pub mod app;
 pub mod auth;

@@ -63,14 +63,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ),
                     None => None,
                 };
+                let admin = match config.admin_listen {
+                    Some(address) => Some(
+                        tokio::net::TcpListener::bind(address)
+                            .await
+                            .map_err(|error| {
+                                anyhow::anyhow!("cannot listen on {address}: {error}")
+                            })?,
+                    ),
+                    None => None,
+                };
                 // Tests and scripts read these lines to find the ports.
                 println!("herald listening on {}", listener.local_addr()?);
                 if let Some(metrics) = &metrics {
                     println!("herald metrics on http://{}/metrics", metrics.local_addr()?);
                 }
+                if let Some(admin) = &admin {
+                    println!("herald admin on http://{}/", admin.local_addr()?);
+                }
                 let listeners = herald::app::Listeners {
                     grpc: listener,
                     metrics,
+                    admin,
                 };
                 herald::app::run(config, listeners, herald::shutdown::signal()).await?;
                 Ok(())

@@ -245,6 +245,11 @@ fn respond(metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
         *response.status_mut() = StatusCode::NOT_FOUND;
         return response;
     }
+    page(metrics)
+}
+
+/// The exposition of `metrics`, as a response.
+pub fn page(metrics: &Metrics) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(metrics.render())));
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,

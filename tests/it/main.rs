@@ -15,5 +15,6 @@ mod faults;
 mod observability;
 mod operate;
 mod security;
+mod status_page;
 mod store_conformance;
 mod tls;

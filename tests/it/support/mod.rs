@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod dynamo;
 pub mod faulty;
 pub mod receiver;
@@ -257,6 +258,8 @@ pub struct HeraldProcess {
     pub address: SocketAddr,
     /// The metrics page, when started with `--metrics-listen`.
     pub metrics_url: Option<String>,
+    /// The admin listener's root (`http://.../`), when started with `--admin-listen`.
+    pub admin_url: Option<String>,
     /// The rest of its stdout.
     pub stdout: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
 }
@@ -307,10 +310,24 @@ impl HeraldProcess {
                     .to_string(),
             );
         }
+        let mut admin_url = None;
+        if extra.contains(&"--admin-listen") {
+            let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+                .await
+                .expect("herald printed its admin address in time")
+                .expect("read stdout")
+                .expect("an admin line");
+            admin_url = Some(
+                line.strip_prefix("herald admin on ")
+                    .unwrap_or_else(|| panic!("unexpected admin line {line:?}"))
+                    .to_string(),
+            );
+        }
         HeraldProcess {
             child,
             address,
             metrics_url,
+            admin_url,
             stdout: lines,
         }
     }
