@@ -72,10 +72,14 @@ pub async fn run(
 /// `--create-table`), checked to answer.
 pub async fn open_store(config: &ServeConfig) -> Result<Arc<dyn Store>, Error> {
     match config.store {
-        StoreKind::Embedded => Ok(Arc::new(EmbeddedStore::open_with_cache(
-            &config.data_dir,
-            config.store_cache_mib * 1024 * 1024,
-        )?)),
+        StoreKind::Embedded => {
+            let store = EmbeddedStore::open_with_cache(
+                &config.data_dir,
+                config.store_cache_mib * 1024 * 1024,
+            )?;
+            store.set_retention(config.retention);
+            Ok(Arc::new(store))
+        }
         StoreKind::Dynamodb => Ok(open_dynamodb(config).await?),
     }
 }
@@ -91,8 +95,9 @@ async fn open_dynamodb(config: &ServeConfig) -> Result<Arc<DynamoStore>, Error> 
             Err(error) => return Err(error.into()),
         }
     }
-    let store =
-        DynamoStore::new(client, &dynamo.table).with_repair_after(config.fanout_repair_after);
+    let store = DynamoStore::new(client, &dynamo.table)
+        .with_repair_after(config.fanout_repair_after)
+        .with_retention(config.retention);
     store.check().await?;
     Ok(Arc::new(store))
 }
@@ -181,6 +186,7 @@ pub async fn run_with_store(
             rescan: (config.store == StoreKind::Dynamodb).then_some(config.rescan_interval),
             endpoint_rules: endpoint_rules.clone(),
             metrics: metrics.clone(),
+            auto_disable_after: Some(config.auto_disable_after).filter(|after| !after.is_zero()),
         },
         shutdown_handle,
     );

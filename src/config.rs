@@ -47,6 +47,8 @@ pub mod defaults {
     pub const REQUEST_TIMEOUT: &str = "10s";
     /// `--shutdown-grace`.
     pub const SHUTDOWN_GRACE: &str = "10s";
+    /// `--retention`: a week of delivered events can be replayed.
+    pub const RETENTION: &str = "7d";
     /// `--log-format`.
     pub const LOG_FORMAT: &str = "text";
     /// `--max-subscriptions`.
@@ -235,6 +237,17 @@ pub struct ServeConfig {
     /// How long shutdown waits for in-flight deliveries before leaving them pending.
     #[arg(long, env = "HERALD_SHUTDOWN_GRACE", default_value = defaults::SHUTDOWN_GRACE, value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// How long events are kept after their last delivery, so that operators can replay
+    /// them (`herald replay`); `0s` deletes them as soon as every subscription has them.
+    #[arg(long, env = "HERALD_RETENTION", default_value = defaults::RETENTION, value_parser = parse_duration)]
+    pub retention: Duration,
+
+    /// Disable a subscription whose endpoint has failed every attempt for this long (no
+    /// success in between, as this instance saw it): it stops sending, keeps receiving events,
+    /// and says why, until an operator resumes it. `0s` (the default) never disables.
+    #[arg(long, env = "HERALD_AUTO_DISABLE_AFTER", default_value = "0s", value_parser = parse_duration)]
+    pub auto_disable_after: Duration,
 }
 
 /// How to reach DynamoDB.
@@ -297,6 +310,8 @@ impl ServeConfig {
             default_max_attempts: retry.max_attempts,
             default_request_timeout: retry.request_timeout,
             shutdown_grace: duration(defaults::SHUTDOWN_GRACE),
+            auto_disable_after: Duration::ZERO,
+            retention: duration(defaults::RETENTION),
             metrics_listen: None,
             admin_listen: None,
             log_format: LogFormat::Text,

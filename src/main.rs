@@ -73,6 +73,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ),
                     None => None,
                 };
+                // Before the lines below: a signal right after them shuts down gracefully.
+                let shutdown = herald::shutdown::signal();
                 // Tests and scripts read these lines to find the ports.
                 println!("herald listening on {}", listener.local_addr()?);
                 if let Some(metrics) = &metrics {
@@ -86,7 +88,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     metrics,
                     admin,
                 };
-                herald::app::run(config, listeners, herald::shutdown::signal()).await?;
+                herald::app::run(config, listeners, shutdown).await?;
                 Ok(())
             }
             command => herald::cli::run(command).await,

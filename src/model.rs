@@ -311,6 +311,35 @@ pub struct HeadStatus {
     pub last_error: Option<String>,
 }
 
+/// Which delivered events of a partition to send again: those with a sequence in
+/// `[from_sequence, to_sequence]` published within `[from_time, to_time]` (both inclusive),
+/// at most `limit` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayRange {
+    /// Smallest sequence.
+    pub from_sequence: u64,
+    /// Largest sequence.
+    pub to_sequence: u64,
+    /// Earliest publish time.
+    pub from_time: UnixMillis,
+    /// Latest publish time.
+    pub to_time: UnixMillis,
+    /// Most events queued by one call.
+    pub limit: usize,
+}
+
+/// What a replay queued.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Replayed {
+    /// Events queued again, marked as replays.
+    pub count: u64,
+    /// Events of the range left alone because they are still pending (they are delivered
+    /// in their turn) or dead-lettered (redrive them instead).
+    pub skipped: u64,
+    /// Where a next call should start (`from_sequence`) if the range held more than `limit`.
+    pub next_sequence: Option<u64>,
+}
+
 /// The result of one failed attempt, as the worker records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureOutcome {

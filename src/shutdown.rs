@@ -47,14 +47,30 @@ pub fn channel() -> (ShutdownTrigger, Shutdown) {
 }
 
 /// Completes on the first SIGINT or SIGTERM. A second one exits the process at once.
-pub async fn signal() {
-    wait_for_signal().await;
-    tracing::info!("shutting down: finishing in-flight deliveries (signal again to exit now)");
-    tokio::spawn(async {
-        wait_for_signal().await;
-        tracing::warn!("second signal: exiting now");
-        std::process::exit(130);
-    });
+pub fn signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    // Installed now, not when first polled: a signal that comes before the server starts
+    // waiting is still a graceful shutdown, not the default action (exit).
+    #[cfg(unix)]
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler installs");
+    #[cfg(unix)]
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .expect("SIGINT handler installs");
+    async move {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down: finishing in-flight deliveries (signal again to exit now)");
+        tokio::spawn(async {
+            wait_for_signal().await;
+            tracing::warn!("second signal: exiting now");
+            std::process::exit(130);
+        });
+    }
 }
 
 async fn wait_for_signal() {

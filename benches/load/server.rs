@@ -271,6 +271,12 @@ impl BrokerApi for EmptyBroker {
     ) -> Result<Response<proto::SkipHeadResponse>, Status> {
         Err(Status::unimplemented("empty broker"))
     }
+    async fn replay(
+        &self,
+        _request: Request<proto::ReplayRequest>,
+    ) -> Result<Response<proto::ReplayResponse>, Status> {
+        Err(Status::unimplemented("empty broker"))
+    }
     async fn redrive_dead_letters(
         &self,
         _request: Request<proto::RedriveDeadLettersRequest>,

@@ -4,7 +4,8 @@ use crate::trace::TraceContext;
 use std::time::Duration;
 
 use crate::broker::{
-    PartitionState, PublishInput, RetryPolicyInput, SubscribeInput, http_status, partition_state,
+    PartitionState, PublishInput, ReplayBound, RetryPolicyInput, SubscribeInput, http_status,
+    partition_state,
 };
 use crate::error::Error;
 use crate::model::{
@@ -210,4 +211,30 @@ fn duration(
     }
     let duration = Duration::new(value.seconds as u64, value.nanos as u32);
     Ok(Some(duration).filter(|duration| !duration.is_zero()))
+}
+
+/// A Replay request's bounds.
+pub fn replay_bounds(
+    request: &proto::ReplayRequest,
+) -> Result<(Option<ReplayBound>, Option<ReplayBound>), Error> {
+    use proto::replay_request::{End, Start};
+    let start = match &request.start {
+        Some(Start::FromSequence(sequence)) => Some(ReplayBound::Sequence(*sequence)),
+        Some(Start::FromTime(time)) => Some(ReplayBound::Time(millis("from_time", time)?)),
+        None => None,
+    };
+    let end = match &request.end {
+        Some(End::ToSequence(sequence)) => Some(ReplayBound::Sequence(*sequence)),
+        Some(End::ToTime(time)) => Some(ReplayBound::Time(millis("to_time", time)?)),
+        None => None,
+    };
+    Ok((start, end))
+}
+
+/// A proto timestamp in milliseconds since the epoch; before the epoch is refused.
+fn millis(field: &'static str, time: &prost_types::Timestamp) -> Result<UnixMillis, Error> {
+    if time.seconds < 0 || !(0..1_000_000_000).contains(&time.nanos) {
+        return Err(Error::invalid(field, "must be a time after 1970"));
+    }
+    Ok(time.seconds as u64 * 1000 + time.nanos as u64 / 1_000_000)
 }

@@ -271,4 +271,31 @@ impl BrokerService for BrokerApi {
             purged_count,
         }))
     }
+
+    async fn replay(
+        &self,
+        request: Request<proto::ReplayRequest>,
+    ) -> Result<Response<proto::ReplayResponse>, Status> {
+        let caller = auth::caller(&request);
+        caller.require(Role::Operate, "Replay")?;
+        self.require_subscription(&caller, &request.get_ref().subscription_id)
+            .await?;
+        let request = request.into_inner();
+        let (start, end) = convert::replay_bounds(&request)?;
+        let replayed = self
+            .broker
+            .replay(
+                &request.subscription_id,
+                &request.topic,
+                start,
+                end,
+                request.limit,
+            )
+            .await?;
+        Ok(Response::new(proto::ReplayResponse {
+            replayed_count: replayed.count,
+            skipped_count: replayed.skipped,
+            next_sequence: replayed.next_sequence.unwrap_or(0),
+        }))
+    }
 }

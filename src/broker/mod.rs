@@ -2,7 +2,7 @@
 
 mod operate;
 
-pub use operate::{PartitionState, http_status, partition_state};
+pub use operate::{PartitionState, ReplayBound, http_status, partition_state};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

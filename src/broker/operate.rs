@@ -1,11 +1,13 @@
-//! The operator's calls: a subscription's status, pause and resume, retry-now and skip.
+//! The operator's calls: a subscription's status, pause and resume, retry-now and skip,
+//! dead letters (redrive, purge) and replay.
 
 use std::sync::Arc;
 
 use super::{Broker, require_id};
 use crate::error::Error;
 use crate::model::{
-    OnExhausted, Page, PartitionKey, PartitionStatus, Subscription, SubscriptionState, now_millis,
+    OnExhausted, Page, PartitionKey, PartitionStatus, ReplayRange, Replayed, Subscription,
+    SubscriptionState, UnixMillis, now_millis,
 };
 use crate::store::SubscriptionUpdate;
 use crate::validate;
@@ -173,6 +175,70 @@ impl Broker {
         Ok(self.log.purge(&partition, sequences).await?)
     }
 
+    /// Queues a partition's retained events of a range to be sent again (see
+    /// [`crate::store::DeliveryLog::replay`]). `start` is required; `end` defaults to now.
+    pub async fn replay(
+        &self,
+        id: &str,
+        topic: &str,
+        start: Option<ReplayBound>,
+        end: Option<ReplayBound>,
+        limit: i32,
+    ) -> Result<Replayed, Error> {
+        require_id("subscription_id", id)?;
+        let limit = match limit {
+            0 => DEFAULT_REPLAY_LIMIT,
+            limit if limit < 0 || limit as usize > MAX_REPLAY_LIMIT => {
+                return Err(Error::invalid(
+                    "limit",
+                    format!("must be between 1 and {MAX_REPLAY_LIMIT} (0: {DEFAULT_REPLAY_LIMIT})"),
+                ));
+            }
+            limit => limit as usize,
+        };
+        let subscription = self.subscriptions.get_subscription(id).await?;
+        let partition = self.partition(id, topic).await?;
+        let now = now_millis();
+        let mut range = ReplayRange {
+            from_sequence: 0,
+            to_sequence: u64::MAX,
+            // Events before the subscription existed were never the partition's.
+            from_time: subscription.created_at,
+            to_time: now,
+            limit,
+        };
+        match start {
+            Some(ReplayBound::Sequence(sequence)) => range.from_sequence = sequence,
+            Some(ReplayBound::Time(time)) => range.from_time = range.from_time.max(time),
+            None => {
+                return Err(Error::invalid(
+                    "from_sequence",
+                    "set from_sequence or from_time: where the replay starts",
+                ));
+            }
+        }
+        match end {
+            Some(ReplayBound::Sequence(sequence)) => range.to_sequence = sequence,
+            Some(ReplayBound::Time(time)) => range.to_time = time.min(now),
+            None => {}
+        }
+        if range.from_sequence > range.to_sequence {
+            return Err(Error::invalid(
+                "to_sequence",
+                "must not be below from_sequence",
+            ));
+        }
+        if matches!((start, end), (Some(ReplayBound::Time(from)), Some(ReplayBound::Time(to))) if from > to)
+        {
+            return Err(Error::invalid("to_time", "must not be before from_time"));
+        }
+        let replayed = self.log.replay(&partition, &range).await?;
+        if replayed.count > 0 {
+            self.engine.notify(std::slice::from_ref(&partition));
+        }
+        Ok(replayed)
+    }
+
     /// The partition of `topic` of an existing subscription that receives it.
     async fn partition(&self, id: &str, topic: &str) -> Result<PartitionKey, Error> {
         match self.received_topic(id, topic, true).await? {
@@ -224,6 +290,19 @@ impl Broker {
         Ok(subscription)
     }
 }
+
+/// Where a replay starts or ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayBound {
+    /// An event's sequence.
+    Sequence(u64),
+    /// A publish time.
+    Time(UnixMillis),
+}
+
+/// Events one Replay call queues unless told otherwise, and at most.
+const DEFAULT_REPLAY_LIMIT: usize = 1000;
+const MAX_REPLAY_LIMIT: usize = 10_000;
 
 /// Most dead letters one call names.
 const MAX_SELECTED: usize = 1000;

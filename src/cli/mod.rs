@@ -49,6 +49,8 @@ pub enum Command {
     Redrive(operate::DeadLetterArgs),
     /// Delete dead letters for good.
     Purge(operate::DeadLetterArgs),
+    /// Send a range of a partition's delivered events again, in order (marked as replays).
+    Replay(operate::ReplayArgs),
     /// Receive webhooks, verify their signatures and sequence chains, and print them.
     Sink(SinkArgs),
     /// DynamoDB administration.
@@ -89,6 +91,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Skip(args) => operate::skip(args).await,
         Command::Redrive(args) => operate::redrive(args).await,
         Command::Purge(args) => operate::purge(args).await,
+        Command::Replay(args) => operate::replay(args).await,
         Command::Sink(args) => sink::run(args).await,
         Command::Keys(KeysCommand::Generate(args)) => client::generate_key(args),
         Command::Dynamodb(DynamodbCommand::CreateTable(args)) => {

@@ -119,6 +119,71 @@ pub async fn purge(args: DeadLetterArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `herald replay`.
+#[derive(Debug, clap::Args)]
+#[group(id = "start", required = true, args = ["from_sequence", "since"])]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Subscription id.
+    subscription_id: String,
+    /// The partition's topic.
+    #[arg(long)]
+    topic: String,
+    /// First sequence of the range.
+    #[arg(long)]
+    from_sequence: Option<u64>,
+    /// Start this long ago instead (e.g. `1h`): events published since then.
+    #[arg(long, value_parser = crate::config::parse_duration, conflicts_with = "from_sequence")]
+    since: Option<Duration>,
+    /// Last sequence of the range (default: up to now).
+    #[arg(long)]
+    to_sequence: Option<u64>,
+    /// Events queued per call; the command calls again until the range is queued.
+    #[arg(long, default_value_t = 1000)]
+    limit: i32,
+}
+
+/// Queues a range of a partition's delivered events again, call after call.
+pub async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    use proto::replay_request::{End, Start};
+    let mut client = connect(&args.server).await?;
+    let mut start = match (args.from_sequence, args.since) {
+        (Some(sequence), _) => Start::FromSequence(sequence),
+        (None, Some(since)) => {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH)?;
+            let from = now.saturating_sub(since);
+            Start::FromTime(prost_types::Timestamp {
+                seconds: from.as_secs() as i64,
+                nanos: from.subsec_nanos() as i32,
+            })
+        }
+        (None, None) => anyhow::bail!("give --from-sequence or --since"),
+    };
+    let (mut replayed, mut skipped) = (0, 0);
+    loop {
+        let response = client
+            .replay(proto::ReplayRequest {
+                subscription_id: args.subscription_id.clone(),
+                topic: args.topic.clone(),
+                start: Some(start),
+                end: args.to_sequence.map(End::ToSequence),
+                limit: args.limit,
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        replayed += response.replayed_count;
+        skipped += response.skipped_count;
+        if response.next_sequence == 0 {
+            break;
+        }
+        start = Start::FromSequence(response.next_sequence);
+    }
+    println!("replayed={replayed} skipped={skipped}");
+    Ok(())
+}
+
 /// Prints the subscription and a table of its partitions, following pages.
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.server).await?;

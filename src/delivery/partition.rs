@@ -143,6 +143,11 @@ impl<'a> PartitionWorker<'a> {
                             now_millis().saturating_sub(delivery.event.published_at);
                         metrics.delivered(Duration::from_millis(since_publish));
                         self.record(sequence, Outcome::Completed).await?;
+                        self.inner.endpoint_outcome(
+                            &self.partition.subscription_id,
+                            true,
+                            now_millis(),
+                        );
                     }
                     webhook::Attempt::Failed {
                         error, retry_after, ..
@@ -157,6 +162,18 @@ impl<'a> PartitionWorker<'a> {
                             &mut self.rng,
                         );
                         tracing::debug!(partition = %self.partition, sequence, failures, %error, ?outcome, "delivery failed");
+                        if let Some((since, count)) = self.inner.endpoint_outcome(
+                            &self.partition.subscription_id,
+                            false,
+                            now_millis(),
+                        ) {
+                            self.inner.disable(
+                                &self.partition.subscription_id,
+                                since,
+                                count,
+                                &error,
+                            );
+                        }
                         self.record(sequence, Outcome::Failed(error, outcome))
                             .await?;
                         if outcome == FailureOutcome::DeadLetter {

@@ -150,6 +150,14 @@ impl DeliveryLog for MemoryLog {
         unreachable!("the worker never purges")
     }
 
+    async fn replay(
+        &self,
+        _: &PartitionKey,
+        _: &crate::model::ReplayRange,
+    ) -> Result<crate::model::Replayed, StoreError> {
+        unreachable!("the worker never replays")
+    }
+
     async fn next_deliveries(
         &self,
         _: &PartitionKey,
@@ -277,6 +285,7 @@ async fn run(log: &Arc<MemoryLog>, script: &Arc<Script>, done: usize) -> Vec<(u6
             rescan: None,
             endpoint_rules: Default::default(),
             metrics: Default::default(),
+            auto_disable_after: None,
         },
         shutdown,
         script.clone(),

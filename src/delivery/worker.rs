@@ -19,7 +19,7 @@ use crate::delivery::lease::Lease;
 use crate::delivery::partition::{PartitionWorker, Stop};
 use crate::delivery::webhook::{HttpTransport, Transport};
 use crate::metrics::Metrics;
-use crate::model::{PartitionKey, Subscription};
+use crate::model::{PartitionKey, Subscription, now_millis};
 use crate::shutdown::Shutdown;
 use crate::store::{DeliveryLog, PartitionLeases, Store, StoreError, SubscriptionStore};
 
@@ -41,6 +41,8 @@ pub struct EngineConfig {
     pub endpoint_rules: Arc<AddressRules>,
     /// Where attempts, deliveries and active partitions are counted.
     pub metrics: Arc<Metrics>,
+    /// Disable a subscription whose attempts have all failed for this long; `None`: never.
+    pub auto_disable_after: Option<Duration>,
 }
 
 /// Tells a partition task that new deliveries were stored.
@@ -75,6 +77,8 @@ pub(crate) struct Inner {
     /// Moves each time a subscription is changed through this instance, so that its running
     /// partition tasks read it again before their next attempt.
     pub(crate) changes: AtomicU64,
+    /// Subscriptions whose attempts have all failed lately: since when, and how many.
+    failing: Mutex<HashMap<String, (u64, u64)>>,
     tasks: TaskTracker,
     pub(crate) shutdown: Shutdown,
 }
@@ -103,6 +107,7 @@ impl Engine {
                 config,
                 partitions: Mutex::new(HashMap::new()),
                 changes: AtomicU64::new(0),
+                failing: Mutex::new(HashMap::new()),
                 tasks: TaskTracker::new(),
                 shutdown,
             }),
@@ -198,6 +203,81 @@ impl Engine {
 }
 
 impl Inner {
+    /// Notes an attempt's outcome for auto-disable. Returns the start of the run of failures
+    /// and its length when the subscription has failed for longer than allowed.
+    pub(crate) fn endpoint_outcome(
+        &self,
+        subscription_id: &str,
+        succeeded: bool,
+        now: u64,
+    ) -> Option<(u64, u64)> {
+        let after = self.config.auto_disable_after?;
+        let mut failing = self.failing.lock().expect("failing lock");
+        if succeeded {
+            failing.remove(subscription_id);
+            return None;
+        }
+        let entry = failing
+            .entry(subscription_id.to_string())
+            .or_insert((now, 0));
+        entry.1 += 1;
+        let (since, count) = *entry;
+        (now.saturating_sub(since) >= after.as_millis() as u64).then_some((since, count))
+    }
+
+    /// Disables a subscription whose endpoint kept failing (unless it is paused or disabled
+    /// already), in a task of its own (on DynamoDB the change takes a moment to settle), then
+    /// has its partitions read it again.
+    pub(crate) fn disable(
+        self: &Arc<Self>,
+        subscription_id: &str,
+        since: u64,
+        failures: u64,
+        error: &str,
+    ) {
+        let inner = self.clone();
+        let subscription_id = subscription_id.to_string();
+        let error = error.to_string();
+        self.tasks.spawn(async move {
+            inner
+                .disable_now(&subscription_id, since, failures, &error)
+                .await
+        });
+    }
+
+    async fn disable_now(&self, subscription_id: &str, since: u64, failures: u64, error: &str) {
+        let reason = format!(
+            "disabled by Herald: every attempt failed for {} ({failures} attempts; the last: {error})",
+            crate::admin::human_age(now_millis().saturating_sub(since))
+        );
+        let update: crate::store::SubscriptionUpdate = Arc::new(move |subscription| {
+            let control = &mut subscription.control;
+            if control.state == crate::model::SubscriptionState::Active {
+                control.state = crate::model::SubscriptionState::Disabled;
+                control.reason = reason.clone();
+                control.since = now_millis();
+            }
+            Ok(())
+        });
+        match self
+            .subscriptions
+            .update_subscription(subscription_id, update)
+            .await
+        {
+            Ok(subscription) => {
+                tracing::warn!(subscription = subscription_id, reason = %subscription.control.reason, "subscription disabled");
+                self.failing
+                    .lock()
+                    .expect("failing lock")
+                    .remove(subscription_id);
+                self.changes.fetch_add(1, Ordering::SeqCst);
+            }
+            Err(error) => {
+                tracing::warn!(subscription = subscription_id, %error, "cannot disable the subscription yet")
+            }
+        }
+    }
+
     /// Removes a partition whose task found no work, unless new work arrived meanwhile.
     /// Returns true if the task should exit.
     pub(crate) fn retire(&self, partition: &PartitionKey, signal: &Signal) -> bool {

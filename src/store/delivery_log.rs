@@ -30,6 +30,7 @@ use async_trait::async_trait;
 
 use crate::model::{
     FailureOutcome, NewEvent, Page, PartitionKey, PartitionStatus, PendingDelivery, Published,
+    ReplayRange, Replayed,
 };
 use crate::store::{LeaseToken, StoreError};
 
@@ -144,6 +145,18 @@ pub trait DeliveryLog: Send + Sync {
         sequences: Option<&[u64]>,
     ) -> Result<u64, StoreError>;
 
+    /// Queues the partition's delivered events of `range` (those the store still keeps,
+    /// within its retention window) to be sent again, in sequence order, in front of its
+    /// pending deliveries, each marked as a replay with its original previous sequence. Events
+    /// of the range still pending or dead-lettered are left alone (counted as skipped).
+    /// Events published before the subscription existed are not the partition's: the caller
+    /// bounds `range.from_time` by its creation time.
+    async fn replay(
+        &self,
+        partition: &PartitionKey,
+        range: &ReplayRange,
+    ) -> Result<Replayed, StoreError>;
+
     /// At least every partition that has a delivery that is neither completed nor
     /// dead-lettered (it may list others), so the worker can resume after a restart and pick up
     /// partitions that another instance left.
@@ -165,4 +178,23 @@ pub fn head_moved(partition: &PartitionKey, expected: u64, head: Option<u64>) ->
              head"
         )),
     }
+}
+
+/// How far past its publish time an event's sequence can be: it is taken when the publish
+/// commits (a microsecond clock reading, bumped past the topic's last), not when it starts.
+const SEQUENCE_LAG_MICROS: u64 = 60_000_000;
+
+/// The sequences a replay range can hold: its sequence bounds, narrowed by its time bounds
+/// (a sequence is a publish time in microseconds, or a little later).
+pub fn replay_sequences(range: &ReplayRange) -> (u64, u64) {
+    let low = range
+        .from_sequence
+        .max(range.from_time.saturating_mul(1000));
+    let high = range.to_sequence.min(
+        range
+            .to_time
+            .saturating_mul(1000)
+            .saturating_add(999 + SEQUENCE_LAG_MICROS),
+    );
+    (low, high)
 }

@@ -547,7 +547,266 @@ async fn list_dead(
         .deliveries
 }
 
+/// A subscription whose endpoint fails every attempt for longer than the configured time is
+/// disabled, says why, sends nothing more, and delivers in order once resumed.
+async fn a_subscription_failing_too_long_is_disabled_until_resumed(backend: Backend) {
+    let healed = Arc::new(AtomicBool::new(false));
+    let receiver = Receiver::scripted({
+        let healed = healed.clone();
+        move |_| {
+            if healed.load(Ordering::SeqCst) {
+                Reply::Status(204)
+            } else {
+                Reply::Status(502)
+            }
+        }
+    })
+    .await;
+    let app = spawn_app(backend, |config| {
+        config.auto_disable_after = Duration::from_millis(600);
+    })
+    .await;
+    let mut client = app.client.clone();
+    let mut request = subscribe_request(&receiver.url(), &["ops:down"]);
+    request.on_exhausted = proto::OnExhausted::Block as i32;
+    request.retry_policy.as_mut().unwrap().max_backoff = Some(millis(50));
+    let subscription = client.subscribe(request).await.unwrap().into_inner();
+    let id = subscription.id.clone();
+    publish(&mut client, "ops:down", "one").await;
+    publish(&mut client, "ops:down", "two").await;
+    eventually(
+        Duration::from_secs(20),
+        "the subscription is disabled",
+        || {
+            let mut client = client.clone();
+            let id = id.clone();
+            async move {
+                let subscription = client
+                    .get_subscription(proto::GetSubscriptionRequest { id })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                subscription.state == proto::SubscriptionState::Disabled as i32
+            }
+        },
+    )
+    .await;
+    let disabled = client
+        .get_subscription(proto::GetSubscriptionRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        disabled.state_reason.contains("every attempt failed")
+            && disabled.state_reason.contains("502"),
+        "{disabled:?}"
+    );
+    let status = partition(&mut client, &id, "ops:down").await;
+    assert_eq!(state(&status), proto::PartitionState::Paused);
+    // Nothing is sent any more: the attempt count stops growing once in-flight ones end.
+    let settled = receiver.received().len();
+    eventually(Duration::from_secs(10), "attempts stop", || async {
+        let before = receiver.received().len();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        receiver.received().len() == before
+    })
+    .await;
+    assert!(receiver.received().len() <= settled + 2, "stopped sending");
+    assert_eq!(receiver.delivered_count(), 0);
+
+    healed.store(true, Ordering::SeqCst);
+    let resumed = client
+        .resume_subscription(proto::ResumeSubscriptionRequest {
+            subscription_id: id.clone(),
+            topic: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resumed.state, proto::SubscriptionState::Active as i32);
+    assert!(resumed.state_reason.is_empty());
+    eventually(Duration::from_secs(10), "both arrive in order", || async {
+        receiver.delivered_count() == 2
+    })
+    .await;
+    assert_eq!(delivered_bodies(&receiver), ["one", "two"]);
+    app.stop().await;
+}
+
+/// Replay re-sends exactly the asked range of one partition, in order, marked as replays
+/// with their original chain; other partitions get nothing.
+async fn replay_sends_exactly_the_range_in_order(backend: Backend) {
+    let receiver = Receiver::start().await;
+    let app = spawn_app(backend, |_| {}).await;
+    let mut client = app.client.clone();
+    let subscription = client
+        .subscribe(subscribe_request(
+            &receiver.url(),
+            &["ops:replay", "ops:other"],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = subscription.id.as_str();
+    let mut events = Vec::new();
+    for index in 1..=6 {
+        let response = client
+            .publish(publish_request(
+                "ops:replay",
+                format!("e{index}").into_bytes(),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        events.push(response);
+    }
+    publish(&mut client, "ops:other", "o1").await;
+    eventually(Duration::from_secs(10), "first deliveries", || async {
+        receiver.delivered_count() == 7
+    })
+    .await;
+    let first_pass = receiver.received().len();
+    let replays = || {
+        receiver
+            .received()
+            .into_iter()
+            .filter(|received| received.redelivery == "replay")
+            .collect::<Vec<_>>()
+    };
+    let request = |start, end, limit| proto::ReplayRequest {
+        subscription_id: id.to_string(),
+        topic: "ops:replay".into(),
+        start,
+        end,
+        limit,
+    };
+    use proto::replay_request::{End, Start};
+
+    // By sequence: e2..e4.
+    let response = client
+        .replay(request(
+            Some(Start::FromSequence(events[1].sequence)),
+            Some(End::ToSequence(events[3].sequence)),
+            0,
+        ))
+        .await
+        .expect("replay")
+        .into_inner();
+    assert_eq!(
+        (
+            response.replayed_count,
+            response.skipped_count,
+            response.next_sequence
+        ),
+        (3, 0, 0)
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the replayed range arrives",
+        || async { replays().len() == 3 },
+    )
+    .await;
+    let got = replays();
+    assert_eq!(
+        got.iter()
+            .map(|received| received.sequence)
+            .collect::<Vec<_>>(),
+        events[1..4]
+            .iter()
+            .map(|event| event.sequence)
+            .collect::<Vec<_>>(),
+        "exactly the range, in order"
+    );
+    assert_eq!(
+        got.iter()
+            .map(|received| received.previous)
+            .collect::<Vec<_>>(),
+        events[0..3]
+            .iter()
+            .map(|event| event.sequence)
+            .collect::<Vec<_>>(),
+        "each with its original previous sequence"
+    );
+    assert!(
+        got.iter()
+            .all(|received| received.signature_valid(&subscription.secret))
+    );
+
+    // By time: everything published at or after e5's time (a millisecond may hold more).
+    let from = events[4].published_at.unwrap();
+    let from_millis = from.seconds as u64 * 1000 + from.nanos as u64 / 1_000_000;
+    let expected: Vec<u64> = events
+        .iter()
+        .filter(|event| {
+            let at = event.published_at.unwrap();
+            at.seconds as u64 * 1000 + at.nanos as u64 / 1_000_000 >= from_millis
+        })
+        .map(|event| event.sequence)
+        .collect();
+    let response = client
+        .replay(request(Some(Start::FromTime(from)), None, 0))
+        .await
+        .expect("replay by time")
+        .into_inner();
+    assert_eq!(response.replayed_count, expected.len() as u64);
+    eventually(
+        Duration::from_secs(10),
+        "the time range arrives",
+        || async { replays().len() == 3 + expected.len() },
+    )
+    .await;
+    let by_time: Vec<u64> = replays()[3..]
+        .iter()
+        .map(|received| received.sequence)
+        .collect();
+    assert_eq!(by_time, expected);
+
+    // A limit: the response says where to go on.
+    let response = client
+        .replay(request(
+            Some(Start::FromSequence(events[0].sequence)),
+            None,
+            2,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.replayed_count, 2);
+    assert_eq!(response.next_sequence, events[2].sequence);
+    eventually(
+        Duration::from_secs(10),
+        "the limited replay arrives",
+        || async { replays().len() == 5 + expected.len() },
+    )
+    .await;
+    // Nothing else was sent: no other partition, no first delivery again.
+    assert_eq!(receiver.received().len(), first_pass + 5 + expected.len());
+    assert!(
+        receiver
+            .received()
+            .iter()
+            .filter(|received| received.topic == "ops:other")
+            .count()
+            == 1
+    );
+
+    // Bad ranges are refused.
+    for (start, end) in [
+        (None, None),
+        (
+            Some(Start::FromSequence(events[3].sequence)),
+            Some(End::ToSequence(events[1].sequence)),
+        ),
+    ] {
+        let error = client.replay(request(start, end, 0)).await.unwrap_err();
+        assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error:?}");
+    }
+    app.stop().await;
+}
+
 crate::on_both_backends!(
+    replay_sends_exactly_the_range_in_order,
+    a_subscription_failing_too_long_is_disabled_until_resumed,
     dead_letters_are_listed_redriven_and_purged,
     a_blocked_partition_shows_its_error_and_skip_moves_it_on,
     nothing_is_sent_while_paused_and_order_holds_after_resume,

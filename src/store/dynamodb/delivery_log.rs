@@ -7,9 +7,10 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::types::{Delete, Put, TransactWriteItem, Update};
 
 use super::schema::{self, Item, get_n, n, s};
-use super::{DynamoStore, Inner, SWEEP_BUDGET};
+use super::{DynamoStore, Inner, MAX_CONFLICT_RETRIES, SWEEP_BUDGET};
 use crate::model::{
     FailureOutcome, NewEvent, Page, PartitionKey, PartitionStatus, PendingDelivery, Published,
+    ReplayRange, Replayed,
 };
 use crate::store::pages;
 use crate::store::records;
@@ -70,10 +71,11 @@ impl Inner {
                     .expect("complete update"),
             )
             .build();
-        // Known to hold the last reference (the event had one when it was read, and counts
-        // only go down): delete the event at once instead of learning it from a failed
-        // decrement.
-        let last_reference = self
+        // Known to hold the last reference (the event had one when it was read): release the
+        // event at once instead of learning it from a failed decrement. The release is
+        // conditioned on the count, so a stale hint (a replay added a reference) only costs a
+        // second try.
+        let mut last_reference = self
             .events
             .lock()
             .expect("event cache lock")
@@ -84,35 +86,60 @@ impl Inner {
             items.extend(extra.clone());
             items
         };
-        if !last_reference {
-            let Some(reasons) = self
-                .transact_fenced(with_stats(vec![delete_delivery(), decrement]), fence)
-                .await?
-            else {
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let items = if last_reference {
+                vec![delete_delivery(), self.release_last(topic, sequence)]
+            } else {
+                vec![delete_delivery(), decrement.clone()]
+            };
+            let Some(reasons) = self.transact_fenced(with_stats(items), fence).await? else {
                 return Ok(true);
             };
             if reasons.first().map(String::as_str) == Some("ConditionalCheckFailed") {
                 return Ok(false);
             }
+            // The event's condition failed: the count is not what was assumed.
+            last_reference = !last_reference;
         }
-        // The decrement's condition failed: this is the last reference, so delete the event
-        // with it.
-        let delete_event = TransactWriteItem::builder()
-            .delete(
-                Delete::builder()
+        Err(StoreError::Contention(format!(
+            "the references of event {topic}/{sequence} keep changing; try again"
+        )))
+    }
+
+    /// Drops an event's last reference: deletes it, or with a retention window keeps it
+    /// (count 0) until DynamoDB's TTL deletes it, counted from its sequence (a publish time).
+    /// Conditioned on the count being at most one.
+    fn release_last(&self, topic: &str, sequence: u64) -> TransactWriteItem {
+        let key = schema::event_key(topic, sequence);
+        if self.retention.is_zero() {
+            return TransactWriteItem::builder()
+                .delete(
+                    Delete::builder()
+                        .table_name(&self.table)
+                        .set_key(Some(key))
+                        .condition_expression("attribute_not_exists(pending) OR pending <= :one")
+                        .expression_attribute_values(":one", n(1))
+                        .build()
+                        .expect("complete delete"),
+                )
+                .build();
+        }
+        let expires = sequence / 1_000_000 + self.retention.as_secs();
+        TransactWriteItem::builder()
+            .update(
+                Update::builder()
                     .table_name(&self.table)
-                    .set_key(Some(schema::event_key(topic, sequence)))
+                    .set_key(Some(key))
+                    .update_expression("SET pending = :zero, #ttl = :expires")
+                    .condition_expression("attribute_exists(pk) AND pending <= :one")
+                    .expression_attribute_names("#ttl", schema::TTL)
+                    .expression_attribute_values(":zero", n(0))
+                    .expression_attribute_values(":one", n(1))
+                    .expression_attribute_values(":expires", n(expires))
                     .build()
-                    .expect("complete delete"),
+                    .expect("complete update"),
             )
-            .build();
-        match self
-            .transact_fenced(with_stats(vec![delete_delivery(), delete_event]), fence)
-            .await?
-        {
-            None => Ok(true),
-            Some(_) => Ok(false),
-        }
+            .build()
     }
 }
 
@@ -363,6 +390,14 @@ impl DeliveryLog for DynamoStore {
         sequences: Option<&[u64]>,
     ) -> Result<u64, StoreError> {
         self.inner.purge(partition, sequences).await
+    }
+
+    async fn replay(
+        &self,
+        partition: &PartitionKey,
+        range: &ReplayRange,
+    ) -> Result<Replayed, StoreError> {
+        self.inner.replay(partition, range).await
     }
 
     async fn retry_now(&self, partition: &PartitionKey) -> Result<Option<u64>, StoreError> {

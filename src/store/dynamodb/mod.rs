@@ -134,6 +134,8 @@ pub struct Inner {
     /// (topic's last sequence, whether a fan-out was open) at the previous `pending_partitions`
     /// call, for every topic.
     rescanned: Mutex<Option<HashMap<String, TopicMark>>>,
+    /// How long events are kept after their last delivery (zero: deleted with it).
+    retention: Duration,
     /// When this instance last wrote each partition's success counters (see `operate`).
     stats_written: Mutex<HashMap<PartitionKey, std::time::Instant>>,
     #[cfg(feature = "fault-injection")]
@@ -173,6 +175,7 @@ impl DynamoStore {
             queues: Mutex::new(HashMap::new()),
             repair_after: Duration::from_secs(10),
             rescanned: Mutex::new(None),
+            retention: Duration::ZERO,
             stats_written: Mutex::new(HashMap::new()),
             #[cfg(feature = "fault-injection")]
             faults: Faults::default(),
@@ -188,6 +191,16 @@ impl DynamoStore {
         Arc::get_mut(&mut self.inner)
             .expect("configured before use")
             .repair_after = repair_after;
+        self
+    }
+
+    /// Keeps events for `retention` after their last delivery, so that they can be replayed
+    /// (DynamoDB's TTL deletes them afterwards, within a day or two of expiring; expired ones
+    /// are not replayed). Zero (the default) deletes them with their last delivery.
+    pub fn with_retention(mut self, retention: Duration) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("configured before use")
+            .retention = retention;
         self
     }
 

@@ -22,9 +22,10 @@ use super::errors::{
 use super::schema::{self, Item, get_n, get_s, n, s};
 use super::{Inner, MAX_CONFLICT_RETRIES};
 use crate::model::{
-    HeadStatus, Page, PartitionKey, PartitionStatus, Redelivery, Subscription, now_millis,
+    HeadStatus, Page, PartitionKey, PartitionStatus, Redelivery, ReplayRange, Replayed,
+    Subscription, now_millis,
 };
-use crate::store::delivery_log::{SKIPPED, head_moved};
+use crate::store::delivery_log::{SKIPPED, head_moved, replay_sequences};
 use crate::store::pages;
 use crate::store::records;
 use crate::store::subscriptions::unchanged_identity;
@@ -353,6 +354,167 @@ impl Inner {
             }
         }
         Ok(purged)
+    }
+
+    /// Items of `pk` with sort keys in `[low, high]`, in order, at most `limit`, with only
+    /// the attributes `projection` names.
+    async fn query_between(
+        &self,
+        pk: &str,
+        (low, high): (u64, u64),
+        limit: usize,
+        projection: &str,
+    ) -> Result<Vec<Item>, StoreError> {
+        let mut items = Vec::new();
+        let mut start = None;
+        while items.len() < limit {
+            let output = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("pk = :pk AND sk BETWEEN :low AND :high")
+                .expression_attribute_values(":pk", s(pk))
+                .expression_attribute_values(":low", s(schema::sequence_key(low)))
+                .expression_attribute_values(":high", s(schema::sequence_key(high)))
+                .projection_expression(projection)
+                .consistent_read(true)
+                .limit((limit - items.len()).min(1000) as i32)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(sdk_error)?;
+            items.extend(output.items.unwrap_or_default());
+            match output.last_evaluated_key {
+                Some(key) if !key.is_empty() => start = Some(key),
+                _ => break,
+            }
+        }
+        Ok(items)
+    }
+
+    /// The sequence of the topic's last kept event before `sequence` (0 if none).
+    async fn event_before(&self, topic: &str, sequence: u64) -> Result<u64, StoreError> {
+        let output = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("pk = :pk AND sk < :before")
+            .expression_attribute_values(":pk", s(schema::event_pk(topic)))
+            .expression_attribute_values(":before", s(schema::sequence_key(sequence)))
+            .consistent_read(true)
+            .scan_index_forward(false)
+            .limit(1)
+            .projection_expression("pk, sk")
+            .send()
+            .await
+            .map_err(sdk_error)?;
+        match output.items.unwrap_or_default().first() {
+            Some(item) => schema::get_sequence(item),
+            None => Ok(0),
+        }
+    }
+
+    /// Queues retained events of `range` again (see [`crate::store::DeliveryLog::replay`]):
+    /// each event's count goes up and its expiry is lifted in the transaction that writes its
+    /// delivery, in transactions of [`REDRIVE_CHUNK`].
+    pub(super) async fn replay(
+        &self,
+        partition: &PartitionKey,
+        range: &ReplayRange,
+    ) -> Result<Replayed, StoreError> {
+        let topic = partition.topic.as_str();
+        let (low, high) = replay_sequences(range);
+        let mut replayed = Replayed::default();
+        if low > high {
+            return Ok(replayed);
+        }
+        // Not the payloads: the transaction checks that each is still there.
+        let events = self
+            .query_between(
+                &schema::event_pk(topic),
+                (low, high),
+                range.limit + 1,
+                "pk, sk, published_at, ordinal, expires_at_ttl",
+            )
+            .await?;
+        let now_seconds = now_millis() / 1000;
+        let mut previous = self.event_before(topic, low).await?;
+        let mut chosen = Vec::new();
+        for item in &events {
+            let sequence = schema::get_sequence(item)?;
+            let expired = item.contains_key(schema::TTL) && get_n(item, schema::TTL)? < now_seconds;
+            let published_at = get_n(item, "published_at")?;
+            if expired || published_at < range.from_time {
+                previous = sequence;
+                continue;
+            }
+            if published_at > range.to_time {
+                continue;
+            }
+            if chosen.len() >= range.limit {
+                replayed.next_sequence = Some(sequence);
+                break;
+            }
+            chosen.push((sequence, previous, get_n(item, "ordinal")?));
+            previous = sequence;
+        }
+        let (Some(first), Some(last)) = (chosen.first(), chosen.last()) else {
+            return Ok(replayed);
+        };
+        let mut taken = std::collections::HashSet::new();
+        for pk in [partition.encode(), schema::dead_pk(partition)] {
+            for item in self
+                .query_between(&pk, (first.0, last.0), usize::MAX, "pk, sk")
+                .await?
+            {
+                taken.insert(schema::get_sequence(&item)?);
+            }
+        }
+        let now = now_millis();
+        let fresh: Vec<_> = chosen
+            .into_iter()
+            .filter(|(sequence, ..)| {
+                let pending = taken.contains(sequence);
+                if pending {
+                    replayed.skipped += 1;
+                }
+                !pending
+            })
+            .collect();
+        for chunk in fresh.chunks(REDRIVE_CHUNK) {
+            let mut writes = Vec::new();
+            for (sequence, previous, ordinal) in chunk {
+                let reference = Update::builder()
+                    .table_name(&self.table)
+                    .set_key(Some(schema::event_key(topic, *sequence)))
+                    .update_expression("ADD pending :one REMOVE #ttl")
+                    .condition_expression("attribute_exists(payload)")
+                    .expression_attribute_names("#ttl", schema::TTL)
+                    .expression_attribute_values(":one", n(1))
+                    .build()
+                    .expect("complete update");
+                let mut delivery =
+                    schema::delivery_item(partition, *sequence, *previous, now, *ordinal);
+                delivery.insert("redelivery".into(), s(Redelivery::Replay.name()));
+                let put = Put::builder()
+                    .table_name(&self.table)
+                    .set_item(Some(delivery))
+                    .condition_expression("attribute_not_exists(pk)")
+                    .build()
+                    .expect("complete put");
+                writes.push(TransactWriteItem::builder().update(reference).build());
+                writes.push(TransactWriteItem::builder().put(put).build());
+            }
+            if self.transact_fenced(writes, None).await?.is_some() {
+                return Err(StoreError::Contention(format!(
+                    "partition {partition} or its events changed during the replay; {} were \
+                     queued, look again and retry from the next",
+                    replayed.count
+                )));
+            }
+            replayed.count += chunk.len() as u64;
+        }
+        Ok(replayed)
     }
 
     fn delete_existing(&self, key: Item) -> TransactWriteItem {

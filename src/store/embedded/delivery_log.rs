@@ -14,7 +14,7 @@ use super::unavailable;
 use super::writer::Command;
 use crate::model::{
     FailureOutcome, HeadStatus, NewEvent, Page, PartitionKey, PartitionStatus, PendingDelivery,
-    Published, Redelivery,
+    Published, Redelivery, ReplayRange, Replayed,
 };
 use crate::store::pages;
 use crate::store::records::{DeliveryRecord, PartitionRecord, decode_event};
@@ -243,6 +243,17 @@ impl DeliveryLog for EmbeddedStore {
         let partition = partition.clone();
         let sequences = sequences.map(<[u64]>::to_vec);
         self.submit(|reply| Command::Purge(partition, sequences, reply))
+            .await
+    }
+
+    async fn replay(
+        &self,
+        partition: &PartitionKey,
+        range: &ReplayRange,
+    ) -> Result<Replayed, StoreError> {
+        let partition = partition.clone();
+        let range = *range;
+        self.submit(|reply| Command::Replay(partition, range, reply))
             .await
     }
 

@@ -46,6 +46,9 @@ pub struct EmbeddedStore {
     /// partitions reading at once do not start hundreds of threads (each with its own
     /// allocator caches and stack).
     readers: Arc<tokio::sync::Semaphore>,
+    /// How long events are kept after their last delivery, in milliseconds (see
+    /// [`EmbeddedStore::set_retention`]).
+    retention_ms: Arc<std::sync::atomic::AtomicU64>,
     /// Test-only: milliseconds the writer sleeps before its next batch.
     #[cfg(feature = "fault-injection")]
     stall: Arc<std::sync::atomic::AtomicU64>,
@@ -87,6 +90,7 @@ impl EmbeddedStore {
         let slot: DatabaseSlot = Arc::new(RwLock::new(Some(Arc::new(database))));
         let (commands, receiver) = mpsc::sync_channel(WRITE_QUEUE);
         let (health_sender, health) = watch::channel(true);
+        let retention_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         #[cfg(feature = "fault-injection")]
         let stall = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let writer = Writer::new(
@@ -95,6 +99,7 @@ impl EmbeddedStore {
             cache_bytes,
             index,
             health_sender,
+            retention_ms.clone(),
             #[cfg(feature = "fault-injection")]
             stall.clone(),
         );
@@ -108,9 +113,20 @@ impl EmbeddedStore {
             writer: Some(writer),
             health,
             readers: Arc::new(tokio::sync::Semaphore::new(READERS)),
+            retention_ms,
             #[cfg(feature = "fault-injection")]
             stall,
         })
+    }
+
+    /// Keeps events for `retention` after their last delivery, so that they can be replayed
+    /// (a sweep deletes them once it ends); zero (the default) deletes them with their last
+    /// delivery.
+    pub fn set_retention(&self, retention: Duration) {
+        self.retention_ms.store(
+            retention.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Makes the writer sleep `duration` before its next batch, as a stalled disk would.

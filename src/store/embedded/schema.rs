@@ -14,8 +14,13 @@ pub(super) const SUBSCRIPTIONS: TableDefinition<&str, &[u8]> =
     TableDefinition::new("subscriptions");
 /// Topic -> last sequence assigned.
 pub(super) const TOPICS: TableDefinition<&str, u64> = TableDefinition::new("topics");
-/// (topic, sequence) -> event (header + payload), kept while any delivery of it is pending.
+/// (topic, sequence) -> event (header + payload), kept while any delivery of it is pending and
+/// then for the retention window.
 pub(super) const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
+/// (expiry time, topic, sequence) of every event kept after its last delivery (retention),
+/// for deleting them in order.
+pub(super) const EVENT_EXPIRY: TableDefinition<(u64, &str, u64), ()> =
+    TableDefinition::new("event_expiry");
 /// (topic, sequence) -> number of pending deliveries of the event.
 pub(super) const EVENT_REFERENCES: TableDefinition<(&str, u64), u32> =
     TableDefinition::new("event_refs");
@@ -81,6 +86,7 @@ fn create_tables(transaction: &WriteTransaction) -> Result<(), redb::Error> {
     transaction.open_table(TOPICS)?;
     transaction.open_table(EVENTS)?;
     transaction.open_table(EVENT_REFERENCES)?;
+    transaction.open_table(EVENT_EXPIRY)?;
     transaction.open_table(PARTITIONS)?;
     transaction.open_table(PENDING_PARTITIONS)?;
     transaction.open_table(DELIVERIES)?;

@@ -6,18 +6,18 @@ use std::time::Duration;
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 
 use super::schema::{
-    DEAD_LETTERS, DELIVERIES, EVENT_REFERENCES, EVENTS, IDEMPOTENCY, IDEMPOTENCY_EXPIRY,
-    PARTITIONS, PENDING_PARTITIONS, SUBSCRIPTIONS, TOPICS,
+    DEAD_LETTERS, DELIVERIES, EVENT_EXPIRY, EVENT_REFERENCES, EVENTS, IDEMPOTENCY,
+    IDEMPOTENCY_EXPIRY, PARTITIONS, PENDING_PARTITIONS, SUBSCRIPTIONS, TOPICS,
 };
 use super::unavailable;
 use crate::model::{
-    Event, FailureOutcome, NewEvent, PartitionKey, Published, Redelivery, Subscription, now_micros,
-    now_millis,
+    Event, FailureOutcome, NewEvent, PartitionKey, Published, Redelivery, ReplayRange, Replayed,
+    Subscription, now_micros, now_millis,
 };
-use crate::store::delivery_log::{SKIPPED, head_moved};
+use crate::store::delivery_log::{SKIPPED, head_moved, replay_sequences};
 use crate::store::records::{
-    DeliveryRecord, IdempotencyRecord, PartitionRecord, decode_subscription, encode_event,
-    encode_subscription,
+    DeliveryRecord, IdempotencyRecord, PartitionRecord, decode_event, decode_subscription,
+    encode_event, encode_subscription,
 };
 use crate::store::subscriptions::unchanged_identity;
 use crate::store::topic_index::TopicIndex;
@@ -39,6 +39,9 @@ pub(super) struct Tables<'transaction> {
     topics: redb::Table<'transaction, &'static str, u64>,
     events: redb::Table<'transaction, (&'static str, u64), &'static [u8]>,
     event_references: redb::Table<'transaction, (&'static str, u64), u32>,
+    event_expiry: redb::Table<'transaction, (u64, &'static str, u64), ()>,
+    /// How long an event is kept after its last delivery (0: deleted at once).
+    retention_ms: u64,
     partitions: redb::Table<'transaction, (&'static str, &'static str), &'static [u8]>,
     pending_partitions: redb::Table<'transaction, (&'static str, &'static str), ()>,
     deliveries: redb::Table<'transaction, (&'static str, u64), &'static [u8]>,
@@ -48,8 +51,13 @@ pub(super) struct Tables<'transaction> {
 }
 
 impl<'transaction> Tables<'transaction> {
-    pub(super) fn open(transaction: &'transaction WriteTransaction) -> Result<Self, redb::Error> {
+    pub(super) fn open(
+        transaction: &'transaction WriteTransaction,
+        retention_ms: u64,
+    ) -> Result<Self, redb::Error> {
         Ok(Tables {
+            event_expiry: transaction.open_table(EVENT_EXPIRY)?,
+            retention_ms,
             subscriptions: transaction.open_table(SUBSCRIPTIONS)?,
             topics: transaction.open_table(TOPICS)?,
             events: transaction.open_table(EVENTS)?,
@@ -274,6 +282,38 @@ impl<'transaction> Tables<'transaction> {
         self.idempotency_expiry
             .insert((expires_at, topic, key), ())
             .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Deletes events whose retention ended, unless a delivery references them again (a
+    /// replay), at most [`SWEEP_LIMIT`] per call.
+    pub(super) fn expire_events(&mut self, now: u64) -> Result<(), StoreError> {
+        let mut expired = Vec::new();
+        for entry in self
+            .event_expiry
+            .range(..(now, "", 0))
+            .map_err(unavailable)?
+            .take(SWEEP_LIMIT)
+        {
+            let (key, _) = entry.map_err(unavailable)?;
+            let (expires_at, topic, sequence) = key.value();
+            expired.push((expires_at, topic.to_string(), sequence));
+        }
+        for (expires_at, topic, sequence) in expired {
+            self.event_expiry
+                .remove((expires_at, topic.as_str(), sequence))
+                .map_err(unavailable)?;
+            let referenced = self
+                .event_references
+                .get((topic.as_str(), sequence))
+                .map_err(unavailable)?
+                .is_some_and(|references| references.value() > 0);
+            if !referenced {
+                self.events
+                    .remove((topic.as_str(), sequence))
+                    .map_err(unavailable)?;
+            }
+        }
         Ok(())
     }
 
@@ -543,6 +583,99 @@ impl<'transaction> Tables<'transaction> {
         Ok(Ok(count))
     }
 
+    /// Queues retained events of `range` again in the partition (see
+    /// [`crate::store::DeliveryLog::replay`]).
+    pub(super) fn replay(
+        &mut self,
+        partition: &PartitionKey,
+        range: &ReplayRange,
+        now: u64,
+    ) -> Applied<Replayed> {
+        let topic = partition.topic.as_str();
+        let key = partition.encode();
+        let (low, high) = replay_sequences(range);
+        if low > high {
+            return Ok(Ok(Replayed::default()));
+        }
+        // The event before the range: the first replayed one's previous sequence.
+        let mut previous = match self
+            .events
+            .range((topic, 0)..(topic, low))
+            .map_err(unavailable)?
+            .next_back()
+        {
+            Some(entry) => entry.map_err(unavailable)?.0.value().1,
+            None => 0,
+        };
+        let mut chosen = Vec::new();
+        let mut replayed = Replayed::default();
+        for entry in self
+            .events
+            .range((topic, low)..=(topic, high))
+            .map_err(unavailable)?
+        {
+            let (entry_key, value) = entry.map_err(unavailable)?;
+            let sequence = entry_key.value().1;
+            let event = decode_event(topic, sequence, value.value())?;
+            if event.published_at < range.from_time {
+                previous = sequence;
+                continue;
+            }
+            if event.published_at > range.to_time {
+                continue;
+            }
+            if chosen.len() >= range.limit {
+                replayed.next_sequence = Some(sequence);
+                break;
+            }
+            chosen.push((sequence, previous));
+            previous = sequence;
+        }
+        let subscription_id = partition.subscription_id.as_str();
+        let mut record = self.partition(subscription_id, topic)?;
+        for (sequence, previous) in chosen {
+            let pending = self
+                .deliveries
+                .get((key.as_str(), sequence))
+                .map_err(unavailable)?
+                .is_some()
+                || self
+                    .dead_letters
+                    .get((key.as_str(), sequence))
+                    .map_err(unavailable)?
+                    .is_some();
+            if pending {
+                replayed.skipped += 1;
+                continue;
+            }
+            let mut delivery = DeliveryRecord::new(now, previous);
+            delivery.redelivery = Some(Redelivery::Replay.name().to_string());
+            self.deliveries
+                .insert((key.as_str(), sequence), delivery.encode().as_slice())
+                .map_err(unavailable)?;
+            let references = self
+                .event_references
+                .get((topic, sequence))
+                .map_err(unavailable)?
+                .map_or(0, |value| value.value());
+            self.event_references
+                .insert((topic, sequence), references + 1)
+                .map_err(unavailable)?;
+            record.dead_through = record.dead_through.min(sequence.saturating_sub(1));
+            record.pending += 1;
+            replayed.count += 1;
+        }
+        if replayed.count > 0 {
+            self.pending_partitions
+                .insert((subscription_id, topic), ())
+                .map_err(unavailable)?;
+            self.partitions
+                .insert((subscription_id, topic), record.encode().as_slice())
+                .map_err(unavailable)?;
+        }
+        Ok(Ok(replayed))
+    }
+
     /// Deletes dead letters for good. Returns how many.
     pub(super) fn purge(
         &mut self,
@@ -668,7 +801,9 @@ impl<'transaction> Tables<'transaction> {
         Ok(Ok(()))
     }
 
-    /// Drops one reference to an event, deleting it with the last.
+    /// Drops one reference to an event. With the last, the event is deleted, or with a
+    /// retention window kept until it ends (counted from the sequence, a publish time in
+    /// microseconds).
     pub(super) fn release_event(&mut self, topic: &str, sequence: u64) -> Result<(), StoreError> {
         let references = self
             .event_references
@@ -679,7 +814,14 @@ impl<'transaction> Tables<'transaction> {
             self.event_references
                 .remove((topic, sequence))
                 .map_err(unavailable)?;
-            self.events.remove((topic, sequence)).map_err(unavailable)?;
+            if self.retention_ms == 0 {
+                self.events.remove((topic, sequence)).map_err(unavailable)?;
+            } else {
+                let expires_at = (sequence / 1000).saturating_add(self.retention_ms);
+                self.event_expiry
+                    .insert((expires_at, topic, sequence), ())
+                    .map_err(unavailable)?;
+            }
         } else {
             self.event_references
                 .insert((topic, sequence), references - 1)

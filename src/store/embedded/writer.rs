@@ -13,7 +13,10 @@ use tokio::sync::{oneshot, watch};
 use super::schema::{PROBES, load_index, open_database};
 use super::tables::Tables;
 use super::{DatabaseSlot, current, unavailable};
-use crate::model::{FailureOutcome, NewEvent, PartitionKey, Published, Subscription, now_millis};
+use crate::model::{
+    FailureOutcome, NewEvent, PartitionKey, Published, ReplayRange, Replayed, Subscription,
+    now_millis,
+};
 use crate::store::topic_index::TopicIndex;
 use crate::store::{StoreError, SubscriptionLimits, SubscriptionUpdate};
 
@@ -41,6 +44,7 @@ pub(super) enum Command {
     SkipHead(PartitionKey, u64, Reply<()>),
     Redrive(PartitionKey, Option<Vec<u64>>, Reply<u64>),
     Purge(PartitionKey, Option<Vec<u64>>, Reply<u64>),
+    Replay(PartitionKey, ReplayRange, Reply<Replayed>),
 }
 
 impl Command {
@@ -58,6 +62,7 @@ enum Outcome {
     Published(Reply<Published>, Result<Published, StoreError>),
     Subscription(Reply<Subscription>, Result<Subscription, StoreError>),
     Head(Reply<Option<u64>>, Result<Option<u64>, StoreError>),
+    Replayed(Reply<Replayed>, Result<Replayed, StoreError>),
 }
 
 impl Outcome {
@@ -79,6 +84,9 @@ impl Outcome {
             Outcome::Head(reply, result) => {
                 let _ = reply.send(batch_error.map_or(result, |error| Err(error.clone())));
             }
+            Outcome::Replayed(reply, result) => {
+                let _ = reply.send(batch_error.map_or(result, |error| Err(error.clone())));
+            }
         }
     }
 }
@@ -96,6 +104,8 @@ pub(super) struct Writer {
     /// False from a failed write until a write succeeds again.
     health: watch::Sender<bool>,
     last_probe: Instant,
+    /// How long events are kept after their last delivery, in milliseconds.
+    retention_ms: Arc<std::sync::atomic::AtomicU64>,
     #[cfg(feature = "fault-injection")]
     stall: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -107,6 +117,7 @@ impl Writer {
         cache_bytes: usize,
         index: TopicIndex,
         health: watch::Sender<bool>,
+        retention_ms: Arc<std::sync::atomic::AtomicU64>,
         #[cfg(feature = "fault-injection")] stall: Arc<std::sync::atomic::AtomicU64>,
     ) -> Self {
         Writer {
@@ -119,6 +130,7 @@ impl Writer {
             last_sweep: Instant::now(),
             health,
             last_probe: Instant::now(),
+            retention_ms,
             #[cfg(feature = "fault-injection")]
             stall,
         }
@@ -307,7 +319,8 @@ impl Writer {
         // does not walk the whole file.
         transaction.set_quick_repair(sync);
         {
-            let mut tables = Tables::open(&transaction).map_err(unavailable)?;
+            let retention = self.retention_ms.load(std::sync::atomic::Ordering::Relaxed);
+            let mut tables = Tables::open(&transaction, retention).map_err(unavailable)?;
             let now = now_millis();
             for command in batch {
                 let outcome = match command {
@@ -355,11 +368,15 @@ impl Writer {
                     Command::Purge(partition, sequences, reply) => {
                         Outcome::Count(reply, tables.purge(&partition, sequences.as_deref())?)
                     }
+                    Command::Replay(partition, range, reply) => {
+                        Outcome::Replayed(reply, tables.replay(&partition, &range, now)?)
+                    }
                 };
                 outcomes.push(outcome);
             }
             if self.last_sweep.elapsed() >= SWEEP_INTERVAL {
                 tables.expire_idempotency_keys(now)?;
+                tables.expire_events(now)?;
                 self.last_sweep = Instant::now();
             }
         }

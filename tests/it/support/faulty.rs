@@ -204,6 +204,14 @@ impl DeliveryLog for FaultyStore {
         self.inner.purge(partition, sequences).await
     }
 
+    async fn replay(
+        &self,
+        partition: &PartitionKey,
+        range: &herald::model::ReplayRange,
+    ) -> Result<herald::model::Replayed, StoreError> {
+        self.inner.replay(partition, range).await
+    }
+
     async fn pending_partitions(&self) -> Result<Vec<PartitionKey>, StoreError> {
         self.inner.pending_partitions().await
     }

@@ -162,7 +162,8 @@ impl Deployment {
                         dynamo::client(endpoint),
                         self.table.as_deref().unwrap(),
                     )
-                    .with_repair_after(config.fanout_repair_after),
+                    .with_repair_after(config.fanout_repair_after)
+                    .with_retention(config.retention),
                 )
             }
         }
