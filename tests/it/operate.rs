@@ -812,3 +812,67 @@ crate::on_both_backends!(
     nothing_is_sent_while_paused_and_order_holds_after_resume,
     retry_now_cuts_a_long_backoff_short,
 );
+
+/// On DynamoDB, a pause through one instance holds on another that delivers the partition:
+/// once PauseSubscription returns, the other instance starts no attempt; a resume through the
+/// first gets the other going again, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pause_through_one_instance_holds_on_another() {
+    use crate::support::{Deployment, HeraldProcess, connect};
+    let receiver = Receiver::start().await;
+    let witness = Receiver::start().await;
+    let deployment = Deployment::new(Backend::Dynamodb).await;
+    let first = HeraldProcess::start(&deployment).await;
+    let second = HeraldProcess::start(&deployment).await;
+    let mut through_first = connect(first.address).await;
+    let mut through_second = connect(second.address).await;
+    let subscription = through_first
+        .subscribe(subscribe_request(&receiver.url(), &["ops:shared"]))
+        .await
+        .unwrap()
+        .into_inner();
+    through_first
+        .subscribe(subscribe_request(&witness.url(), &["ops:shared"]))
+        .await
+        .unwrap();
+    // Published through the second instance: its worker takes the partition and keeps it.
+    publish(&mut through_second, "ops:shared", "e1").await;
+    eventually(Duration::from_secs(10), "e1 arrives", || async {
+        receiver.delivered_count() == 1
+    })
+    .await;
+    through_first
+        .pause_subscription(proto::PauseSubscriptionRequest {
+            subscription_id: subscription.id.clone(),
+            topic: String::new(),
+            reason: String::new(),
+        })
+        .await
+        .expect("pause through the first instance");
+    for body in ["e2", "e3"] {
+        publish(&mut through_second, "ops:shared", body).await;
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the witness gets all three",
+        || async { witness.delivered_count() == 3 },
+    )
+    .await;
+    assert_eq!(delivered_bodies(&receiver), ["e1"], "sent while paused");
+    through_first
+        .resume_subscription(proto::ResumeSubscriptionRequest {
+            subscription_id: subscription.id.clone(),
+            topic: String::new(),
+        })
+        .await
+        .expect("resume through the first instance");
+    eventually(
+        Duration::from_secs(15),
+        "the kept events arrive",
+        || async { receiver.delivered_count() == 3 },
+    )
+    .await;
+    assert_eq!(delivered_bodies(&receiver), ["e1", "e2", "e3"]);
+    first.terminate(Duration::from_secs(10)).await;
+    second.terminate(Duration::from_secs(10)).await;
+}
