@@ -300,3 +300,107 @@ mod traced {
             .await;
     }
 }
+
+/// A real Prometheus server (Debian's `prometheus`, which `make test` installs) scrapes a
+/// running Herald, and PromQL queries through its HTTP API return the counts of a known run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_herald_and_answers_queries() {
+    use tokio::io::AsyncBufReadExt;
+    let receiver = Receiver::start().await;
+    let deployment = Deployment::new(Backend::Embedded).await;
+    let server = HeraldProcess::start_with(&deployment, &["--metrics-listen", "127.0.0.1:0"]).await;
+    let target = server
+        .metrics_url
+        .clone()
+        .expect("metrics url")
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .to_string();
+    let mut client = connect(server.address).await;
+    client
+        .subscribe(subscribe_request(&receiver.url(), &["prom:*"]))
+        .await
+        .unwrap();
+    for index in 0..5 {
+        client
+            .publish(publish_request("prom:run", format!("event {index}")))
+            .await
+            .unwrap();
+    }
+    eventually(Duration::from_secs(10), "five deliveries", || async {
+        receiver.delivered_count() == 5
+    })
+    .await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: herald\n    \
+             static_configs:\n      - targets: ['{target}']\n"
+        ),
+    )
+    .unwrap();
+    let mut prometheus = tokio::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg("--web.listen-address=127.0.0.1:0")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prometheus is installed (scripts/prometheus-tools.sh)");
+    let mut lines = tokio::io::BufReader::new(prometheus.stderr.take().unwrap()).lines();
+    let address = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("msg=\"Listening on\"") {
+                return line.rsplit("address=").next().unwrap().trim().to_string();
+            }
+        }
+        panic!("prometheus exited before listening");
+    })
+    .await
+    .expect("prometheus listens in time");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let query = |promql: &'static str| {
+        let url = url::Url::parse_with_params(
+            &format!("http://{address}/api/v1/query"),
+            &[("query", promql)],
+        )
+        .expect("query url");
+        async move {
+            let text = reqwest::Client::new()
+                .get(url)
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            let body: serde_json::Value = serde_json::from_str(&text).ok()?;
+            body["data"]["result"][0]["value"][1]
+                .as_str()
+                .and_then(|value| value.parse::<f64>().ok())
+        }
+    };
+    eventually(
+        Duration::from_secs(30),
+        "Prometheus has scraped Herald",
+        || async { query("up{job=\"herald\"}").await == Some(1.0) },
+    )
+    .await;
+    assert_eq!(
+        query("herald_publishes_total{job=\"herald\",outcome=\"stored\"}").await,
+        Some(5.0)
+    );
+    assert_eq!(
+        query("sum(herald_delivery_attempts_total{job=\"herald\",outcome=\"delivered\"})").await,
+        Some(5.0)
+    );
+    assert_eq!(query("herald_build_info{job=\"herald\"}").await, Some(1.0));
+    let _ = prometheus.kill().await;
+    server.terminate(Duration::from_secs(10)).await;
+}
