@@ -171,6 +171,7 @@ pub async fn run_with_store(
     let (trigger, shutdown_handle) = crate::shutdown::channel();
     let endpoint_rules = Arc::new(config.endpoint_rules());
     let metrics = Arc::new(Metrics::new(store.request_counts()));
+    let serves_metrics = metrics_listener.is_some() || admin_listener.is_some();
     if let Some(listener) = metrics_listener {
         tokio::spawn(crate::metrics::serve(
             listener,
@@ -194,6 +195,15 @@ pub async fn run_with_store(
     tracing::info!(partitions = resumed, "resumed pending deliveries");
     let store_health = store.health();
     let broker = broker(&config, store, engine.clone(), endpoint_rules);
+    if serves_metrics {
+        tokio::spawn(crate::backlog::refresh_loop(
+            broker.clone(),
+            metrics.backlog.clone(),
+            config.metrics_backlog_interval,
+            config.metrics_max_subscriptions,
+            trigger.handle(),
+        ));
+    }
     if let Some(listener) = admin_listener {
         let admin = crate::admin::Admin {
             broker: broker.clone(),

@@ -171,6 +171,16 @@ pub struct ServeConfig {
     #[arg(long, env = "HERALD_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// How often the backlog gauges (per subscription, partitions by state) are read from
+    /// the store, when metrics are served.
+    #[arg(long, env = "HERALD_METRICS_BACKLOG_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    pub metrics_backlog_interval: Duration,
+
+    /// Subscriptions that get their own label in the backlog gauges (the largest backlogs);
+    /// the rest are summed under `subscription="_other"`.
+    #[arg(long, env = "HERALD_METRICS_MAX_SUBSCRIPTIONS", default_value_t = 100)]
+    pub metrics_max_subscriptions: usize,
+
     /// Address of the admin listener: the status page at `/` and the metrics at `/metrics`,
     /// behind the API keys when there are some (role `read`); off unless given. Port 0 picks
     /// a free port (printed as `herald admin on ...`).
@@ -314,6 +324,8 @@ impl ServeConfig {
             retention: duration(defaults::RETENTION),
             metrics_listen: None,
             admin_listen: None,
+            metrics_backlog_interval: Duration::from_secs(15),
+            metrics_max_subscriptions: 100,
             log_format: LogFormat::Text,
             max_subscriptions: defaults::MAX_SUBSCRIPTIONS,
             max_subscriptions_per_pattern: defaults::MAX_SUBSCRIPTIONS_PER_PATTERN,

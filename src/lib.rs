@@ -12,7 +12,7 @@
 //! - [`broker`]: the operations (publish, subscribe, ...), validated by [`validate`].
 //! - [`model`]: domain types; [`rate`]: per-key rate limits.
 //! - [`metrics`]: Prometheus metrics and their `/metrics` listener; [`admin`]: the admin
-//!   listener (status page and metrics).
+//!   listener (status page and metrics); [`backlog`]: the per-subscription backlog gauges.
 //! - [`store`]: the storage contract, split by job (subscriptions, delivery log, leases), and
 //!   its backends.
 //! - [`delivery`]: partition workers, HTTP signing and sending, backoff.
@@ -29,6 +29,7 @@ pub mod admin;
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod backlog;
 pub mod broker;
 pub mod cli;
 pub mod config;

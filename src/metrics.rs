@@ -56,6 +56,8 @@ pub struct Metrics {
     pub partitions_active: Gauge,
     /// 1 while the store can write, 0 after a failed write until it recovers.
     pub store_healthy: Gauge,
+    /// The backlog gauges' last snapshot (see [`crate::backlog`]).
+    pub backlog: crate::backlog::SharedSnapshot,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -121,6 +123,8 @@ impl Metrics {
         if let Some(requests) = requests {
             registry.register_collector(Box::new(StoreRequests(requests)));
         }
+        let backlog = crate::backlog::SharedSnapshot::default();
+        registry.register_collector(Box::new(Backlog(backlog.clone())));
         Metrics {
             registry,
             publishes,
@@ -130,6 +134,7 @@ impl Metrics {
             publish_to_delivery,
             partitions_active,
             store_healthy,
+            backlog,
         }
     }
 
@@ -256,4 +261,71 @@ pub fn page(metrics: &Metrics) -> Response<Full<Bytes>> {
         hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     response
+}
+
+/// The backlog gauges, from the last snapshot (nothing before the first).
+#[derive(Debug)]
+struct Backlog(crate::backlog::SharedSnapshot);
+
+impl Collector for Backlog {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(snapshot) = self.0.lock().expect("snapshot lock").clone() else {
+            return Ok(());
+        };
+        let now = crate::model::now_millis();
+        let pending = Family::<[(&'static str, String); 1], Gauge>::default();
+        let dead = Family::<[(&'static str, String); 1], Gauge>::default();
+        let oldest = Family::<[(&'static str, String); 1], Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        for backlog in &snapshot.subscriptions {
+            let labels = [("subscription", backlog.subscription.clone())];
+            pending.get_or_create(&labels).set(backlog.pending as i64);
+            dead.get_or_create(&labels).set(backlog.dead_letters as i64);
+            let age = backlog
+                .oldest_pending
+                .map_or(0.0, |at| now.saturating_sub(at) as f64 / 1000.0);
+            oldest.get_or_create(&labels).set(age);
+        }
+        let metric = encoder.encode_descriptor(
+            "subscription_pending_deliveries",
+            "Deliveries waiting per subscription, dead letters not included (the largest \
+             backlogs; the rest summed as subscription=\"_other\")",
+            None,
+            MetricType::Gauge,
+        )?;
+        pending.encode(metric)?;
+        let metric = encoder.encode_descriptor(
+            "subscription_dead_letters",
+            "Dead letters kept per subscription",
+            None,
+            MetricType::Gauge,
+        )?;
+        dead.encode(metric)?;
+        let metric = encoder.encode_descriptor(
+            "subscription_oldest_pending_age_seconds",
+            "Age of each subscription's oldest pending event (0 when nothing is pending)",
+            None,
+            MetricType::Gauge,
+        )?;
+        oldest.encode(metric)?;
+        let partitions = Family::<[(&'static str, &'static str); 1], Gauge>::default();
+        for state in [
+            crate::broker::PartitionState::Idle,
+            crate::broker::PartitionState::Delivering,
+            crate::broker::PartitionState::Retrying,
+            crate::broker::PartitionState::Blocked,
+            crate::broker::PartitionState::Paused,
+        ] {
+            let (slot, label) = crate::backlog::state_slot(state);
+            partitions
+                .get_or_create(&[("state", label)])
+                .set(snapshot.partitions[slot] as i64);
+        }
+        let metric = encoder.encode_descriptor(
+            "partitions",
+            "Partitions by state, over every subscription",
+            None,
+            MetricType::Gauge,
+        )?;
+        partitions.encode(metric)
+    }
 }

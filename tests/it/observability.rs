@@ -404,3 +404,82 @@ async fn a_real_prometheus_scrapes_herald_and_answers_queries() {
     let _ = prometheus.kill().await;
     server.terminate(Duration::from_secs(10)).await;
 }
+
+/// The backlog gauges: pending deliveries, dead letters and the oldest pending age per
+/// subscription (the largest under their own label, the rest summed as `_other`), and
+/// partitions by state, including a blocked one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_gauges_show_a_blocked_partition_and_bound_their_labels() {
+    let failing = Receiver::scripted(|_| Reply::Status(500)).await;
+    let healthy = Receiver::start().await;
+    let deployment = Deployment::new(Backend::Embedded).await;
+    let server = HeraldProcess::start_with(
+        &deployment,
+        &[
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--metrics-backlog-interval",
+            "200ms",
+            "--metrics-max-subscriptions",
+            "1",
+        ],
+    )
+    .await;
+    let url = server.metrics_url.clone().expect("metrics url");
+    let mut client = connect(server.address).await;
+    let mut blocking = subscribe_request(&failing.url(), &["gauge:a"]);
+    blocking.on_exhausted = herald::proto::OnExhausted::Block as i32;
+    blocking.retry_policy.as_mut().unwrap().max_attempts = 1;
+    let blocked = client.subscribe(blocking).await.unwrap().into_inner();
+    let mut parking = subscribe_request(&failing.url(), &["gauge:b"]);
+    parking.retry_policy.as_mut().unwrap().max_attempts = 1;
+    client.subscribe(parking).await.unwrap();
+    client
+        .subscribe(subscribe_request(&healthy.url(), &["gauge:c"]))
+        .await
+        .unwrap();
+    for topic in [
+        "gauge:a", "gauge:a", "gauge:a", "gauge:b", "gauge:b", "gauge:c",
+    ] {
+        client.publish(publish_request(topic, "{}")).await.unwrap();
+    }
+    let blocked_series = format!(
+        "herald_subscription_pending_deliveries{{subscription=\"{}\"}}",
+        blocked.id
+    );
+    eventually(Duration::from_secs(20), "the gauges show the run", || {
+        let url = url.clone();
+        let blocked_series = blocked_series.clone();
+        async move {
+            let text = scrape(&url).await;
+            sample(&text, &blocked_series) == Some(3.0)
+                && sample(
+                    &text,
+                    "herald_subscription_dead_letters{subscription=\"_other\"}",
+                ) == Some(2.0)
+                && sample(&text, "herald_partitions{state=\"blocked\"}") == Some(1.0)
+                && sample(&text, "herald_partitions{state=\"idle\"}") == Some(2.0)
+        }
+    })
+    .await;
+    let text = scrape(&url).await;
+    let age = sample(
+        &text,
+        &format!(
+            "herald_subscription_oldest_pending_age_seconds{{subscription=\"{}\"}}",
+            blocked.id
+        ),
+    )
+    .expect("an oldest-age sample");
+    assert!(age > 0.0, "{age}");
+    // One subscription under its own label, the other two summed.
+    assert_eq!(
+        text.lines()
+            .filter(|line| line.starts_with("herald_subscription_pending_deliveries{"))
+            .count(),
+        2,
+        "{text}"
+    );
+    promtool_check(&text);
+    server.terminate(Duration::from_secs(10)).await;
+}
