@@ -379,6 +379,40 @@ async fn an_outage_fails_publishes_with_unavailable_and_delivery_resumes_after_i
     )
     .await;
 
+    // A Watch stream sees the same flips as Check, without polling.
+    let watched = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut stream = {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.address))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: "herald.v1.BrokerService".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let watcher = tokio::spawn({
+        let watched = watched.clone();
+        async move {
+            while let Ok(Some(update)) = stream.message().await {
+                watched.lock().unwrap().push(update.status);
+            }
+        }
+    });
+    eventually(
+        Duration::from_secs(10),
+        "the watch starts with SERVING",
+        || async {
+            watched.lock().unwrap().first().copied()
+                == Some(tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+        },
+    )
+    .await;
+
     server.stop();
     let status = client
         .publish(publish_request("t", "during"))
@@ -431,6 +465,22 @@ async fn an_outage_fails_publishes_with_unavailable_and_delivery_resumes_after_i
         || async { serving(app.address).await },
     )
     .await;
+    {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        eventually(
+            Duration::from_secs(10),
+            "the watch saw SERVING, NOT_SERVING, SERVING",
+            || async {
+                let seen = watched.lock().unwrap().clone();
+                let not_serving = seen
+                    .iter()
+                    .position(|status| *status == ServingStatus::NotServing as i32);
+                not_serving.is_some_and(|at| seen[at..].contains(&(ServingStatus::Serving as i32)))
+            },
+        )
+        .await;
+    }
+    watcher.abort();
     let after = client
         .publish(publish_request("t", "after"))
         .await
