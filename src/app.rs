@@ -171,6 +171,10 @@ pub async fn run_with_store(
     let (trigger, shutdown_handle) = crate::shutdown::channel();
     let endpoint_rules = Arc::new(config.endpoint_rules());
     let metrics = Arc::new(Metrics::new(store.request_counts()));
+    let store: Arc<dyn Store> = Arc::new(crate::store::instrumented::Instrumented::new(
+        store,
+        metrics.clone(),
+    ));
     let serves_metrics = metrics_listener.is_some() || admin_listener.is_some();
     if let Some(listener) = metrics_listener {
         tokio::spawn(crate::metrics::serve(

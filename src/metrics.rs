@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 
 use crate::delivery::webhook::Attempt;
 use crate::shutdown::Shutdown;
+use crate::store::StoreError;
 use crate::store::dynamodb::RequestCounts;
 
 /// Outcome of a Publish call.
@@ -44,8 +45,29 @@ pub struct AttemptLabels {
     pub status_class: &'static str,
 }
 
+/// One store operation (a method of the store traits, such as `publish`).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreOperationLabels {
+    /// The method.
+    pub operation: &'static str,
+}
+
+/// A store operation that failed, and how.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreErrorLabels {
+    /// The method.
+    pub operation: &'static str,
+    /// The error's kind (`unavailable`, `not_found`, `contention`, ...).
+    pub error: &'static str,
+}
+
 /// The server's metrics.
 pub struct Metrics {
+    store_calls: Family<StoreOperationLabels, Counter>,
+    store_errors: Family<StoreErrorLabels, Counter>,
+    store_durations: Family<StoreOperationLabels, Histogram>,
+    /// Partition leases this instance holds (shared stores only).
+    pub leases_held: Gauge,
     registry: Registry,
     publishes: Family<PublishLabels, Counter>,
     attempts: Family<AttemptLabels, Counter>,
@@ -123,9 +145,40 @@ impl Metrics {
         if let Some(requests) = requests {
             registry.register_collector(Box::new(StoreRequests(requests)));
         }
+        let store_calls = Family::<StoreOperationLabels, Counter>::default();
+        registry.register(
+            "store_calls",
+            "Store calls by operation (a method of the store, whatever the backend)",
+            store_calls.clone(),
+        );
+        let store_errors = Family::<StoreErrorLabels, Counter>::default();
+        registry.register(
+            "store_errors",
+            "Store calls that failed, by operation and error kind",
+            store_errors.clone(),
+        );
+        let store_durations =
+            Family::<StoreOperationLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+            });
+        registry.register(
+            "store_call_duration_seconds",
+            "Duration of store calls by operation",
+            store_durations.clone(),
+        );
+        let leases_held = Gauge::default();
+        registry.register(
+            "partition_leases_held",
+            "Partition leases this instance holds (DynamoDB)",
+            leases_held.clone(),
+        );
         let backlog = crate::backlog::SharedSnapshot::default();
         registry.register_collector(Box::new(Backlog(backlog.clone())));
         Metrics {
+            store_calls,
+            store_errors,
+            store_durations,
+            leases_held,
             registry,
             publishes,
             attempts,
@@ -172,6 +225,23 @@ impl Metrics {
         self.publish_to_delivery.observe(latency.as_secs_f64());
     }
 
+    /// Records a store call: its duration and, if it failed, the error's kind.
+    pub fn store_call(&self, operation: &'static str, took: Duration, error: Option<&StoreError>) {
+        let labels = StoreOperationLabels { operation };
+        self.store_calls.get_or_create(&labels).inc();
+        self.store_durations
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        if let Some(error) = error {
+            self.store_errors
+                .get_or_create(&StoreErrorLabels {
+                    operation,
+                    error: error_kind(error),
+                })
+                .inc();
+        }
+    }
+
     /// Counts a dead-lettered delivery.
     pub fn dead_lettered(&self) {
         self.dead_lettered.inc();
@@ -183,6 +253,26 @@ impl Metrics {
         prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
         text
+    }
+}
+
+/// The label of a store error's kind.
+fn error_kind(error: &StoreError) -> &'static str {
+    match error {
+        StoreError::NotFound(_) => "not_found",
+        StoreError::Conflict(_) => "conflict",
+        StoreError::FailedPrecondition(_) => "failed_precondition",
+        StoreError::InvalidArgument(_) => "invalid_argument",
+        StoreError::Contention(_) => "contention",
+        StoreError::StorageFull(_) => "storage_full",
+        StoreError::LimitReached(_) => "limit_reached",
+        StoreError::Overloaded(_) => "overloaded",
+        StoreError::Corrupt(_) => "corrupt",
+        StoreError::Unavailable(_) => "unavailable",
+        StoreError::Uncertain(_) => "uncertain",
+        StoreError::Partial(_) => "partial",
+        StoreError::LeaseLost(_) => "lease_lost",
+        StoreError::Internal(_) => "internal",
     }
 }
 

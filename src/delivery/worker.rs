@@ -382,6 +382,10 @@ async fn run_partition(inner: Arc<Inner>, partition: PartitionKey, signal: Arc<S
         },
         None => None,
     };
+    let held = lease.is_some();
+    if held {
+        inner.config.metrics.leases_held.inc();
+    }
     let (stop, lease) = match load_subscription(&inner, &partition).await {
         Some((subscription, key)) => {
             PartitionWorker::new(&inner, &partition, &signal, lease, subscription, key)
@@ -398,5 +402,8 @@ async fn run_partition(inner: Arc<Inner>, partition: PartitionKey, signal: Arc<S
         && stop != Stop::Lease(crate::delivery::lease::LeaseEnded::Lost)
     {
         lease.release(leases, stop.hands_over()).await;
+    }
+    if held {
+        inner.config.metrics.leases_held.dec();
     }
 }

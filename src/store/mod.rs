@@ -5,6 +5,8 @@
 //! - [`PartitionLeases`]: one sender per partition across instances (shared stores only).
 //! - [`Store`]: what a backend offers as a whole: the first two, its leases if it has any,
 //!   and its health.
+//! - [`instrumented::Instrumented`]: any store, with each call timed and counted for the
+//!   metrics.
 //!
 //! Every backend passes the conformance suite in `tests/it/store_conformance/` (one module per
 //! trait). Key shape, shared by every backend: a delivery lives under partition key
@@ -15,6 +17,7 @@ pub mod delivery_log;
 pub mod dynamodb;
 pub mod embedded;
 pub mod error;
+pub mod instrumented;
 pub mod leases;
 pub mod pages;
 pub mod records;

@@ -157,7 +157,24 @@ async fn dynamodb_requests_are_counted_per_operation() {
     let server = HeraldProcess::start_with(&deployment, &["--metrics-listen", "127.0.0.1:0"]).await;
     let url = server.metrics_url.clone().expect("metrics url");
     let mut client = connect(server.address).await;
+    // A receiver that hangs keeps its partition's lease held.
+    let hanging = Receiver::scripted(|_| Reply::Hang).await;
+    client
+        .subscribe(subscribe_request(&hanging.url(), &["t"]))
+        .await
+        .unwrap();
     client.publish(publish_request("t", "x")).await.unwrap();
+    let missing = client
+        .get_subscription(herald::proto::GetSubscriptionRequest {
+            id: "sub_missing".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    eventually(Duration::from_secs(10), "a lease is held", || async {
+        sample(&scrape(&url).await, "herald_partition_leases_held") == Some(1.0)
+    })
+    .await;
     let text = scrape(&url).await;
     let transactions = sample(
         &text,
@@ -165,6 +182,28 @@ async fn dynamodb_requests_are_counted_per_operation() {
     )
     .expect("TransactWriteItems counted");
     assert!(transactions >= 1.0, "{text}");
+    // The same calls, seen at the store's own interface, whatever the backend.
+    assert_eq!(
+        sample(&text, "herald_store_calls_total{operation=\"publish\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "herald_store_call_duration_seconds_count{operation=\"publish\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "herald_store_errors_total{operation=\"get_subscription\",error=\"not_found\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(sample(&text, "herald_store_calls_total{operation=\"claim_lease\"}") >= Some(1.0));
     promtool_check(&text);
     server.kill_9().await;
 }
