@@ -187,6 +187,11 @@ pub struct ServeConfig {
     #[arg(long, env = "HERALD_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
 
+    /// Export Herald's spans (publish, store calls, delivery attempts) over OTLP/gRPC to this
+    /// collector, e.g. `http://127.0.0.1:4317`; off unless given.
+    #[arg(long, env = "HERALD_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
     /// Log lines as `text` (default) or `json` (one object per line), on stderr.
     #[arg(long, env = "HERALD_LOG_FORMAT", value_enum, default_value = defaults::LOG_FORMAT)]
     pub log_format: LogFormat,
@@ -327,6 +332,7 @@ impl ServeConfig {
             metrics_backlog_interval: Duration::from_secs(15),
             metrics_max_subscriptions: 100,
             log_format: LogFormat::Text,
+            otlp_endpoint: None,
             max_subscriptions: defaults::MAX_SUBSCRIPTIONS,
             max_subscriptions_per_pattern: defaults::MAX_SUBSCRIPTIONS_PER_PATTERN,
             rate_limit_publish: defaults::RATE_LIMIT_PUBLISH,

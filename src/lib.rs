@@ -7,7 +7,8 @@
 //! - [`app`]: composition root; [`app::run`] serves on a given listener until shutdown.
 //! - [`shutdown`]: the OS-signal future and the handle passed to background tasks.
 //! - [`tls`]: TLS and mTLS on the gRPC listener, reloaded when the files change.
-//! - [`trace`]: W3C trace context carried from Publish to every delivery attempt.
+//! - [`trace`]: W3C trace context carried from Publish to every delivery attempt;
+//!   [`telemetry`]: log output and the optional OTLP export of Herald's spans.
 //! - [`api`]: the gRPC adapter over [`broker`]; [`auth`]: API keys and what each may call.
 //! - [`broker`]: the operations (publish, subscribe, ...), validated by [`validate`].
 //! - [`model`]: domain types; [`rate`]: per-key rate limits.
@@ -42,6 +43,7 @@ pub mod rate;
 pub mod shutdown;
 pub mod signing;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod trace;
 pub mod validate;

@@ -23,25 +23,18 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let json =
-        matches!(&cli.command, Command::Serve(config) if config.log_format == LogFormat::Json);
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        // One object per line, the event's fields at the top level.
-        logs.json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init();
-    } else {
-        logs.init();
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let (format, otlp_endpoint) = match &cli.command {
+        Command::Serve(config) => (config.log_format, config.otlp_endpoint.clone()),
+        _ => (LogFormat::Text, None),
+    };
+    // The span exporter runs on the runtime; dropped last, it flushes the last spans.
+    let _telemetry = {
+        let _entered = runtime.enter();
+        herald::telemetry::init(format, otlp_endpoint.as_deref()).map_err(anyhow::Error::msg)?
+    };
     runtime.block_on(async move {
         match cli.command {
             Command::Serve(config) => {

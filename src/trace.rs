@@ -44,6 +44,40 @@ impl TraceContext {
     }
 }
 
+impl TraceContext {
+    /// The context as OpenTelemetry's, to parent Herald's own spans on the publisher's.
+    pub fn otel_context(&self) -> opentelemetry::Context {
+        use opentelemetry::propagation::TextMapPropagator;
+        let mut carrier = std::collections::HashMap::new();
+        carrier.insert("traceparent".to_string(), self.traceparent.clone());
+        if let Some(state) = &self.tracestate {
+            carrier.insert("tracestate".to_string(), state.clone());
+        }
+        opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&carrier)
+    }
+
+    /// The `traceparent` of an attempt made in `span`: its own span id when spans are
+    /// exported (so the receiver's spans hang under Herald's attempt span), else a new one.
+    pub fn child_of(&self, span: &tracing::Span) -> String {
+        use opentelemetry::trace::TraceContextExt;
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        let context = span.context();
+        let own = context.span().span_context().clone();
+        if own.is_valid()
+            && parse(&self.traceparent).map(|(trace, _)| trace)
+                == Some(own.trace_id().to_string().as_str())
+        {
+            return format!(
+                "00-{}-{}-{:02x}",
+                own.trace_id(),
+                own.span_id(),
+                own.trace_flags().to_u8()
+            );
+        }
+        self.child()
+    }
+}
+
 /// The trace id and flags of a valid version-00 `traceparent`.
 fn parse(traceparent: &str) -> Option<(&str, &str)> {
     let mut parts = traceparent.split('-');

@@ -138,7 +138,12 @@ impl Broker {
         let log = self.log.clone();
         let engine = self.engine.clone();
         let window = self.limits.idempotency_window;
-        tokio::spawn(async move {
+        let span = tracing::debug_span!("publish", topic = %event.topic, event_id = %event.id);
+        if let Some(trace) = &event.trace {
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            let _ = span.set_parent(trace.otel_context());
+        }
+        let task = async move {
             let published = log.publish(&event, window).await;
             let metrics = engine.metrics();
             match &published {
@@ -149,9 +154,10 @@ impl Broker {
             let published = published?;
             engine.notify(&published.partitions);
             Ok(published)
-        })
-        .await
-        .map_err(|error| Error::Internal(format!("publish task failed: {error}")))?
+        };
+        tokio::spawn(tracing::Instrument::instrument(task, span))
+            .await
+            .map_err(|error| Error::Internal(format!("publish task failed: {error}")))?
     }
 
     /// Validates and creates a subscription. The returned value carries the secret.

@@ -371,10 +371,23 @@ impl<'a> PartitionWorker<'a> {
     /// recording anything. The lease check is polled first, so a worker resuming from a pause
     /// past its lease does not write another byte of the request.
     async fn attempt(&mut self, delivery: &PendingDelivery) -> Result<webhook::Attempt, Stop> {
-        let send = self
-            .inner
-            .transport
-            .send(&self.subscription, &self.key, delivery);
+        // One span per attempt, a child of the publisher's span when Publish carried one.
+        let span = tracing::debug_span!(
+            "deliver",
+            partition = %self.partition,
+            sequence = delivery.event.sequence,
+            attempt = delivery.state.attempts + 1,
+        );
+        if let Some(trace) = &delivery.event.trace {
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            let _ = span.set_parent(trace.otel_context());
+        }
+        let send = tracing::Instrument::instrument(
+            self.inner
+                .transport
+                .send(&self.subscription, &self.key, delivery),
+            span,
+        );
         tokio::pin!(send);
         let leases = self.leases();
         let (Some(lease), Some(leases)) = (self.lease.as_mut(), leases) else {

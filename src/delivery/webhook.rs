@@ -147,7 +147,10 @@ pub async fn send(
     }
     // Each attempt is a child span of the publisher's.
     if let Some(trace) = &event.trace {
-        request = request.header(headers::TRACEPARENT, trace.child());
+        request = request.header(
+            headers::TRACEPARENT,
+            trace.child_of(&tracing::Span::current()),
+        );
         if let Some(state) = &trace.tracestate {
             request = request.header(headers::TRACESTATE, state);
         }

@@ -39,8 +39,11 @@ async fn timed<T>(
     operation: &'static str,
     call: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
+    use tracing::Instrument;
     let started = Instant::now();
-    let result = call.await;
+    let result = call
+        .instrument(tracing::debug_span!("store", operation))
+        .await;
     metrics.store_call(operation, started.elapsed(), result.as_ref().err());
     result
 }

@@ -522,3 +522,123 @@ async fn backlog_gauges_show_a_blocked_partition_and_bound_their_labels() {
     promtool_check(&text);
     server.terminate(Duration::from_secs(10)).await;
 }
+
+/// Spans collected by a real OTLP trace receiver (the collector's gRPC service).
+#[derive(Default)]
+struct Collector {
+    spans: std::sync::Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>,
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Collector
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        let mut spans = self.spans.lock().unwrap();
+        for resource in request.into_inner().resource_spans {
+            for scope in resource.scope_spans {
+                spans.extend(scope.spans);
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// With `--otlp-endpoint`, Herald's spans reach an OTLP receiver: the publish span is a child
+/// of the publisher's span, its store calls are children of it, and the delivery attempt's
+/// span is the parent the receiver is told about in `traceparent`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_over_otlp_and_join_the_publishers_trace() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let collector = std::sync::Arc::new(Collector::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::from_arc(collector.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let receiver = Receiver::start().await;
+    let deployment = Deployment::new(Backend::Embedded).await;
+    let endpoint = format!("http://{otlp}");
+    let server =
+        HeraldProcess::start_with(&deployment, &["--otlp-endpoint", endpoint.as_str()]).await;
+    let mut client = connect(server.address).await;
+    client
+        .subscribe(subscribe_request(&receiver.url(), &["otel"]))
+        .await
+        .unwrap();
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let publisher_span = "00f067aa0ba902b7";
+    let mut request = tonic::Request::new(publish_request("otel", "x"));
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{publisher_span}-01")
+            .parse()
+            .unwrap(),
+    );
+    client.publish(request).await.unwrap();
+    eventually(Duration::from_secs(10), "delivered", || async {
+        receiver.delivered_count() == 1
+    })
+    .await;
+    let told = receiver.delivered()[0].traceparent.clone();
+    let parts: Vec<&str> = told.split('-').collect();
+    assert_eq!(parts[1], trace_id, "{told}");
+    let attempt_span = parts[2].to_string();
+    // Stopping flushes the spans still batched.
+    server.terminate(Duration::from_secs(10)).await;
+    eventually(
+        Duration::from_secs(10),
+        "the spans are exported",
+        || async {
+            collector
+                .spans
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|span| span.name == "deliver")
+        },
+    )
+    .await;
+    let spans = collector.spans.lock().unwrap().clone();
+    let named = |name: &str| {
+        spans
+            .iter()
+            .filter(|span| span.name == name && hex(&span.trace_id) == trace_id)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let publish = named("publish");
+    assert_eq!(publish.len(), 1, "{spans:?}");
+    assert_eq!(hex(&publish[0].parent_span_id), publisher_span);
+    let publish_id = publish[0].span_id.clone();
+    assert!(
+        named("store")
+            .iter()
+            .any(|span| span.parent_span_id == publish_id),
+        "the publish's store call is a child of it: {spans:?}"
+    );
+    let deliver = named("deliver");
+    assert_eq!(deliver.len(), 1, "{spans:?}");
+    assert_eq!(
+        hex(&deliver[0].span_id),
+        attempt_span,
+        "the receiver's parent"
+    );
+    assert_eq!(hex(&deliver[0].parent_span_id), publisher_span);
+}
