@@ -178,9 +178,15 @@ async fn status_page(broker: &Broker, caller: &Caller) -> Result<String, crate::
     }
     let mut rows = Vec::with_capacity(subscriptions.len());
     for subscription in subscriptions {
-        let (subscription, page) = broker
+        let (subscription, page) = match broker
             .subscription_status(&subscription.id, MAX_PARTITIONS, "")
-            .await?;
+            .await
+        {
+            Ok(found) => found,
+            // Deleted since it was listed.
+            Err(crate::error::Error::NotFound(_)) => continue,
+            Err(error) => return Err(error),
+        };
         let mut partitions: Vec<_> = page
             .items
             .into_iter()

@@ -236,5 +236,7 @@ fn millis(field: &'static str, time: &prost_types::Timestamp) -> Result<UnixMill
     if time.seconds < 0 || !(0..1_000_000_000).contains(&time.nanos) {
         return Err(Error::invalid(field, "must be a time after 1970"));
     }
-    Ok(time.seconds as u64 * 1000 + time.nanos as u64 / 1_000_000)
+    Ok((time.seconds as u64)
+        .saturating_mul(1000)
+        .saturating_add(time.nanos as u64 / 1_000_000))
 }

@@ -239,9 +239,11 @@ impl Broker {
         Ok(replayed)
     }
 
-    /// The partition of `topic` of an existing subscription that receives it.
+    /// The partition of `topic` of an existing subscription that receives it
+    /// (`INVALID_ARGUMENT` for a topic it does not receive: a replay there would send it
+    /// events it never subscribed to).
     async fn partition(&self, id: &str, topic: &str) -> Result<PartitionKey, Error> {
-        match self.received_topic(id, topic, true).await? {
+        match self.received_topic(id, topic, false).await? {
             Some(topic) => Ok(PartitionKey::new(topic, id)),
             None => Err(Error::invalid("topic", "must not be empty")),
         }
@@ -279,14 +281,18 @@ impl Broker {
         id: &str,
         update: SubscriptionUpdate,
     ) -> Result<Subscription, Error> {
-        // In its own task, so that a client giving up does not stop it halfway.
+        // In its own task, so that a client giving up does not stop it halfway: the local
+        // partitions learn of a committed change whether or not the caller is still there.
         let subscriptions = self.subscriptions.clone();
+        let engine = self.engine.clone();
         let owned = id.to_string();
-        let subscription =
-            tokio::spawn(async move { subscriptions.update_subscription(&owned, update).await })
-                .await
-                .map_err(|error| Error::Internal(format!("update task failed: {error}")))??;
-        self.engine.subscription_changed(id);
+        let subscription = tokio::spawn(async move {
+            let result = subscriptions.update_subscription(&owned, update).await;
+            engine.subscription_changed(&owned);
+            result
+        })
+        .await
+        .map_err(|error| Error::Internal(format!("update task failed: {error}")))??;
         Ok(subscription)
     }
 }

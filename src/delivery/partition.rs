@@ -79,14 +79,15 @@ pub(crate) struct PartitionWorker<'a> {
 }
 
 impl<'a> PartitionWorker<'a> {
-    /// A worker for `partition` of `subscription`, holding `lease` on a shared store.
+    /// A worker for `partition` of `subscription` (read when the engine's change count was
+    /// `changes_seen`), holding `lease` on a shared store.
     pub fn new(
         inner: &'a Arc<Inner>,
         partition: &'a PartitionKey,
         signal: &'a Signal,
         lease: Option<Lease>,
-        subscription: Subscription,
-        key: Vec<u8>,
+        (subscription, key): (Subscription, Vec<u8>),
+        changes_seen: u64,
     ) -> Self {
         PartitionWorker {
             inner,
@@ -96,7 +97,7 @@ impl<'a> PartitionWorker<'a> {
             subscription,
             key,
             rng: StdRng::from_os_rng(),
-            changes_seen: inner.changes.load(std::sync::atomic::Ordering::SeqCst),
+            changes_seen,
         }
     }
 
@@ -308,7 +309,6 @@ impl<'a> PartitionWorker<'a> {
     async fn may_send(&mut self) -> Result<bool, Stop> {
         let changes = self.inner.changes.load(std::sync::atomic::Ordering::SeqCst);
         if self.inner.leases.is_some() || changes != self.changes_seen {
-            self.changes_seen = changes;
             match self
                 .inner
                 .subscriptions
@@ -326,11 +326,15 @@ impl<'a> PartitionWorker<'a> {
                         }
                     }
                     self.subscription = subscription;
+                    // Seen only once read: a failed read is tried again.
+                    self.changes_seen = changes;
                 }
                 Err(StoreError::NotFound(_)) => return Err(Stop::SubscriptionGone),
                 Err(error) => {
-                    // Keep going by the copy in hand; the next attempt reads it again.
-                    tracing::warn!(partition = %self.partition, %error, "cannot read the subscription again");
+                    // The copy in hand may predate a pause: send nothing until it can be read
+                    // (the caller waits and asks again).
+                    tracing::warn!(partition = %self.partition, %error, "cannot read the subscription again; holding");
+                    return Ok(false);
                 }
             }
         }

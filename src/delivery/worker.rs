@@ -386,9 +386,12 @@ async fn run_partition(inner: Arc<Inner>, partition: PartitionKey, signal: Arc<S
     if held {
         inner.config.metrics.leases_held.inc();
     }
+    // Taken before the read: a change committed while it runs is read again before the first
+    // attempt.
+    let changes = inner.changes.load(Ordering::SeqCst);
     let (stop, lease) = match load_subscription(&inner, &partition).await {
-        Some((subscription, key)) => {
-            PartitionWorker::new(&inner, &partition, &signal, lease, subscription, key)
+        Some(subscription) => {
+            PartitionWorker::new(&inner, &partition, &signal, lease, subscription, changes)
                 .run()
                 .await
         }

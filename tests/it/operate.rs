@@ -790,6 +790,12 @@ async fn replay_sends_exactly_the_range_in_order(backend: Backend) {
             == 1
     );
 
+    // A topic the subscription does not receive is refused: nothing of it may be sent there.
+    let mut elsewhere = request(Some(Start::FromSequence(1)), None, 0);
+    elsewhere.topic = "ops:secret".into();
+    let error = client.replay(elsewhere).await.unwrap_err();
+    assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error:?}");
+
     // Bad ranges are refused.
     for (start, end) in [
         (None, None),

@@ -216,15 +216,39 @@ impl DeliveryLog for DynamoStore {
     ) -> Result<(), StoreError> {
         // A worker's completion carries the partition's success counters when they are due.
         let stats = fence.and_then(|_| self.success_stats(partition));
-        self.remove_delivery(
-            schema::delivery_key(partition, sequence),
-            &partition.topic,
-            sequence,
-            fence.map(|token| (partition, token)),
-            stats,
-        )
-        .await
-        .map(|_| ())
+        let wrote_stats = stats.is_some();
+        let fence = fence.map(|token| (partition, token));
+        let removed = self
+            .remove_delivery(
+                schema::delivery_key(partition, sequence),
+                &partition.topic,
+                sequence,
+                fence,
+                stats,
+            )
+            .await;
+        match removed {
+            Ok(true) => Ok(()),
+            // Skipped by an operator while its attempt was in flight, which then succeeded:
+            // the dead letter was delivered (a retried completion finds neither: a no-op).
+            Ok(false) => self
+                .remove_delivery(
+                    schema::dead_key(partition, sequence),
+                    &partition.topic,
+                    sequence,
+                    fence,
+                    Some(self.dead_letters_added(partition, -1)),
+                )
+                .await
+                .map(|_| ()),
+            Err(error) => {
+                if wrote_stats {
+                    // Not written: the next completion carries them.
+                    self.forget_stats(partition);
+                }
+                Err(error)
+            }
+        }
     }
 
     async fn record_failure(

@@ -101,7 +101,8 @@ impl Inner {
 
     /// Applies `update` to the stored subscription with the version item moved in the same
     /// transaction (so every instance's copy of the set is refreshed within its validity);
-    /// returns the new value and, if it was written, the validity to wait out.
+    /// returns the new value and the validity to wait out before the caller may count on
+    /// every instance seeing it.
     pub(super) async fn update_subscription(
         &self,
         id: &str,
@@ -118,7 +119,11 @@ impl Inner {
             update(&mut updated)?;
             unchanged_identity(&current, &updated)?;
             if updated == current {
-                return Ok((updated, None));
+                // Nothing to write, but the change that made it so (a retried call's own
+                // first try, or another caller's) may be younger than other instances'
+                // copies: wait them out all the same.
+                let validity = self.subscription_set().await?.validity;
+                return Ok((updated, Some(validity)));
             }
             let meta = self.read_meta().await?;
             let mut replacement = item;
@@ -458,6 +463,14 @@ impl Inner {
             chosen.push((sequence, previous, get_n(item, "ordinal")?));
             previous = sequence;
         }
+        // The read stopped at its cap with events left out (expired, or outside the times):
+        // the range goes on after the last one read.
+        if replayed.next_sequence.is_none()
+            && events.len() > range.limit
+            && let Some(last) = events.last()
+        {
+            replayed.next_sequence = Some(schema::get_sequence(last)?.saturating_add(1));
+        }
         let (Some(first), Some(last)) = (chosen.first(), chosen.last()) else {
             return Ok(replayed);
         };
@@ -530,8 +543,20 @@ impl Inner {
             .build()
     }
 
+    /// Forgets that the success counters of `partition` were written (their write failed).
+    pub(super) fn forget_stats(&self, partition: &PartitionKey) {
+        self.stats_written
+            .lock()
+            .expect("stats lock")
+            .remove(partition);
+    }
+
     /// Moves the partition's dead-letter counter by `change`.
-    fn dead_letters_added(&self, partition: &PartitionKey, change: i64) -> TransactWriteItem {
+    pub(super) fn dead_letters_added(
+        &self,
+        partition: &PartitionKey,
+        change: i64,
+    ) -> TransactWriteItem {
         TransactWriteItem::builder()
             .update(
                 Update::builder()
@@ -592,7 +617,7 @@ impl Inner {
                 None => None,
             };
             let counters = stats.get(get_s(&schema::stats_key(&partition), schema::PK)?);
-            let counter = |name: &str| counters.map_or(Ok(0), |item| get_n(item, name));
+            let counter = |name: &str| counters.map_or(Ok(0), |item| schema::get_count(item, name));
             items.push(PartitionStatus {
                 pending,
                 dead_letters: counter("dead_letters")?,

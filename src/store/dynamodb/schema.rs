@@ -166,6 +166,19 @@ pub fn get_n(item: &Item, name: &str) -> Result<u64, StoreError> {
     }
 }
 
+/// Reads a counter that `ADD` moves both ways, 0 if absent; a count below zero (a decrement
+/// of something counted before the counter existed) reads as 0.
+pub fn get_count(item: &Item, name: &str) -> Result<u64, StoreError> {
+    match item.get(name) {
+        Some(AttributeValue::N(value)) => value
+            .parse::<i64>()
+            .map(|count| count.max(0) as u64)
+            .map_err(|_| corrupt(name)),
+        None => Ok(0),
+        _ => Err(corrupt(name)),
+    }
+}
+
 /// Reads a sequence from a sort key.
 pub fn get_sequence(item: &Item) -> Result<u64, StoreError> {
     get_s(item, SK)?.parse().map_err(|_| corrupt(SK))

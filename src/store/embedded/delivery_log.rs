@@ -51,14 +51,19 @@ impl DeliveryLog for EmbeddedStore {
             if record.pending == 0 {
                 return Ok(Vec::new());
             }
-            let mut deliveries = read_partition(
-                &transaction,
-                partition,
-                record.dead_through.saturating_add(1),
-                limit,
-            )?;
-            deliveries.retain(|delivery| !delivery.state.dead_lettered);
-            Ok(deliveries)
+            // Dead letters flagged in place (written before they had a table of their own)
+            // can lie after the head mark once a redrive lowered it: read past them.
+            let mut from = record.dead_through.saturating_add(1);
+            loop {
+                let mut deliveries = read_partition(&transaction, partition, from, limit)?;
+                let full = deliveries.len() == limit;
+                let last = deliveries.last().map(|delivery| delivery.event.sequence);
+                deliveries.retain(|delivery| !delivery.state.dead_lettered);
+                match last {
+                    Some(last) if deliveries.is_empty() && full => from = last.saturating_add(1),
+                    _ => return Ok(deliveries),
+                }
+            }
         })
         .await
     }

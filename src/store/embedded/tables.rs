@@ -25,6 +25,9 @@ use crate::store::{StoreError, SubscriptionLimits, SubscriptionUpdate};
 
 /// Most expired idempotency keys removed per sweep.
 const SWEEP_LIMIT: usize = 1000;
+/// Most expired events removed per sweep (sweeps run every second): retention keeps up with
+/// 10,000 events a second.
+const EVENT_SWEEP_LIMIT: usize = 10_000;
 
 /// A dead letter found: its sequence, its record, and whether it is kept in the dead-letter
 /// table (else it is a flagged delivery from before the table existed).
@@ -286,14 +289,14 @@ impl<'transaction> Tables<'transaction> {
     }
 
     /// Deletes events whose retention ended, unless a delivery references them again (a
-    /// replay), at most [`SWEEP_LIMIT`] per call.
+    /// replay), at most [`EVENT_SWEEP_LIMIT`] per call.
     pub(super) fn expire_events(&mut self, now: u64) -> Result<(), StoreError> {
         let mut expired = Vec::new();
         for entry in self
             .event_expiry
             .range(..(now, "", 0))
             .map_err(unavailable)?
-            .take(SWEEP_LIMIT)
+            .take(EVENT_SWEEP_LIMIT)
         {
             let (key, _) = entry.map_err(unavailable)?;
             let (expires_at, topic, sequence) = key.value();
@@ -448,7 +451,7 @@ impl<'transaction> Tables<'transaction> {
                 if !was_dead {
                     record.dead_letters += 1;
                 }
-                self.bury(&partition_key, sequence, delivery, &mut record)?;
+                self.bury(&partition_key, sequence, delivery)?;
             }
         }
         self.partitions
@@ -457,17 +460,16 @@ impl<'transaction> Tables<'transaction> {
         Ok(())
     }
 
-    /// Moves a delivery from the partition's pending ones to its dead letters; `record`
-    /// (written by the caller) moves its head past it.
+    /// Moves a delivery from the partition's pending ones to its dead letters. The head mark
+    /// (`dead_through`) does not move: the dead letter is gone from the range the head is read
+    /// from, and a delivery redriven or replayed below it must stay readable.
     fn bury(
         &mut self,
         partition_key: &str,
         sequence: u64,
         mut delivery: DeliveryRecord,
-        record: &mut PartitionRecord,
     ) -> Result<(), StoreError> {
         delivery.dead_lettered = true;
-        record.dead_through = record.dead_through.max(sequence);
         self.deliveries
             .remove((partition_key, sequence))
             .map_err(unavailable)?;
@@ -793,7 +795,7 @@ impl<'transaction> Tables<'transaction> {
             return Ok(Err(head_moved(partition, sequence, head_sequence)));
         };
         delivery.set_error(SKIPPED);
-        self.bury(&partition.encode(), head_sequence, delivery, &mut record)?;
+        self.bury(&partition.encode(), head_sequence, delivery)?;
         record.dead_letters += 1;
         self.partitions
             .insert((subscription_id, topic), record.encode().as_slice())

@@ -24,8 +24,8 @@ use crate::store::{StoreError, SubscriptionLimits, SubscriptionUpdate};
 const MAX_BATCH: usize = 2048;
 /// Lazily durable commits are followed by a synced one within this interval.
 const MAX_LAZY_INTERVAL: Duration = Duration::from_millis(500);
-/// How often expired idempotency keys are swept.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// How often expired idempotency keys and events are swept (with the next write).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// How often an unhealthy store probes whether it can write again.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a reopen waits for readers to let go of the old file.

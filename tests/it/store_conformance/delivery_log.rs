@@ -17,7 +17,72 @@ on_backends!(
     fan_out_reaches_a_thousand_subscriptions_in_order,
     fan_out_reaches_ten_thousand_subscriptions_with_the_largest_event,
     the_largest_payload_round_trips,
+    a_redriven_dead_letter_stays_ahead_of_a_later_dead_letter,
 );
+
+/// A dead letter redriven while the partition's head is about to be dead-lettered too stays
+/// readable, in front: dead-lettering the later head must not move the head mark past it.
+async fn a_redriven_dead_letter_stays_ahead_of_a_later_dead_letter(store: Arc<dyn Store>) {
+    store
+        .create_subscription(
+            &subscription("sub_1", &["t"]),
+            &herald::store::SubscriptionLimits::NONE,
+        )
+        .await
+        .unwrap();
+    let mut sequences = Vec::new();
+    for index in 0..3 {
+        sequences.push(
+            store
+                .publish(&event(&format!("evt_{index}"), "t", None), DAY)
+                .await
+                .unwrap()
+                .sequence,
+        );
+    }
+    let partition = PartitionKey::new("t", "sub_1");
+    store
+        .record_failure(
+            &partition,
+            sequences[0],
+            "HTTP 500",
+            FailureOutcome::DeadLetter,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.redrive(&partition, None).await.unwrap(), 1);
+    // The worker's attempt at the head it had read (the second event) fails for good.
+    store
+        .record_failure(
+            &partition,
+            sequences[1],
+            "HTTP 500",
+            FailureOutcome::DeadLetter,
+            None,
+        )
+        .await
+        .unwrap();
+    let next: Vec<u64> = store
+        .next_deliveries(&partition, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|delivery| delivery.event.sequence)
+        .collect();
+    assert_eq!(
+        next,
+        [sequences[0], sequences[2]],
+        "the redriven one first, none lost"
+    );
+    let status = store.partition_status("sub_1", 10, None).await.unwrap();
+    assert_eq!(status.items[0].pending, 2);
+    assert_eq!(status.items[0].dead_letters, 1);
+    assert_eq!(
+        status.items[0].head.as_ref().unwrap().sequence,
+        sequences[0]
+    );
+}
 
 /// Creates subscriptions 200 at a time, as many Subscribe calls in flight would.
 async fn create_all(store: &Arc<dyn Store>, subscriptions: Vec<herald::model::Subscription>) {
