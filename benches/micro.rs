@@ -70,6 +70,7 @@ fn store(criterion: &mut Criterion) {
         on_exhausted: OnExhausted::DeadLetter,
         created_at: 0,
         control: Default::default(),
+        previous_secret: None,
     };
     runtime
         .block_on(

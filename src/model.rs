@@ -72,6 +72,28 @@ pub struct Subscription {
     pub created_at: UnixMillis,
     /// Whether it sends: paused or disabled as a whole, or paused for some topics.
     pub control: Control,
+    /// The secret a rotation replaced, still signing every delivery beside the new one until
+    /// its time is up.
+    pub previous_secret: Option<PreviousSecret>,
+}
+
+/// A replaced signing secret in its grace window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreviousSecret {
+    /// The old `whsec_...` secret.
+    pub secret: String,
+    /// When it stops signing.
+    pub until: UnixMillis,
+}
+
+impl Subscription {
+    /// The replaced secret, if it still signs at `now`.
+    pub fn previous_secret_at(&self, now: UnixMillis) -> Option<&str> {
+        self.previous_secret
+            .as_ref()
+            .filter(|previous| previous.until > now)
+            .map(|previous| previous.secret.as_str())
+    }
 }
 
 impl Subscription {

@@ -38,6 +38,7 @@ fn subscription(id: usize, topics: Vec<String>) -> Subscription {
         on_exhausted: OnExhausted::DeadLetter,
         created_at: 0,
         control: Default::default(),
+        previous_secret: None,
     }
 }
 

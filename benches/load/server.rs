@@ -271,6 +271,18 @@ impl BrokerApi for EmptyBroker {
     ) -> Result<Response<proto::SkipHeadResponse>, Status> {
         Err(Status::unimplemented("empty broker"))
     }
+    async fn update_subscription(
+        &self,
+        _request: Request<proto::UpdateSubscriptionRequest>,
+    ) -> Result<Response<proto::Subscription>, Status> {
+        Err(Status::unimplemented("empty broker"))
+    }
+    async fn rotate_secret(
+        &self,
+        _request: Request<proto::RotateSecretRequest>,
+    ) -> Result<Response<proto::RotateSecretResponse>, Status> {
+        Err(Status::unimplemented("empty broker"))
+    }
     async fn replay(
         &self,
         _request: Request<proto::ReplayRequest>,

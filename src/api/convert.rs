@@ -4,8 +4,8 @@ use crate::trace::TraceContext;
 use std::time::Duration;
 
 use crate::broker::{
-    PartitionState, PublishInput, ReplayBound, RetryPolicyInput, SubscribeInput, http_status,
-    partition_state,
+    PartitionState, PublishInput, ReplayBound, RetryPolicyInput, SubscribeInput, UpdateInput,
+    http_status, partition_state,
 };
 use crate::error::Error;
 use crate::model::{
@@ -74,7 +74,48 @@ pub fn subscribe_input(request: proto::SubscribeRequest) -> Result<SubscribeInpu
     })
 }
 
+/// An UpdateSubscription request as the broker takes it.
+pub fn update_input(request: proto::UpdateSubscriptionRequest) -> Result<UpdateInput, Error> {
+    let subscription = request
+        .subscription
+        .ok_or_else(|| Error::invalid("subscription", "required: its id and the new fields"))?;
+    let mask = request
+        .update_mask
+        .map(|mask| mask.paths)
+        .unwrap_or_default();
+    let fields = subscribe_input(proto::SubscribeRequest {
+        endpoint: subscription.endpoint,
+        topics: Vec::new(),
+        secret: String::new(),
+        retry_policy: subscription.retry_policy,
+        on_exhausted: subscription.on_exhausted,
+    })?;
+    Ok(UpdateInput {
+        id: subscription.id,
+        mask,
+        endpoint: fields.endpoint,
+        retry_policy: fields.retry_policy,
+        on_exhausted: fields.on_exhausted,
+        etag: request.etag,
+    })
+}
+
+/// A RotateSecret request's grace: `None` for the default.
+pub fn grace(request: &proto::RotateSecretRequest) -> Result<Option<Duration>, Error> {
+    let Some(grace) = request.grace else {
+        return Ok(None);
+    };
+    if grace.seconds < 0 || grace.nanos < 0 || grace.nanos >= 1_000_000_000 {
+        return Err(Error::invalid("grace", "must be a non-negative duration"));
+    }
+    Ok(Some(Duration::new(
+        grace.seconds as u64,
+        grace.nanos as u32,
+    )))
+}
+
 pub fn subscription(subscription: Subscription, with_secret: bool) -> proto::Subscription {
+    let etag = crate::store::records::subscription_etag(&subscription);
     let on_exhausted = match subscription.on_exhausted {
         OnExhausted::DeadLetter => proto::OnExhausted::DeadLetter,
         OnExhausted::Block => proto::OnExhausted::Block,
@@ -95,6 +136,12 @@ pub fn subscription(subscription: Subscription, with_secret: bool) -> proto::Sub
         state_reason: subscription.control.reason,
         state_changed_at: optional_timestamp(subscription.control.since),
         paused_topics: subscription.control.paused_topics.into_iter().collect(),
+        etag,
+        previous_secret_expires_at: subscription
+            .previous_secret
+            .as_ref()
+            .filter(|previous| previous.until > crate::model::now_millis())
+            .map(|previous| timestamp(previous.until)),
     }
 }
 

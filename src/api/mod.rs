@@ -298,4 +298,49 @@ impl BrokerService for BrokerApi {
             next_sequence: replayed.next_sequence.unwrap_or(0),
         }))
     }
+
+    async fn update_subscription(
+        &self,
+        request: Request<proto::UpdateSubscriptionRequest>,
+    ) -> Result<Response<proto::Subscription>, Status> {
+        let caller = auth::caller(&request);
+        caller.require(Role::Subscribe, "UpdateSubscription")?;
+        let id = request
+            .get_ref()
+            .subscription
+            .as_ref()
+            .map(|subscription| subscription.id.clone())
+            .unwrap_or_default();
+        self.require_subscription(&caller, &id).await?;
+        self.rates.check(&caller, Budget::Manage)?;
+        let input = convert::update_input(request.into_inner())?;
+        let subscription = self.broker.update_subscription(input).await?;
+        Ok(Response::new(convert::subscription(subscription, false)))
+    }
+
+    async fn rotate_secret(
+        &self,
+        request: Request<proto::RotateSecretRequest>,
+    ) -> Result<Response<proto::RotateSecretResponse>, Status> {
+        let caller = auth::caller(&request);
+        caller.require(Role::Subscribe, "RotateSecret")?;
+        self.require_subscription(&caller, &request.get_ref().subscription_id)
+            .await?;
+        self.rates.check(&caller, Budget::Manage)?;
+        let grace = convert::grace(request.get_ref())?;
+        let request = request.into_inner();
+        let (subscription, secret) = self
+            .broker
+            .rotate_secret(
+                &request.subscription_id,
+                &request.secret,
+                grace,
+                &request.etag,
+            )
+            .await?;
+        Ok(Response::new(proto::RotateSecretResponse {
+            subscription: Some(convert::subscription(subscription, false)),
+            secret,
+        }))
+    }
 }

@@ -1,8 +1,10 @@
 //! The broker's operations, independent of gRPC: validate, assign ids, store, wake the engine.
 
 mod operate;
+mod update;
 
 pub use operate::{PartitionState, ReplayBound, http_status, partition_state};
+pub use update::UpdateInput;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -196,6 +198,7 @@ impl Broker {
             on_exhausted: input.on_exhausted.unwrap_or(OnExhausted::DeadLetter),
             created_at: now_millis(),
             control: Default::default(),
+            previous_secret: None,
         };
         self.subscriptions
             .create_subscription(&subscription, &self.limits.subscriptions)

@@ -276,7 +276,7 @@ impl Broker {
 
     /// Applies a control change and wakes the subscription's partitions on this instance
     /// (those on other instances see it at their next check).
-    async fn change_control(
+    pub(super) async fn change_control(
         &self,
         id: &str,
         update: SubscriptionUpdate,

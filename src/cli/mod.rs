@@ -3,6 +3,7 @@
 mod client;
 mod operate;
 mod sink;
+mod update;
 
 use clap::{Parser, Subcommand};
 
@@ -31,6 +32,10 @@ pub enum Command {
     Subscribe(SubscribeArgs),
     /// List subscriptions.
     Subscriptions(client::SubscriptionsArgs),
+    /// Change a subscription in place (endpoint, retry policy): its backlog is kept.
+    Update(update::UpdateArgs),
+    /// Replace a subscription's signing secret; the old one keeps signing for a grace time.
+    RotateSecret(update::RotateArgs),
     /// Delete a subscription and drop its pending deliveries.
     Unsubscribe(client::UnsubscribeArgs),
     /// List the pending deliveries of a subscription.
@@ -84,6 +89,8 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Subscriptions(args) => client::subscriptions(args).await,
         Command::Unsubscribe(args) => client::unsubscribe(args).await,
         Command::Pending(args) => client::pending(args).await,
+        Command::Update(args) => update::update(args).await,
+        Command::RotateSecret(args) => update::rotate(args).await,
         Command::Status(args) => operate::status(args).await,
         Command::Pause(args) => operate::pause(args).await,
         Command::Resume(args) => operate::resume(args).await,

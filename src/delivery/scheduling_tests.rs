@@ -41,6 +41,7 @@ impl MemoryLog {
             on_exhausted,
             created_at: 0,
             control: Default::default(),
+            previous_secret: None,
         };
         let mut previous = 0;
         let pending = sequences

@@ -14,7 +14,8 @@ pub mod headers {
     pub const WEBHOOK_ID: &str = "webhook-id";
     /// Unix seconds of this attempt.
     pub const WEBHOOK_TIMESTAMP: &str = "webhook-timestamp";
-    /// `v1,<base64 HMAC-SHA256 of "id.timestamp.body">`.
+    /// `v1,<base64 HMAC-SHA256 of "id.timestamp.body">`; during a secret rotation's grace
+    /// window, a second one with the old secret after a space.
     pub const WEBHOOK_SIGNATURE: &str = "webhook-signature";
     /// The event's topic.
     pub const TOPIC: &str = "herald-topic";
@@ -127,8 +128,22 @@ pub async fn send(
         };
     }
     let event = &delivery.event;
-    let timestamp = crate::model::now_millis() / 1000;
-    let signature = crate::signing::sign(key, &event.id, timestamp, &event.payload);
+    let now = crate::model::now_millis();
+    let timestamp = now / 1000;
+    let mut signature = crate::signing::sign(key, &event.id, timestamp, &event.payload);
+    // During a secret rotation's grace window, signed with the old secret too (Standard
+    // Webhooks: space-separated signatures, any of which may verify).
+    if let Some(previous) = subscription.previous_secret_at(now)
+        && let Ok(old_key) = crate::signing::decode_secret(previous)
+    {
+        signature.push(' ');
+        signature.push_str(&crate::signing::sign(
+            &old_key,
+            &event.id,
+            timestamp,
+            &event.payload,
+        ));
+    }
     let mut request = client
         .post(&subscription.endpoint)
         .timeout(subscription.retry_policy.request_timeout)

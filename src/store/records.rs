@@ -13,8 +13,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    Control, DeliveryState, Event, OnExhausted, RetryPolicy, Subscription, SubscriptionState,
-    UnixMillis,
+    Control, DeliveryState, Event, OnExhausted, PreviousSecret, RetryPolicy, Subscription,
+    SubscriptionState, UnixMillis,
 };
 use crate::store::StoreError;
 use crate::trace::TraceContext;
@@ -322,6 +322,11 @@ struct StoredSubscription {
     /// Added in version 1 without a version change: absent means active.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     control: Option<StoredControl>,
+    /// Added in version 1 without a version change: a replaced secret in its grace window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    previous_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    previous_secret_until: Option<UnixMillis>,
 }
 
 /// The operator's controls as stored.
@@ -427,6 +432,14 @@ pub fn encode_subscription(subscription: &Subscription) -> Vec<u8> {
             since: subscription.control.since,
             paused_topics: subscription.control.paused_topics.iter().cloned().collect(),
         }),
+        previous_secret: subscription
+            .previous_secret
+            .as_ref()
+            .map(|previous| previous.secret.clone()),
+        previous_secret_until: subscription
+            .previous_secret
+            .as_ref()
+            .map(|previous| previous.until),
     };
     serde_json::to_vec(&stored).expect("records serialize")
 }
@@ -451,6 +464,7 @@ pub fn decode_subscription(bytes: &[u8], what: &str) -> Result<Subscription, Sto
             on_exhausted: on_exhausted_from(&old.on_exhausted, what)?,
             created_at: old.created_at,
             control: Control::default(),
+            previous_secret: None,
         });
     }
     let stored: StoredSubscription = from_json(bytes, what)?;
@@ -468,7 +482,22 @@ pub fn decode_subscription(bytes: &[u8], what: &str) -> Result<Subscription, Sto
         on_exhausted: on_exhausted_from(&stored.on_exhausted, what)?,
         created_at: stored.created_at,
         control: control_from(stored.control, what)?,
+        previous_secret: match (stored.previous_secret, stored.previous_secret_until) {
+            (Some(secret), Some(until)) => Some(PreviousSecret { secret, until }),
+            _ => None,
+        },
     })
+}
+
+/// A version tag of a subscription as stored: it changes with every change to it. Clients
+/// send it back as a precondition (AIP-154 `etag`).
+pub fn subscription_etag(subscription: &Subscription) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(encode_subscription(subscription));
+    digest[..8]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 /// Parses a JSON record, mapping failure to `Corrupt`.

@@ -90,6 +90,7 @@ mod tests {
             on_exhausted: OnExhausted::DeadLetter,
             created_at: 0,
             control: Default::default(),
+            previous_secret: None,
         }
     }
 

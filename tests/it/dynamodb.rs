@@ -779,6 +779,7 @@ fn plain_subscription(id: &str, topic: &str) -> herald::model::Subscription {
         on_exhausted: herald::model::OnExhausted::DeadLetter,
         created_at: now_millis(),
         control: Default::default(),
+        previous_secret: None,
     }
 }
 

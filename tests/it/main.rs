@@ -17,4 +17,5 @@ mod operate;
 mod security;
 mod status_page;
 mod store_conformance;
+mod subscriptions;
 mod tls;

@@ -18,6 +18,7 @@ fn subscription(id: &str, topics: &[&str]) -> Subscription {
         on_exhausted: OnExhausted::DeadLetter,
         created_at: now_millis(),
         control: Default::default(),
+        previous_secret: None,
     }
 }
 

@@ -1,0 +1,287 @@
+//! Subscriptions changed in place, through the gRPC API with real receivers, on both stores:
+//! a new endpoint while a backlog waits, etags, and secret rotation checked with the Standard
+//! Webhooks project's own verifier.
+
+use std::time::Duration;
+
+use herald::proto;
+
+use crate::support::receiver::Received;
+use crate::support::{
+    Backend, Receiver, Reply, eventually, millis, publish_request, spawn_app, subscribe_request,
+};
+
+fn update(
+    id: &str,
+    paths: &[&str],
+    subscription: proto::Subscription,
+    etag: &str,
+) -> proto::UpdateSubscriptionRequest {
+    proto::UpdateSubscriptionRequest {
+        subscription: Some(proto::Subscription {
+            id: id.to_string(),
+            ..subscription
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: paths.iter().map(|path| path.to_string()).collect(),
+        }),
+        etag: etag.to_string(),
+    }
+}
+
+/// A new endpoint while a backlog waits at a failing one: everything arrives at the new
+/// URL, in order, with the partition's chain whole; a stale etag is refused.
+async fn a_new_endpoint_takes_the_waiting_backlog_in_order(backend: Backend) {
+    let broken = Receiver::scripted(|_| Reply::Status(500)).await;
+    let fixed = Receiver::start().await;
+    let app = spawn_app(backend, |_| {}).await;
+    let mut client = app.client.clone();
+    let mut request = subscribe_request(&broken.url(), &["upd:orders"]);
+    request.retry_policy.as_mut().unwrap().max_attempts = 1000;
+    request.retry_policy.as_mut().unwrap().max_backoff = Some(millis(50));
+    let subscription = client.subscribe(request).await.unwrap().into_inner();
+    let id = subscription.id.clone();
+    let mut sequences = Vec::new();
+    for index in 0..5 {
+        let response = client
+            .publish(publish_request("upd:orders", format!("e{index}")))
+            .await
+            .unwrap()
+            .into_inner();
+        sequences.push(response.sequence);
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the broken endpoint is tried",
+        || async { broken.received().len() >= 3 },
+    )
+    .await;
+    let read = client
+        .get_subscription(proto::GetSubscriptionRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!read.etag.is_empty());
+    let updated = client
+        .update_subscription(update(
+            &id,
+            &["endpoint", "retry_policy.max_backoff"],
+            proto::Subscription {
+                endpoint: fixed.url(),
+                retry_policy: Some(proto::RetryPolicy {
+                    max_backoff: Some(millis(100)),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            &read.etag,
+        ))
+        .await
+        .expect("update")
+        .into_inner();
+    assert_eq!(updated.endpoint, fixed.url());
+    let policy = updated.retry_policy.unwrap();
+    assert_eq!(policy.max_backoff, Some(millis(100)));
+    assert_eq!(policy.max_attempts, 1000, "fields not named are kept");
+    assert_ne!(updated.etag, read.etag);
+    eventually(
+        Duration::from_secs(15),
+        "the backlog arrives at the new URL",
+        || async { fixed.delivered_count() == 5 },
+    )
+    .await;
+    let delivered = fixed.delivered();
+    assert_eq!(
+        delivered
+            .iter()
+            .map(|received| received.sequence)
+            .collect::<Vec<_>>(),
+        sequences,
+        "in order, nothing lost"
+    );
+    for pair in delivered.windows(2) {
+        assert_eq!(pair[1].previous, pair[0].sequence, "the chain is whole");
+    }
+    assert_eq!(delivered[0].previous, 0);
+
+    // The etag read before the update is stale now.
+    let stale = client
+        .update_subscription(update(
+            &id,
+            &["retry_policy.max_attempts"],
+            proto::Subscription {
+                retry_policy: Some(proto::RetryPolicy {
+                    max_attempts: 5,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            &read.etag,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), tonic::Code::Aborted, "{stale:?}");
+    assert!(stale.message().contains("etag"), "{}", stale.message());
+    // Refused with the field at fault, nothing written.
+    for (paths, subscription, field) in [
+        (vec!["topics"], proto::Subscription::default(), "topics"),
+        (vec!["colour"], proto::Subscription::default(), "colour"),
+        (vec![], proto::Subscription::default(), "update_mask"),
+        (
+            vec!["endpoint"],
+            proto::Subscription {
+                endpoint: "ftp://nowhere".into(),
+                ..Default::default()
+            },
+            "endpoint",
+        ),
+        (
+            vec!["retry_policy.initial_backoff"],
+            proto::Subscription {
+                retry_policy: Some(proto::RetryPolicy {
+                    initial_backoff: Some(millis(3_600_000)),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            "backoff",
+        ),
+    ] {
+        let error = client
+            .update_subscription(update(&id, &paths, subscription, ""))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error.code(),
+            tonic::Code::InvalidArgument,
+            "{paths:?}: {error:?}"
+        );
+        assert!(
+            error.message().contains(field),
+            "{paths:?}: {}",
+            error.message()
+        );
+    }
+    let unchanged = client
+        .get_subscription(proto::GetSubscriptionRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unchanged.etag, updated.etag);
+    app.stop().await;
+}
+
+/// Checks a received request with the Standard Webhooks project's own verifier.
+fn verifies(received: &Received, secret: &str) -> bool {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("webhook-id", received.id.parse().unwrap());
+    headers.insert(
+        "webhook-timestamp",
+        received.timestamp.to_string().parse().unwrap(),
+    );
+    headers.insert("webhook-signature", received.signature.parse().unwrap());
+    standardwebhooks::Webhook::new(secret)
+        .unwrap()
+        .verify(&received.body, &headers)
+        .is_ok()
+}
+
+/// After a rotation every delivery carries both signatures for the grace window, each
+/// verifying with its secret; after it only the new one.
+async fn a_rotated_secret_signs_beside_the_old_one_for_its_grace(backend: Backend) {
+    let receiver = Receiver::start().await;
+    let app = spawn_app(backend, |_| {}).await;
+    let mut client = app.client.clone();
+    let first = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let mut request = subscribe_request(&receiver.url(), &["rot:t"]);
+    request.secret = first.into();
+    let subscription = client.subscribe(request).await.unwrap().into_inner();
+    let id = subscription.id.clone();
+    client
+        .publish(publish_request("rot:t", "before"))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "the first delivery", || async {
+        receiver.delivered_count() == 1
+    })
+    .await;
+    assert!(verifies(&receiver.delivered()[0], first));
+
+    let rotated = client
+        .rotate_secret(proto::RotateSecretRequest {
+            subscription_id: id.clone(),
+            secret: String::new(),
+            grace: Some(millis(3_600_000)),
+            etag: String::new(),
+        })
+        .await
+        .expect("rotate")
+        .into_inner();
+    let second = rotated.secret.clone();
+    assert!(second.starts_with("whsec_") && second != first);
+    assert!(
+        rotated
+            .subscription
+            .unwrap()
+            .previous_secret_expires_at
+            .is_some()
+    );
+    client
+        .publish(publish_request("rot:t", "during"))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "the second delivery", || async {
+        receiver.delivered_count() == 2
+    })
+    .await;
+    let during = receiver.delivered()[1].clone();
+    assert_eq!(
+        during.signature.split(' ').count(),
+        2,
+        "{}",
+        during.signature
+    );
+    assert!(verifies(&during, &second), "the new secret verifies");
+    assert!(verifies(&during, first), "the old secret still verifies");
+
+    // A rotation with no grace: only the newest secret signs.
+    let third = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+    client
+        .rotate_secret(proto::RotateSecretRequest {
+            subscription_id: id.clone(),
+            secret: third.into(),
+            grace: Some(millis(0)),
+            etag: String::new(),
+        })
+        .await
+        .expect("rotate again");
+    client
+        .publish(publish_request("rot:t", "after"))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "the third delivery", || async {
+        receiver.delivered_count() == 3
+    })
+    .await;
+    let after = receiver.delivered()[2].clone();
+    assert_eq!(after.signature.split(' ').count(), 1);
+    assert!(verifies(&after, third));
+    assert!(!verifies(&after, &second));
+    assert!(!verifies(&after, first));
+    let bad = client
+        .rotate_secret(proto::RotateSecretRequest {
+            subscription_id: id.clone(),
+            secret: "not-a-secret".into(),
+            grace: None,
+            etag: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    app.stop().await;
+}
+
+crate::on_both_backends!(
+    a_new_endpoint_takes_the_waiting_backlog_in_order,
+    a_rotated_secret_signs_beside_the_old_one_for_its_grace,
+);
