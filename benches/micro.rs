@@ -71,6 +71,7 @@ fn store(criterion: &mut Criterion) {
         created_at: 0,
         control: Default::default(),
         previous_secret: None,
+        pacing: Default::default(),
     };
     runtime
         .block_on(

@@ -75,6 +75,18 @@ pub struct Subscription {
     /// The secret a rotation replaced, still signing every delivery beside the new one until
     /// its time is up.
     pub previous_secret: Option<PreviousSecret>,
+    /// How fast its endpoint may be sent to.
+    pub pacing: Pacing,
+}
+
+/// Limits on how hard a subscription's endpoint is driven, over all its partitions (per
+/// instance on a shared store). Zero means no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Pacing {
+    /// Requests started per second at most (no bursts beyond one).
+    pub max_requests_per_second: u32,
+    /// Requests in flight at once at most.
+    pub max_in_flight: u32,
 }
 
 /// A replaced signing secret in its grace window.

@@ -232,6 +232,26 @@ pub fn page_size(page_size: i32) -> Result<usize, Error> {
     }
 }
 
+/// Most requests per second, or in flight, a subscription's pacing may name.
+const MAX_PACING: u32 = 10_000;
+
+/// Checks a subscription's pacing limits (0 is no limit).
+pub fn pacing(pacing: &crate::model::Pacing) -> Result<(), Error> {
+    if pacing.max_requests_per_second > MAX_PACING {
+        return Err(Error::invalid(
+            "max_requests_per_second",
+            format!("at most {MAX_PACING} (0: no limit)"),
+        ));
+    }
+    if pacing.max_in_flight > MAX_PACING {
+        return Err(Error::invalid(
+            "max_in_flight",
+            format!("at most {MAX_PACING} (0: no limit)"),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

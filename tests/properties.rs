@@ -39,6 +39,7 @@ fn subscription(id: usize, topics: Vec<String>) -> Subscription {
         created_at: 0,
         control: Default::default(),
         previous_secret: None,
+        pacing: Default::default(),
     }
 }
 

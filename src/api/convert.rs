@@ -71,6 +71,10 @@ pub fn subscribe_input(request: proto::SubscribeRequest) -> Result<SubscribeInpu
             request_timeout: duration("retry_policy.request_timeout", policy.request_timeout)?,
         },
         on_exhausted,
+        pacing: crate::model::Pacing {
+            max_requests_per_second: request.max_requests_per_second,
+            max_in_flight: request.max_in_flight,
+        },
     })
 }
 
@@ -89,6 +93,8 @@ pub fn update_input(request: proto::UpdateSubscriptionRequest) -> Result<UpdateI
         secret: String::new(),
         retry_policy: subscription.retry_policy,
         on_exhausted: subscription.on_exhausted,
+        max_requests_per_second: subscription.max_requests_per_second,
+        max_in_flight: subscription.max_in_flight,
     })?;
     Ok(UpdateInput {
         id: subscription.id,
@@ -96,6 +102,7 @@ pub fn update_input(request: proto::UpdateSubscriptionRequest) -> Result<UpdateI
         endpoint: fields.endpoint,
         retry_policy: fields.retry_policy,
         on_exhausted: fields.on_exhausted,
+        pacing: fields.pacing,
         etag: request.etag,
     })
 }
@@ -137,6 +144,8 @@ pub fn subscription(subscription: Subscription, with_secret: bool) -> proto::Sub
         state_changed_at: optional_timestamp(subscription.control.since),
         paused_topics: subscription.control.paused_topics.into_iter().collect(),
         etag,
+        max_requests_per_second: subscription.pacing.max_requests_per_second,
+        max_in_flight: subscription.pacing.max_in_flight,
         previous_secret_expires_at: subscription
             .previous_secret
             .as_ref()

@@ -80,6 +80,8 @@ pub struct SubscribeInput {
     pub retry_policy: RetryPolicyInput,
     /// Exhaustion behaviour; `None` means dead-letter.
     pub on_exhausted: Option<OnExhausted>,
+    /// Limits on how hard the endpoint is driven.
+    pub pacing: crate::model::Pacing,
 }
 
 /// How long Subscribe waits for an endpoint's name to resolve before accepting it unchecked.
@@ -186,6 +188,7 @@ impl Broker {
                 .unwrap_or(defaults.request_timeout),
         };
         validate::retry_policy(&retry_policy)?;
+        validate::pacing(&input.pacing)?;
         let mut topics = input.topics;
         topics.sort();
         topics.dedup();
@@ -199,6 +202,7 @@ impl Broker {
             created_at: now_millis(),
             control: Default::default(),
             previous_secret: None,
+            pacing: input.pacing,
         };
         self.subscriptions
             .create_subscription(&subscription, &self.limits.subscriptions)

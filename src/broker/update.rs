@@ -27,12 +27,14 @@ pub struct UpdateInput {
     pub retry_policy: RetryPolicyInput,
     /// New exhaustion policy (`on_exhausted`); `None` means the default.
     pub on_exhausted: Option<OnExhausted>,
+    /// New limits (`max_requests_per_second`, `max_in_flight`).
+    pub pacing: crate::model::Pacing,
     /// Optional precondition.
     pub etag: String,
 }
 
 /// The mask paths UpdateSubscription takes.
-const PATHS: [&str; 7] = [
+const PATHS: [&str; 9] = [
     "endpoint",
     "retry_policy",
     "retry_policy.initial_backoff",
@@ -40,6 +42,8 @@ const PATHS: [&str; 7] = [
     "retry_policy.max_attempts",
     "retry_policy.request_timeout",
     "on_exhausted",
+    "max_requests_per_second",
+    "max_in_flight",
 ];
 
 /// Refuses the update if `etag` is given and is not the subscription's current one.
@@ -98,6 +102,10 @@ impl Broker {
         );
         validate::retry_policy(&policy)?;
         let read_policy = current.retry_policy;
+        validate::pacing(&input.pacing)?;
+        let set_rate =
+            has("max_requests_per_second").then_some(input.pacing.max_requests_per_second);
+        let set_in_flight = has("max_in_flight").then_some(input.pacing.max_in_flight);
         let set_endpoint = has("endpoint").then(|| input.endpoint.clone());
         let set_on_exhausted =
             has("on_exhausted").then(|| input.on_exhausted.unwrap_or(OnExhausted::DeadLetter));
@@ -116,6 +124,12 @@ impl Broker {
             subscription.retry_policy = policy;
             if let Some(on_exhausted) = set_on_exhausted {
                 subscription.on_exhausted = on_exhausted;
+            }
+            if let Some(rate) = set_rate {
+                subscription.pacing.max_requests_per_second = rate;
+            }
+            if let Some(in_flight) = set_in_flight {
+                subscription.pacing.max_in_flight = in_flight;
             }
             Ok(())
         });

@@ -101,6 +101,12 @@ pub struct SubscribeArgs {
     /// `dead-letter` (park and continue) or `block` (stop the partition).
     #[arg(long, default_value = "dead-letter", value_parser = ["dead-letter", "block"])]
     on_exhausted: String,
+    /// Requests per second to the endpoint at most (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    max_requests_per_second: u32,
+    /// Requests in flight to the endpoint at most (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    max_in_flight: u32,
 }
 
 /// `herald unsubscribe`.
@@ -275,6 +281,8 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
                 request_timeout: to_proto_duration(args.request_timeout),
             }),
             on_exhausted: on_exhausted as i32,
+            max_requests_per_second: args.max_requests_per_second,
+            max_in_flight: args.max_in_flight,
         })
         .await
         .map_err(status_error)?

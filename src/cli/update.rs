@@ -31,6 +31,12 @@ pub struct UpdateArgs {
     /// New exhaustion policy: `dead-letter` or `block`.
     #[arg(long, value_parser = ["dead-letter", "block"])]
     on_exhausted: Option<String>,
+    /// New limit of requests per second to the endpoint (0: no limit).
+    #[arg(long)]
+    max_requests_per_second: Option<u32>,
+    /// New limit of requests in flight to the endpoint (0: no limit).
+    #[arg(long)]
+    max_in_flight: Option<u32>,
     /// Refuse the update if the subscription changed since this etag was read.
     #[arg(long, default_value = "")]
     etag: String,
@@ -93,6 +99,12 @@ pub async fn update(args: UpdateArgs) -> anyhow::Result<()> {
         }
         None => proto::OnExhausted::Unspecified,
     };
+    if args.max_requests_per_second.is_some() {
+        paths.push("max_requests_per_second".into());
+    }
+    if args.max_in_flight.is_some() {
+        paths.push("max_in_flight".into());
+    }
     if paths.is_empty() {
         anyhow::bail!("nothing to change: give --endpoint, a retry setting or --on-exhausted");
     }
@@ -103,6 +115,8 @@ pub async fn update(args: UpdateArgs) -> anyhow::Result<()> {
                 endpoint: args.endpoint.unwrap_or_default(),
                 retry_policy: Some(policy),
                 on_exhausted: on_exhausted as i32,
+                max_requests_per_second: args.max_requests_per_second.unwrap_or(0),
+                max_in_flight: args.max_in_flight.unwrap_or(0),
                 ..Default::default()
             }),
             update_mask: Some(prost_types::FieldMask { paths }),

@@ -124,17 +124,22 @@ impl<'a> PartitionWorker<'a> {
                 if !self.wait_until_due(&delivery).await? {
                     continue 'batch;
                 }
+                // The subscription's pace first (its turn and a place in flight), then a
+                // delivery slot: a paced partition does not hold a slot while it waits.
+                let paced = self.pace().await?;
                 let permit = self.slot().await?;
                 // Waiting for a slot may have taken a while: check the lease again.
                 self.hold_lease().await?;
                 if !self.may_send().await? {
                     drop(permit);
+                    drop(paced);
                     self.wait_while_paused().await?;
                     continue 'batch;
                 }
                 let started = Instant::now();
                 let attempt = self.attempt(&delivery).await?;
                 drop(permit);
+                drop(paced);
                 let metrics = &self.inner.config.metrics;
                 metrics.attempt(&attempt, started.elapsed());
                 let sequence = delivery.event.sequence;
@@ -354,6 +359,25 @@ impl<'a> PartitionWorker<'a> {
             self.hold_lease().await?;
             if self.may_send().await? {
                 return Ok(());
+            }
+        }
+    }
+
+    /// Waits for the subscription's pace (see [`crate::delivery::pacing`]), renewing the
+    /// lease meanwhile; the permit returned holds a place in flight, if the subscription
+    /// limits them.
+    async fn pace(&mut self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Stop> {
+        let Some(pacer) = self.inner.pacers.get(&self.subscription) else {
+            return Ok(None);
+        };
+        let turn = pacer.turn();
+        tokio::pin!(turn);
+        loop {
+            let mut shutdown = self.inner.shutdown.clone();
+            tokio::select! {
+                permit = &mut turn => return Ok(permit),
+                _ = tokio::time::sleep_until(self.renewal_due()) => self.hold_lease().await?,
+                _ = shutdown.fired() => return Err(Stop::Shutdown),
             }
         }
     }

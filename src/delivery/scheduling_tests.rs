@@ -42,6 +42,7 @@ impl MemoryLog {
             created_at: 0,
             control: Default::default(),
             previous_secret: None,
+            pacing: Default::default(),
         };
         let mut previous = 0;
         let pending = sequences

@@ -79,6 +79,8 @@ pub(crate) struct Inner {
     pub(crate) changes: AtomicU64,
     /// Subscriptions whose attempts have all failed lately: since when, and how many.
     failing: Mutex<HashMap<String, (u64, u64)>>,
+    /// The limiters of subscriptions with pacing limits.
+    pub(crate) pacers: crate::delivery::pacing::Pacers,
     tasks: TaskTracker,
     pub(crate) shutdown: Shutdown,
 }
@@ -108,6 +110,7 @@ impl Engine {
                 partitions: Mutex::new(HashMap::new()),
                 changes: AtomicU64::new(0),
                 failing: Mutex::new(HashMap::new()),
+                pacers: Default::default(),
                 tasks: TaskTracker::new(),
                 shutdown,
             }),

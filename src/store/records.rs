@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    Control, DeliveryState, Event, OnExhausted, PreviousSecret, RetryPolicy, Subscription,
+    Control, DeliveryState, Event, OnExhausted, Pacing, PreviousSecret, RetryPolicy, Subscription,
     SubscriptionState, UnixMillis,
 };
 use crate::store::StoreError;
@@ -327,6 +327,15 @@ struct StoredSubscription {
     previous_secret: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     previous_secret_until: Option<UnixMillis>,
+    /// Added in version 1 without a version change: 0 (absent) is no limit.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    max_requests_per_second: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    max_in_flight: u32,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }
 
 /// The operator's controls as stored.
@@ -440,6 +449,8 @@ pub fn encode_subscription(subscription: &Subscription) -> Vec<u8> {
             .previous_secret
             .as_ref()
             .map(|previous| previous.until),
+        max_requests_per_second: subscription.pacing.max_requests_per_second,
+        max_in_flight: subscription.pacing.max_in_flight,
     };
     serde_json::to_vec(&stored).expect("records serialize")
 }
@@ -465,6 +476,7 @@ pub fn decode_subscription(bytes: &[u8], what: &str) -> Result<Subscription, Sto
             created_at: old.created_at,
             control: Control::default(),
             previous_secret: None,
+            pacing: Pacing::default(),
         });
     }
     let stored: StoredSubscription = from_json(bytes, what)?;
@@ -485,6 +497,10 @@ pub fn decode_subscription(bytes: &[u8], what: &str) -> Result<Subscription, Sto
         previous_secret: match (stored.previous_secret, stored.previous_secret_until) {
             (Some(secret), Some(until)) => Some(PreviousSecret { secret, until }),
             _ => None,
+        },
+        pacing: Pacing {
+            max_requests_per_second: stored.max_requests_per_second,
+            max_in_flight: stored.max_in_flight,
         },
     })
 }

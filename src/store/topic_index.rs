@@ -91,6 +91,7 @@ mod tests {
             created_at: 0,
             control: Default::default(),
             previous_secret: None,
+            pacing: Default::default(),
         }
     }
 

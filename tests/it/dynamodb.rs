@@ -780,6 +780,7 @@ fn plain_subscription(id: &str, topic: &str) -> herald::model::Subscription {
         created_at: now_millis(),
         control: Default::default(),
         previous_secret: None,
+        pacing: Default::default(),
     }
 }
 

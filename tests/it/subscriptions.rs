@@ -281,7 +281,102 @@ async fn a_rotated_secret_signs_beside_the_old_one_for_its_grace(backend: Backen
     app.stop().await;
 }
 
+/// A rate limit of 50 requests per second, over four partitions, measured at the receiver
+/// within ±10 %; with a limit in flight, no more requests overlap than allowed. Paced events
+/// just wait: nothing counts as a failure.
+async fn pacing_holds_the_rate_and_the_requests_in_flight(backend: Backend) {
+    let receiver = Receiver::start().await;
+    let slow = Receiver::scripted(|_| Reply::Slow(150)).await;
+    let app = spawn_app(backend, |_| {}).await;
+    let mut client = app.client.clone();
+    let mut request = subscribe_request(&receiver.url(), &["pace:*"]);
+    request.max_requests_per_second = 50;
+    let paced = client.subscribe(request).await.unwrap().into_inner();
+    assert_eq!(paced.max_requests_per_second, 50);
+    let mut request = subscribe_request(&slow.url(), &["pace:*"]);
+    request.max_in_flight = 2;
+    let narrow = client.subscribe(request).await.unwrap().into_inner();
+    // The backlog is made while paused, so the limiter, not the publishes, sets the pace.
+    for id in [&paced.id, &narrow.id] {
+        client
+            .pause_subscription(proto::PauseSubscriptionRequest {
+                subscription_id: id.clone(),
+                topic: String::new(),
+                reason: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    for index in 0..100 {
+        client
+            .publish(publish_request(
+                &format!("pace:{}", index % 4),
+                format!("{index}"),
+            ))
+            .await
+            .unwrap();
+    }
+    for id in [&paced.id, &narrow.id] {
+        client
+            .resume_subscription(proto::ResumeSubscriptionRequest {
+                subscription_id: id.clone(),
+                topic: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    eventually(Duration::from_secs(20), "all paced deliveries", || async {
+        receiver.delivered_count() == 100
+    })
+    .await;
+    let arrivals: Vec<_> = receiver
+        .received()
+        .iter()
+        .map(|received| received.at)
+        .collect();
+    assert_eq!(arrivals.len(), 100, "no retries: pacing is not failing");
+    let span = arrivals[99].duration_since(arrivals[0]).as_secs_f64();
+    let rate = 99.0 / span;
+    assert!(
+        (45.0..=55.0).contains(&rate),
+        "{rate:.1} requests per second"
+    );
+
+    eventually(Duration::from_secs(30), "all narrow deliveries", || async {
+        slow.delivered_count() == 100
+    })
+    .await;
+    let starts: Vec<_> = slow.received().iter().map(|received| received.at).collect();
+    for (index, start) in starts.iter().enumerate() {
+        let overlapping = starts[index + 1..]
+            .iter()
+            .filter(|later| later.duration_since(*start) < Duration::from_millis(140))
+            .count();
+        assert!(
+            overlapping <= 1,
+            "request {index} overlapped {overlapping} others"
+        );
+    }
+    let status = client
+        .get_subscription_status(proto::GetSubscriptionStatusRequest {
+            subscription_id: narrow.id.clone(),
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        status
+            .partitions
+            .iter()
+            .all(|partition| partition.consecutive_failures == 0)
+    );
+    app.stop().await;
+}
+
 crate::on_both_backends!(
     a_new_endpoint_takes_the_waiting_backlog_in_order,
     a_rotated_secret_signs_beside_the_old_one_for_its_grace,
+    pacing_holds_the_rate_and_the_requests_in_flight,
 );

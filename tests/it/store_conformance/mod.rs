@@ -19,6 +19,7 @@ fn subscription(id: &str, topics: &[&str]) -> Subscription {
         created_at: now_millis(),
         control: Default::default(),
         previous_secret: None,
+        pacing: Default::default(),
     }
 }
 

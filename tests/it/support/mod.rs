@@ -374,6 +374,8 @@ pub fn subscribe_request(endpoint: &str, topics: &[&str]) -> proto::SubscribeReq
             request_timeout: Some(millis(2000)),
         }),
         on_exhausted: 0,
+        max_requests_per_second: 0,
+        max_in_flight: 0,
     }
 }
 
