@@ -97,9 +97,8 @@ pub async fn redrive(args: DeadLetterArgs) -> anyhow::Result<()> {
             sequences: args.sequences,
         })
         .await
-        .map_err(status_error)?
-        .into_inner();
-    println!("redriven={}", response.redriven_count);
+        .map_err(status_error)?;
+    println!("redriven={}", response.into_inner().redriven_count);
     Ok(())
 }
 
@@ -113,9 +112,8 @@ pub async fn purge(args: DeadLetterArgs) -> anyhow::Result<()> {
             sequences: args.sequences,
         })
         .await
-        .map_err(status_error)?
-        .into_inner();
-    println!("purged={}", response.purged_count);
+        .map_err(status_error)?;
+    println!("purged={}", response.into_inner().purged_count);
     Ok(())
 }
 

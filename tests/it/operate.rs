@@ -34,6 +34,24 @@ async fn partition(
         .find(|partition| partition.topic == topic)
 }
 
+/// Waits until the subscription's partition of `topic` is in `wanted` state.
+async fn wait_for_state(
+    client: &BrokerServiceClient<Channel>,
+    subscription_id: &str,
+    topic: &str,
+    wanted: proto::PartitionState,
+) {
+    eventually(
+        Duration::from_secs(20),
+        &format!("partition {topic} is {wanted:?}"),
+        || {
+            let mut client = client.clone();
+            async move { state(&partition(&mut client, subscription_id, topic).await) == wanted }
+        },
+    )
+    .await;
+}
+
 fn state(status: &Option<proto::PartitionStatus>) -> proto::PartitionState {
     status
         .as_ref()
@@ -83,18 +101,7 @@ async fn a_blocked_partition_shows_its_error_and_skip_moves_it_on(backend: Backe
     let after = publish(&mut client, "ops:block", "after").await;
     publish(&mut client, "ops:block", "last").await;
 
-    eventually(
-        Duration::from_secs(20),
-        "the partition is BLOCKED at the poison event",
-        || {
-            let mut client = client.clone();
-            async move {
-                let status = partition(&mut client, id, "ops:block").await;
-                state(&status) == proto::PartitionState::Blocked
-            }
-        },
-    )
-    .await;
+    wait_for_state(&client, id, "ops:block", proto::PartitionState::Blocked).await;
     let status = partition(&mut client, id, "ops:block").await.unwrap();
     assert_eq!(status.head_sequence, poison);
     assert_eq!(status.pending_count, 3, "{status:?}");
@@ -154,14 +161,7 @@ async fn a_blocked_partition_shows_its_error_and_skip_moves_it_on(backend: Backe
     )
     .await;
     assert_eq!(delivered_bodies(&receiver), ["first", "after", "last"]);
-    eventually(Duration::from_secs(10), "the partition is idle", || {
-        let mut client = client.clone();
-        async move {
-            let status = partition(&mut client, id, "ops:block").await;
-            state(&status) == proto::PartitionState::Idle
-        }
-    })
-    .await;
+    wait_for_state(&client, id, "ops:block", proto::PartitionState::Idle).await;
     let status = partition(&mut client, id, "ops:block").await.unwrap();
     assert_eq!((status.pending_count, status.dead_letter_count), (0, 1));
     assert_eq!(status.consecutive_failures, 0);
@@ -340,18 +340,7 @@ async fn retry_now_cuts_a_long_backoff_short(backend: Backend) {
     let subscription = client.subscribe(request).await.unwrap().into_inner();
     let id = subscription.id.as_str();
     let sequence = publish(&mut client, "ops:retry", "later").await;
-    eventually(
-        Duration::from_secs(10),
-        "the head waits for its second attempt",
-        || {
-            let mut client = client.clone();
-            async move {
-                let status = partition(&mut client, id, "ops:retry").await;
-                state(&status) == proto::PartitionState::Retrying
-            }
-        },
-    )
-    .await;
+    wait_for_state(&client, id, "ops:retry", proto::PartitionState::Retrying).await;
     let status = partition(&mut client, id, "ops:retry").await.unwrap();
     let next = status.head_next_attempt_at.unwrap();
     let now = std::time::SystemTime::now()
@@ -377,14 +366,7 @@ async fn retry_now_cuts_a_long_backoff_short(backend: Backend) {
     )
     .await;
     // Nothing left: retry-now says so.
-    eventually(Duration::from_secs(10), "the partition is idle", || {
-        let mut client = client.clone();
-        async move {
-            let status = partition(&mut client, id, "ops:retry").await;
-            state(&status) == proto::PartitionState::Idle
-        }
-    })
-    .await;
+    wait_for_state(&client, id, "ops:retry", proto::PartitionState::Idle).await;
     let response = client
         .retry_now(proto::RetryNowRequest {
             subscription_id: id.to_string(),

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::types::{Delete, Put, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{Delete, TransactWriteItem, Update};
 
 use super::schema::{self, Item, get_n, n, s};
 use super::{DynamoStore, Inner, MAX_CONFLICT_RETRIES, SWEEP_BUDGET};
@@ -293,28 +293,9 @@ impl DeliveryLog for DynamoStore {
                 dead.extend(schema::dead_key(partition, sequence));
                 dead.insert("attempts".into(), n(get_n(&item, "attempts")? + 1));
                 dead.insert("last_error".into(), s(error));
-                vec![
-                    TransactWriteItem::builder()
-                        .delete(
-                            Delete::builder()
-                                .table_name(&self.table)
-                                .set_key(Some(schema::delivery_key(partition, sequence)))
-                                .condition_expression("attribute_exists(pk)")
-                                .build()
-                                .expect("complete delete"),
-                        )
-                        .build(),
-                    TransactWriteItem::builder()
-                        .put(
-                            Put::builder()
-                                .table_name(&self.table)
-                                .set_item(Some(dead))
-                                .build()
-                                .expect("complete put"),
-                        )
-                        .build(),
-                    self.failure_stats(partition, true),
-                ]
+                let mut items = self.bury(partition, sequence, dead);
+                items.push(self.failure_stats(partition, true));
+                items
             }
         };
         // A cancellation for the delivery's own condition means it is no longer pending.

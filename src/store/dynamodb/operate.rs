@@ -530,6 +530,28 @@ impl Inner {
         Ok(replayed)
     }
 
+    /// The writes that move a delivery to the partition's dead letters as `dead` (the
+    /// delivery item with its dead-letter key): refused if the delivery is gone.
+    pub(super) fn bury(
+        &self,
+        partition: &PartitionKey,
+        sequence: u64,
+        dead: Item,
+    ) -> Vec<TransactWriteItem> {
+        vec![
+            self.delete_existing(schema::delivery_key(partition, sequence)),
+            TransactWriteItem::builder()
+                .put(
+                    Put::builder()
+                        .table_name(&self.table)
+                        .set_item(Some(dead))
+                        .build()
+                        .expect("complete put"),
+                )
+                .build(),
+        ]
+    }
+
     fn delete_existing(&self, key: Item) -> TransactWriteItem {
         TransactWriteItem::builder()
             .delete(
@@ -671,31 +693,11 @@ impl Inner {
         let mut dead = item;
         dead.extend(schema::dead_key(partition, sequence));
         dead.insert("last_error".into(), s(SKIPPED));
-        let items = vec![
-            TransactWriteItem::builder()
-                .delete(
-                    Delete::builder()
-                        .table_name(&self.table)
-                        .set_key(Some(schema::delivery_key(partition, sequence)))
-                        .condition_expression("attribute_exists(pk)")
-                        .build()
-                        .expect("complete delete"),
-                )
-                .build(),
-            TransactWriteItem::builder()
-                .put(
-                    Put::builder()
-                        .table_name(&self.table)
-                        .set_item(Some(dead))
-                        .build()
-                        .expect("complete put"),
-                )
-                .build(),
-            self.stats_update(
-                partition,
-                "ADD dead_letters :one SET last_failure_at = :now",
-            ),
-        ];
+        let mut items = self.bury(partition, sequence, dead);
+        items.push(self.stats_update(
+            partition,
+            "ADD dead_letters :one SET last_failure_at = :now",
+        ));
         match self.transact_fenced(items, None).await? {
             None => Ok(()),
             // Completed (or dead-lettered) between the read and the write.
