@@ -102,6 +102,11 @@ impl Broker {
         );
         validate::retry_policy(&policy)?;
         let read_policy = current.retry_policy;
+        let policy = input
+            .mask
+            .iter()
+            .any(|path| path.starts_with("retry_policy"))
+            .then_some(policy);
         validate::pacing(&input.pacing)?;
         let set_rate =
             has("max_requests_per_second").then_some(input.pacing.max_requests_per_second);
@@ -113,15 +118,18 @@ impl Broker {
         let id = input.id.clone();
         let update: SubscriptionUpdate = Arc::new(move |subscription| {
             check_etag(subscription, &etag)?;
-            if subscription.retry_policy != read_policy {
-                return Err(StoreError::Contention(format!(
-                    "subscription {id} changed while it was being updated; retry"
-                )));
+            if let Some(policy) = policy {
+                // Made from the policy read before: refused if that changed meanwhile.
+                if !same_policy(&subscription.retry_policy, &read_policy) {
+                    return Err(StoreError::Contention(format!(
+                        "subscription {id} changed while it was being updated; retry"
+                    )));
+                }
+                subscription.retry_policy = policy;
             }
             if let Some(endpoint) = &set_endpoint {
                 subscription.endpoint = endpoint.clone();
             }
-            subscription.retry_policy = policy;
             if let Some(on_exhausted) = set_on_exhausted {
                 subscription.on_exhausted = on_exhausted;
             }
@@ -133,7 +141,39 @@ impl Broker {
             }
             Ok(())
         });
-        self.change_control(&input.id, update).await
+        let updated = self.change_control(&input.id, update).await?;
+        if has("endpoint") {
+            // Heads waiting out a backoff against the old endpoint try the new one now.
+            self.retry_waiting_heads(&input.id).await;
+        }
+        Ok(updated)
+    }
+
+    /// Makes due now every head of the subscription that failed before and waits for its
+    /// next attempt. Best effort: a partition it cannot reach keeps its schedule.
+    async fn retry_waiting_heads(&self, id: &str) {
+        let mut token = String::new();
+        loop {
+            let Ok((_, page)) = self.subscription_status(id, 1000, &token).await else {
+                return;
+            };
+            for status in &page.items {
+                if status
+                    .head
+                    .as_ref()
+                    .is_some_and(|head| head.state.attempts > 0)
+                {
+                    if let Err(error) = self.log.retry_now(&status.partition).await {
+                        tracing::warn!(partition = %status.partition, %error, "cannot make the head due after an endpoint change");
+                    }
+                    self.engine.notify(std::slice::from_ref(&status.partition));
+                }
+            }
+            match page.next_token {
+                Some(next) => token = next,
+                None => return,
+            }
+        }
     }
 
     /// Replaces the signing secret; returns the subscription and the new secret.
@@ -159,17 +199,49 @@ impl Broker {
         let etag = etag.to_string();
         let update: SubscriptionUpdate = Arc::new(move |subscription| {
             check_etag(subscription, &etag)?;
+            if subscription.secret == new {
+                // A retried call: already done.
+                return Ok(());
+            }
+            let now = now_millis();
+            if !grace.is_zero()
+                && let Some(previous) = subscription
+                    .previous_secret
+                    .as_ref()
+                    .filter(|previous| previous.until > now)
+            {
+                return Err(StoreError::FailedPrecondition(format!(
+                    "subscription {} still signs with its previous secret for {} s: rotating \
+                     again now would drop it while receivers may use it; wait, or rotate with \
+                     grace 0s to drop both old secrets at once",
+                    subscription.id,
+                    (previous.until - now).div_ceil(1000)
+                )));
+            }
             let old = std::mem::replace(&mut subscription.secret, new.clone());
-            subscription.previous_secret =
-                (!grace.is_zero() && old != new).then(|| PreviousSecret {
-                    secret: old,
-                    until: now_millis() + grace.as_millis() as u64,
-                });
+            // With no grace it ends at once (kept expired, so the etag still changes).
+            subscription.previous_secret = Some(PreviousSecret {
+                secret: old,
+                until: now + grace.as_millis() as u64,
+            });
             Ok(())
         });
         let subscription = self.change_control(id, update).await?;
         Ok((subscription, secret))
     }
+}
+
+/// True if two policies are the same as stored (durations in whole milliseconds).
+fn same_policy(a: &RetryPolicy, b: &RetryPolicy) -> bool {
+    let millis = |policy: &RetryPolicy| {
+        (
+            policy.initial_backoff.as_millis(),
+            policy.max_backoff.as_millis(),
+            policy.max_attempts,
+            policy.request_timeout.as_millis(),
+        )
+    };
+    millis(a) == millis(b)
 }
 
 /// The retry policy after an update: `retry_policy` in the mask replaces it whole (unset

@@ -59,6 +59,12 @@ impl Stop {
     }
 }
 
+/// A turn of the subscription's pace: holds its place in flight, if it limits them, until
+/// the attempt ends.
+struct Paced {
+    _in_flight: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
 /// What to write after an attempt.
 enum Outcome {
     Completed,
@@ -124,9 +130,17 @@ impl<'a> PartitionWorker<'a> {
                 if !self.wait_until_due(&delivery).await? {
                     continue 'batch;
                 }
-                // The subscription's pace first (its turn and a place in flight), then a
-                // delivery slot: a paced partition does not hold a slot while it waits.
-                let paced = self.pace().await?;
+                // The subscription's pace first (its turn and a place in flight), by its
+                // current limits, then a delivery slot: a paced partition does not hold a slot
+                // while it waits. A wake-up while waiting (an operator's change, a skip)
+                // reads the head again.
+                if !self.may_send().await? {
+                    self.wait_while_paused().await?;
+                    continue 'batch;
+                }
+                let Some(paced) = self.pace().await? else {
+                    continue 'batch;
+                };
                 let permit = self.slot().await?;
                 // Waiting for a slot may have taken a while: check the lease again.
                 self.hold_lease().await?;
@@ -366,16 +380,18 @@ impl<'a> PartitionWorker<'a> {
     /// Waits for the subscription's pace (see [`crate::delivery::pacing`]), renewing the
     /// lease meanwhile; the permit returned holds a place in flight, if the subscription
     /// limits them.
-    async fn pace(&mut self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Stop> {
+    /// `Ok(None)` if it was woken meanwhile: the caller reads the head again.
+    async fn pace(&mut self) -> Result<Option<Paced>, Stop> {
         let Some(pacer) = self.inner.pacers.get(&self.subscription) else {
-            return Ok(None);
+            return Ok(Some(Paced { _in_flight: None }));
         };
         let turn = pacer.turn();
         tokio::pin!(turn);
         loop {
             let mut shutdown = self.inner.shutdown.clone();
             tokio::select! {
-                permit = &mut turn => return Ok(permit),
+                permit = &mut turn => return Ok(Some(Paced { _in_flight: permit })),
+                _ = self.signal.wake.notified() => return Ok(None),
                 _ = tokio::time::sleep_until(self.renewal_due()) => self.hold_lease().await?,
                 _ = shutdown.fired() => return Err(Stop::Shutdown),
             }

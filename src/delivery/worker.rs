@@ -172,6 +172,12 @@ impl Engine {
     /// or for a backoff) wake to do so.
     pub fn subscription_changed(&self, subscription_id: &str) {
         self.inner.changes.fetch_add(1, Ordering::SeqCst);
+        // A changed subscription (a new endpoint, a resume) starts its failure run afresh.
+        self.inner
+            .failing
+            .lock()
+            .expect("failing lock")
+            .remove(subscription_id);
         let running = self.inner.partitions.lock().expect("partition map lock");
         for (partition, signal) in running.iter() {
             if partition.subscription_id == subscription_id {

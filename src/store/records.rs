@@ -509,7 +509,14 @@ pub fn decode_subscription(bytes: &[u8], what: &str) -> Result<Subscription, Sto
 /// send it back as a precondition (AIP-154 `etag`).
 pub fn subscription_etag(subscription: &Subscription) -> String {
     use sha2::Digest;
-    let digest = sha2::Sha256::digest(encode_subscription(subscription));
+    // Without the secrets (whoever sees the etag never sees them); a rotation still changes
+    // it, through the previous secret's end time.
+    let mut public = subscription.clone();
+    public.secret.clear();
+    if let Some(previous) = public.previous_secret.as_mut() {
+        previous.secret.clear();
+    }
+    let digest = sha2::Sha256::digest(encode_subscription(&public));
     digest[..8]
         .iter()
         .map(|byte| format!("{byte:02x}"))

@@ -244,6 +244,36 @@ async fn a_rotated_secret_signs_beside_the_old_one_for_its_grace(backend: Backen
     assert!(verifies(&during, &second), "the new secret verifies");
     assert!(verifies(&during, first), "the old secret still verifies");
 
+    // A retried rotation to the same secret changes nothing; another rotation while the old
+    // secret still signs would drop it early, and is refused unless its grace is zero.
+    let again = client
+        .rotate_secret(proto::RotateSecretRequest {
+            subscription_id: id.clone(),
+            secret: second.clone(),
+            grace: Some(millis(3_600_000)),
+            etag: String::new(),
+        })
+        .await
+        .expect("a retried rotation")
+        .into_inner();
+    assert!(
+        again
+            .subscription
+            .unwrap()
+            .previous_secret_expires_at
+            .is_some()
+    );
+    let early = client
+        .rotate_secret(proto::RotateSecretRequest {
+            subscription_id: id.clone(),
+            secret: String::new(),
+            grace: Some(millis(3_600_000)),
+            etag: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(early.code(), tonic::Code::FailedPrecondition, "{early:?}");
+
     // A rotation with no grace: only the newest secret signs.
     let third = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
     client
