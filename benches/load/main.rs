@@ -418,6 +418,7 @@ async fn main() {
     subscribe_all(&mut admin, &receiver, &publish_topics, 1, |_| "hold", 10).await;
     let requests_before = herald.dynamodb_requests();
     let operations_before = herald.dynamodb_by_operation();
+    let cpu_before = herald.cpu_seconds();
     let publish = publish_load(
         &herald_clients,
         args.publishers,
@@ -428,6 +429,7 @@ async fn main() {
         None,
     )
     .await;
+    let publish_cpu = cpu_per_event(cpu_before, herald.cpu_seconds(), publish.published as u64);
     let publish_requests = herald.dynamodb_requests().saturating_sub(requests_before);
     let publish_operations = operation_delta(&operations_before, &herald.dynamodb_by_operation());
     receiver.set_hold(false);
@@ -454,6 +456,7 @@ async fn main() {
     let expected = (events * args.subscriptions_per_topic) as u64;
     let requests_before = herald.dynamodb_requests();
     let operations_before = herald.dynamodb_by_operation();
+    let cpu_before = herald.cpu_seconds();
     let started = Instant::now();
     publish_load(
         &herald_clients,
@@ -466,6 +469,7 @@ async fn main() {
     )
     .await;
     let finished = wait_for(&receiver.delivered, expected, Duration::from_secs(1800)).await;
+    let delivery_cpu = cpu_per_event(cpu_before, herald.cpu_seconds(), expected);
     let delivery_requests = herald.dynamodb_requests().saturating_sub(requests_before);
     let delivery_operations = operation_delta(&operations_before, &herald.dynamodb_by_operation());
     // Two clocks: from the first publish (what a publisher waits) and from the first delivery
@@ -614,6 +618,17 @@ async fn main() {
         100.0 * healthy_rate / (delivery_rate * healthy_share),
         delivery_rate * healthy_share
     );
+    match (publish_cpu, delivery_cpu) {
+        (Some(publish_cpu), Some(delivery_cpu)) => {
+            println!(
+                "| Herald CPU (user + system) per acknowledged publish, phase 1 | {publish_cpu:.1} µs |"
+            );
+            println!(
+                "| Herald CPU per delivery, phase 2 (its publishes included: {events} events, {expected} deliveries) | {delivery_cpu:.1} µs |"
+            );
+        }
+        _ => println!("| Herald CPU per event | not measured (server in-process) |"),
+    }
     match peak_rss {
         Some(rss) => println!("| peak RSS of the server | {rss:.1} MiB |"),
         None => println!("| peak RSS of the server | not measured (server in-process) |"),
@@ -688,4 +703,10 @@ async fn main() {
     if args.test {
         println!("1 passed, 0 failed");
     }
+}
+
+/// Microseconds of server CPU per event between two readings, if both were taken.
+fn cpu_per_event(before: Option<f64>, after: Option<f64>, events: u64) -> Option<f64> {
+    let (before, after) = (before?, after?);
+    (events > 0).then(|| (after - before) * 1e6 / events as f64)
 }
