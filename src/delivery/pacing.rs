@@ -64,11 +64,12 @@ impl Pacers {
     /// The pacer for `subscription`'s current limits (a new one when they changed); `None`
     /// without limits.
     pub fn get(&self, subscription: &Subscription) -> Option<Arc<Pacer>> {
-        let mut pacers = self.pacers.lock().expect("pacers lock");
+        // The common case costs no lock (a pacer left from lifted limits is just not used,
+        // and replaced if limits come back).
         if subscription.pacing == Pacing::default() {
-            pacers.remove(&subscription.id);
             return None;
         }
+        let mut pacers = self.pacers.lock().expect("pacers lock");
         match pacers.get(&subscription.id) {
             Some(pacer) if pacer.limits == subscription.pacing => Some(pacer.clone()),
             _ => {
