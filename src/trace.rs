@@ -56,11 +56,23 @@ impl TraceContext {
         opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&carrier)
     }
 
+    /// Makes the publisher's span the parent of `span`, when spans are exported (a span that
+    /// is not recorded costs nothing here).
+    pub fn parent(&self, span: &tracing::Span) {
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        if !span.is_disabled() {
+            let _ = span.set_parent(self.otel_context());
+        }
+    }
+
     /// The `traceparent` of an attempt made in `span`: its own span id when spans are
     /// exported (so the receiver's spans hang under Herald's attempt span), else a new one.
     pub fn child_of(&self, span: &tracing::Span) -> String {
         use opentelemetry::trace::TraceContextExt;
         use tracing_opentelemetry::OpenTelemetrySpanExt;
+        if span.is_disabled() {
+            return self.child();
+        }
         let context = span.context();
         let own = context.span().span_context().clone();
         if own.is_valid()

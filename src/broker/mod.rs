@@ -144,8 +144,7 @@ impl Broker {
         let window = self.limits.idempotency_window;
         let span = tracing::debug_span!("publish", topic = %event.topic, event_id = %event.id);
         if let Some(trace) = &event.trace {
-            use tracing_opentelemetry::OpenTelemetrySpanExt;
-            let _ = span.set_parent(trace.otel_context());
+            trace.parent(&span);
         }
         let task = async move {
             let published = log.publish(&event, window).await;

@@ -423,8 +423,7 @@ impl<'a> PartitionWorker<'a> {
             attempt = delivery.state.attempts + 1,
         );
         if let Some(trace) = &delivery.event.trace {
-            use tracing_opentelemetry::OpenTelemetrySpanExt;
-            let _ = span.set_parent(trace.otel_context());
+            trace.parent(&span);
         }
         let send = tracing::Instrument::instrument(
             self.inner
