@@ -72,6 +72,7 @@ fn store(criterion: &mut Criterion) {
         control: Default::default(),
         previous_secret: None,
         pacing: Default::default(),
+        filter: None,
     };
     runtime
         .block_on(

@@ -11,7 +11,8 @@
 //!   [`telemetry`]: log output and the optional OTLP export of Herald's spans.
 //! - [`api`]: the gRPC adapter over [`broker`]; [`auth`]: API keys and what each may call.
 //! - [`broker`]: the operations (publish, subscribe, ...), validated by [`validate`].
-//! - [`model`]: domain types; [`rate`]: per-key rate limits.
+//! - [`model`]: domain types; [`rate`]: per-key rate limits; [`filter`]: subscription filters
+//!   (CEL expressions over an event's topic and attributes).
 //! - [`metrics`]: Prometheus metrics and their `/metrics` listener; [`admin`]: the admin
 //!   listener (status page and metrics); [`backlog`]: the per-subscription backlog gauges.
 //! - [`store`]: the storage contract, split by job (subscriptions, delivery log, leases), and
@@ -36,6 +37,7 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod error;
+pub mod filter;
 pub mod ids;
 pub mod metrics;
 pub mod model;

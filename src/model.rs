@@ -77,6 +77,9 @@ pub struct Subscription {
     pub previous_secret: Option<PreviousSecret>,
     /// How fast its endpoint may be sent to.
     pub pacing: Pacing,
+    /// A CEL expression over an event's topic and attributes: only events it matches are
+    /// delivered (see [`crate::filter`]).
+    pub filter: Option<String>,
 }
 
 /// Limits on how hard a subscription's endpoint is driven, over all its partitions (per

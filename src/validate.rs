@@ -252,6 +252,16 @@ pub fn pacing(pacing: &crate::model::Pacing) -> Result<(), Error> {
     Ok(())
 }
 
+/// Checks a subscription filter; `None` for an empty one (no filter).
+pub fn filter(source: &str) -> Result<Option<String>, Error> {
+    if source.is_empty() {
+        return Ok(None);
+    }
+    crate::filter::Filter::compile(source)
+        .map_err(|error| Error::invalid("filter", error.to_string()))?;
+    Ok(Some(source.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

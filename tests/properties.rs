@@ -1,5 +1,5 @@
 //! Property tests (proptest) of everything that parses or matches hostile input: request
-//! validation, topic patterns and the topic index, page tokens, stored-record decoding, webhook
+//! validation, topic patterns and the topic index, subscription filters, page tokens, stored-record decoding, webhook
 //! signatures and the endpoint address policy. `make test` runs the default number of cases;
 //! `make fuzz` runs 100,000 each (PROPTEST_CASES; clean at that budget on 2026-11-28). A failure found here becomes a regression
 //! case below.
@@ -40,6 +40,7 @@ fn subscription(id: usize, topics: Vec<String>) -> Subscription {
         control: Default::default(),
         previous_secret: None,
         pacing: Default::default(),
+        filter: None,
     }
 }
 
@@ -105,6 +106,22 @@ proptest! {
         );
         let _ = pages::decode_pending_token(&garbage);
         let _ = pages::decode_subscription_token(&garbage);
+    }
+
+    #[test]
+    fn filters_compile_and_evaluate_without_panic(
+        source in prop_oneof![
+            any::<String>(),
+            "[a-z.()\"=!&| ]{0,40}",
+            "attributes\\.[a-z]{1,4} (==|!=|<|>) \"[a-z]{0,3}\"( (&&|\\|\\|) topic\\.startsWith\\(\"[a-z:]{0,4}\"\\))?",
+        ],
+        attributes in proptest::collection::btree_map("[a-z]{1,4}", "[a-z]{0,3}", 0..4),
+        topic in topic_text(),
+    ) {
+        if let Ok(filter) = herald::filter::Filter::compile(&source) {
+            let _ = filter.matches(&herald::filter::Bindings::new(&topic, &attributes));
+        }
+        let _ = validate::filter(&source);
     }
 
     #[test]

@@ -75,6 +75,7 @@ pub fn subscribe_input(request: proto::SubscribeRequest) -> Result<SubscribeInpu
             max_requests_per_second: request.max_requests_per_second,
             max_in_flight: request.max_in_flight,
         },
+        filter: request.filter,
     })
 }
 
@@ -95,6 +96,7 @@ pub fn update_input(request: proto::UpdateSubscriptionRequest) -> Result<UpdateI
         on_exhausted: subscription.on_exhausted,
         max_requests_per_second: subscription.max_requests_per_second,
         max_in_flight: subscription.max_in_flight,
+        filter: String::new(),
     })?;
     Ok(UpdateInput {
         id: subscription.id,
@@ -103,6 +105,8 @@ pub fn update_input(request: proto::UpdateSubscriptionRequest) -> Result<UpdateI
         retry_policy: fields.retry_policy,
         on_exhausted: fields.on_exhausted,
         pacing: fields.pacing,
+        topics: subscription.topics,
+        filter: subscription.filter,
         etag: request.etag,
     })
 }
@@ -146,6 +150,7 @@ pub fn subscription(subscription: Subscription, with_secret: bool) -> proto::Sub
         etag,
         max_requests_per_second: subscription.pacing.max_requests_per_second,
         max_in_flight: subscription.pacing.max_in_flight,
+        filter: subscription.filter.unwrap_or_default(),
         previous_secret_expires_at: subscription
             .previous_secret
             .as_ref()

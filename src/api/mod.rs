@@ -13,6 +13,10 @@ use crate::proto;
 use crate::proto::broker_service_server::BrokerService;
 use crate::rate::{Budget, RateLimits};
 
+/// Response header of UpdateSubscription when `topics` was updated: how many pending
+/// deliveries of topics no longer matched were dropped.
+pub const DROPPED_DELIVERIES_HEADER: &str = "herald-dropped-deliveries";
+
 /// The `herald.v1.BrokerService` gRPC service.
 pub struct BrokerApi {
     broker: Arc<Broker>,
@@ -314,8 +318,19 @@ impl BrokerService for BrokerApi {
         self.require_subscription(&caller, &id).await?;
         self.rates.check(&caller, Budget::Manage)?;
         let input = convert::update_input(request.into_inner())?;
-        let subscription = self.broker.update_subscription(input).await?;
-        Ok(Response::new(convert::subscription(subscription, false)))
+        if input.mask.iter().any(|path| path == "topics") {
+            // A key limited to some topics may not widen a subscription beyond them.
+            caller.require_patterns(&input.topics)?;
+        }
+        let updated = self.broker.update_subscription(input).await?;
+        let mut response = Response::new(convert::subscription(updated.subscription, false));
+        if let Some(dropped) = updated.dropped_deliveries {
+            response.metadata_mut().insert(
+                DROPPED_DELIVERIES_HEADER,
+                tonic::metadata::MetadataValue::from(dropped),
+            );
+        }
+        Ok(response)
     }
 
     async fn rotate_secret(

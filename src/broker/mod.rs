@@ -82,6 +82,8 @@ pub struct SubscribeInput {
     pub on_exhausted: Option<OnExhausted>,
     /// Limits on how hard the endpoint is driven.
     pub pacing: crate::model::Pacing,
+    /// CEL filter; empty for none.
+    pub filter: String,
 }
 
 /// How long Subscribe waits for an endpoint's name to resolve before accepting it unchecked.
@@ -188,6 +190,7 @@ impl Broker {
         };
         validate::retry_policy(&retry_policy)?;
         validate::pacing(&input.pacing)?;
+        let filter = validate::filter(&input.filter)?;
         let mut topics = input.topics;
         topics.sort();
         topics.dedup();
@@ -202,6 +205,7 @@ impl Broker {
             control: Default::default(),
             previous_secret: None,
             pacing: input.pacing,
+            filter,
         };
         self.subscriptions
             .create_subscription(&subscription, &self.limits.subscriptions)

@@ -281,6 +281,16 @@ impl Broker {
         id: &str,
         update: SubscriptionUpdate,
     ) -> Result<Subscription, Error> {
+        Ok(self.change_subscription(id, update).await?.subscription)
+    }
+
+    /// Applies `update` to the subscription (see [`Broker::change_control`]); also says how
+    /// many deliveries a change of topics dropped.
+    pub(super) async fn change_subscription(
+        &self,
+        id: &str,
+        update: SubscriptionUpdate,
+    ) -> Result<crate::store::Updated, Error> {
         // In its own task, so that a client giving up does not stop it halfway: the local
         // partitions learn of a committed change whether or not the caller is still there.
         let subscriptions = self.subscriptions.clone();

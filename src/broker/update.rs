@@ -29,12 +29,26 @@ pub struct UpdateInput {
     pub on_exhausted: Option<OnExhausted>,
     /// New limits (`max_requests_per_second`, `max_in_flight`).
     pub pacing: crate::model::Pacing,
+    /// New topic patterns (`topics`).
+    pub topics: Vec<String>,
+    /// New filter (`filter`); empty removes it.
+    pub filter: String,
     /// Optional precondition.
     pub etag: String,
 }
 
+/// What UpdateSubscription did.
+#[derive(Debug, Clone)]
+pub struct UpdateOutcome {
+    /// The subscription after the update.
+    pub subscription: Subscription,
+    /// With `topics` in the mask: the pending deliveries dropped with the topics no longer
+    /// matched.
+    pub dropped_deliveries: Option<u64>,
+}
+
 /// The mask paths UpdateSubscription takes.
-const PATHS: [&str; 9] = [
+const PATHS: [&str; 11] = [
     "endpoint",
     "retry_policy",
     "retry_policy.initial_backoff",
@@ -44,6 +58,8 @@ const PATHS: [&str; 9] = [
     "on_exhausted",
     "max_requests_per_second",
     "max_in_flight",
+    "topics",
+    "filter",
 ];
 
 /// Refuses the update if `etag` is given and is not the subscription's current one.
@@ -64,7 +80,7 @@ fn check_etag(current: &Subscription, etag: &str) -> Result<(), StoreError> {
 
 impl Broker {
     /// Changes the fields of a subscription that the mask names.
-    pub async fn update_subscription(&self, input: UpdateInput) -> Result<Subscription, Error> {
+    pub async fn update_subscription(&self, input: UpdateInput) -> Result<UpdateOutcome, Error> {
         require_id("subscription.id", &input.id)?;
         if input.mask.is_empty() {
             return Err(Error::invalid(
@@ -73,12 +89,6 @@ impl Broker {
             ));
         }
         for path in &input.mask {
-            if path == "topics" {
-                return Err(Error::invalid(
-                    "update_mask",
-                    "topics cannot be updated yet: subscribe anew for other topics",
-                ));
-            }
             if !PATHS.contains(&path.as_str()) {
                 return Err(Error::invalid(
                     "update_mask",
@@ -112,6 +122,20 @@ impl Broker {
             has("max_requests_per_second").then_some(input.pacing.max_requests_per_second);
         let set_in_flight = has("max_in_flight").then_some(input.pacing.max_in_flight);
         let set_endpoint = has("endpoint").then(|| input.endpoint.clone());
+        let set_topics = if has("topics") {
+            validate::patterns(&input.topics)?;
+            let mut topics = input.topics.clone();
+            topics.sort();
+            topics.dedup();
+            Some(topics)
+        } else {
+            None
+        };
+        let set_filter = if has("filter") {
+            Some(validate::filter(&input.filter)?)
+        } else {
+            None
+        };
         let set_on_exhausted =
             has("on_exhausted").then(|| input.on_exhausted.unwrap_or(OnExhausted::DeadLetter));
         let etag = input.etag.clone();
@@ -139,14 +163,23 @@ impl Broker {
             if let Some(in_flight) = set_in_flight {
                 subscription.pacing.max_in_flight = in_flight;
             }
+            if let Some(topics) = &set_topics {
+                subscription.topics = topics.clone();
+            }
+            if let Some(filter) = &set_filter {
+                subscription.filter = filter.clone();
+            }
             Ok(())
         });
-        let updated = self.change_control(&input.id, update).await?;
+        let updated = self.change_subscription(&input.id, update).await?;
         if has("endpoint") {
             // Heads waiting out a backoff against the old endpoint try the new one now.
             self.retry_waiting_heads(&input.id).await;
         }
-        Ok(updated)
+        Ok(UpdateOutcome {
+            subscription: updated.subscription,
+            dropped_deliveries: has("topics").then_some(updated.dropped),
+        })
     }
 
     /// Makes due now every head of the subscription that failed before and waits for its

@@ -107,6 +107,9 @@ pub struct SubscribeArgs {
     /// Requests in flight to the endpoint at most (0: no limit).
     #[arg(long, default_value_t = 0)]
     max_in_flight: u32,
+    /// CEL filter over `topic` and `attributes`, e.g. `attributes.region == "eu"`.
+    #[arg(long, default_value = "")]
+    filter: String,
 }
 
 /// `herald unsubscribe`.
@@ -283,6 +286,7 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
             on_exhausted: on_exhausted as i32,
             max_requests_per_second: args.max_requests_per_second,
             max_in_flight: args.max_in_flight,
+            filter: args.filter,
         })
         .await
         .map_err(status_error)?
@@ -305,6 +309,9 @@ pub(super) fn print_subscription(subscription: &proto::Subscription) {
         show_duration(policy.request_timeout),
         proto::OnExhausted::try_from(subscription.on_exhausted).unwrap_or_default(),
     );
+    if !subscription.filter.is_empty() {
+        println!("  filter={}", subscription.filter);
+    }
     let state = proto::SubscriptionState::try_from(subscription.state).unwrap_or_default();
     if state != proto::SubscriptionState::Active || !subscription.paused_topics.is_empty() {
         println!(

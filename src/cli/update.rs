@@ -37,6 +37,12 @@ pub struct UpdateArgs {
     /// New limit of requests in flight to the endpoint (0: no limit).
     #[arg(long)]
     max_in_flight: Option<u32>,
+    /// New topic list (replaces the whole list); repeat the flag or separate with commas.
+    #[arg(long, value_delimiter = ',')]
+    topics: Option<Vec<String>>,
+    /// New CEL filter; `--filter ''` removes it.
+    #[arg(long)]
+    filter: Option<String>,
     /// Refuse the update if the subscription changed since this etag was read.
     #[arg(long, default_value = "")]
     etag: String,
@@ -105,10 +111,19 @@ pub async fn update(args: UpdateArgs) -> anyhow::Result<()> {
     if args.max_in_flight.is_some() {
         paths.push("max_in_flight".into());
     }
-    if paths.is_empty() {
-        anyhow::bail!("nothing to change: give --endpoint, a retry setting or --on-exhausted");
+    if args.topics.is_some() {
+        paths.push("topics".into());
     }
-    let subscription = client
+    if args.filter.is_some() {
+        paths.push("filter".into());
+    }
+    if paths.is_empty() {
+        anyhow::bail!(
+            "nothing to change: give --endpoint, --topics, --filter, a retry setting, \
+             --on-exhausted or a limit"
+        );
+    }
+    let response = client
         .update_subscription(proto::UpdateSubscriptionRequest {
             subscription: Some(proto::Subscription {
                 id: args.subscription_id,
@@ -117,16 +132,26 @@ pub async fn update(args: UpdateArgs) -> anyhow::Result<()> {
                 on_exhausted: on_exhausted as i32,
                 max_requests_per_second: args.max_requests_per_second.unwrap_or(0),
                 max_in_flight: args.max_in_flight.unwrap_or(0),
+                topics: args.topics.unwrap_or_default(),
+                filter: args.filter.unwrap_or_default(),
                 ..Default::default()
             }),
             update_mask: Some(prost_types::FieldMask { paths }),
             etag: args.etag,
         })
         .await
-        .map_err(status_error)?
-        .into_inner();
+        .map_err(status_error)?;
+    let dropped = response
+        .metadata()
+        .get(crate::api::DROPPED_DELIVERIES_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_string);
+    let subscription = response.into_inner();
     print_subscription(&subscription);
     println!("etag={}", subscription.etag);
+    if let Some(dropped) = dropped {
+        println!("dropped_deliveries={dropped}");
+    }
     Ok(())
 }
 

@@ -43,6 +43,7 @@ impl MemoryLog {
             control: Default::default(),
             previous_secret: None,
             pacing: Default::default(),
+            filter: None,
         };
         let mut previous = 0;
         let pending = sequences
@@ -116,7 +117,7 @@ impl SubscriptionStore for MemoryLog {
         &self,
         _: &str,
         _: crate::store::SubscriptionUpdate,
-    ) -> Result<Subscription, StoreError> {
+    ) -> Result<crate::store::Updated, StoreError> {
         unreachable!("the worker never updates subscriptions")
     }
 }

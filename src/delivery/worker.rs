@@ -273,8 +273,8 @@ impl Inner {
             .update_subscription(subscription_id, update)
             .await
         {
-            Ok(subscription) => {
-                tracing::warn!(subscription = subscription_id, reason = %subscription.control.reason, "subscription disabled");
+            Ok(updated) => {
+                tracing::warn!(subscription = subscription_id, reason = %updated.subscription.control.reason, "subscription disabled");
                 self.failing
                     .lock()
                     .expect("failing lock")

@@ -67,7 +67,7 @@ impl SubscriptionStore for Instrumented {
         &self,
         id: &str,
         update: SubscriptionUpdate,
-    ) -> Result<Subscription, StoreError> {
+    ) -> Result<crate::store::Updated, StoreError> {
         timed(
             &self.metrics,
             "update_subscription",

@@ -33,7 +33,7 @@ pub use dynamodb::DynamoStore;
 pub use embedded::EmbeddedStore;
 pub use error::StoreError;
 pub use leases::{LeaseToken, PartitionLeases};
-pub use subscriptions::{SubscriptionLimits, SubscriptionStore, SubscriptionUpdate};
+pub use subscriptions::{SubscriptionLimits, SubscriptionStore, SubscriptionUpdate, Updated};
 
 /// A storage backend as a whole. The broker and the delivery engine take from it only the
 /// parts they use (trait upcasting: `Arc<dyn Store>` coerces to `Arc<dyn DeliveryLog>`).

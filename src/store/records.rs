@@ -332,6 +332,9 @@ struct StoredSubscription {
     max_requests_per_second: u32,
     #[serde(default, skip_serializing_if = "is_zero")]
     max_in_flight: u32,
+    /// Added in version 1 without a version change: absent is no filter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    filter: Option<String>,
 }
 
 fn is_zero(value: &u32) -> bool {
@@ -451,6 +454,7 @@ pub fn encode_subscription(subscription: &Subscription) -> Vec<u8> {
             .map(|previous| previous.until),
         max_requests_per_second: subscription.pacing.max_requests_per_second,
         max_in_flight: subscription.pacing.max_in_flight,
+        filter: subscription.filter.clone(),
     };
     serde_json::to_vec(&stored).expect("records serialize")
 }
@@ -477,6 +481,7 @@ pub fn decode_subscription(bytes: &[u8], what: &str) -> Result<Subscription, Sto
             control: Control::default(),
             previous_secret: None,
             pacing: Pacing::default(),
+            filter: None,
         });
     }
     let stored: StoredSubscription = from_json(bytes, what)?;
@@ -502,6 +507,7 @@ pub fn decode_subscription(bytes: &[u8], what: &str) -> Result<Subscription, Sto
             max_requests_per_second: stored.max_requests_per_second,
             max_in_flight: stored.max_in_flight,
         },
+        filter: stored.filter,
     })
 }
 

@@ -52,6 +52,16 @@ impl SubscriptionLimits {
     }
 }
 
+/// The outcome of [`SubscriptionStore::update_subscription`].
+#[derive(Debug, Clone)]
+pub struct Updated {
+    /// The subscription as it now is.
+    pub subscription: Subscription,
+    /// Pending deliveries (dead letters included) dropped because their topic is no longer
+    /// matched by the subscription's topics; 0 unless the topics changed.
+    pub dropped: u64,
+}
+
 /// A change to a subscription: applied to the current stored value, it edits it in place or
 /// refuses with an error (which the update returns, writing nothing). It may be applied more
 /// than once (a lost optimistic race is retried with the newer value).
@@ -79,8 +89,13 @@ pub trait SubscriptionStore: Send + Sync {
 
     /// Applies `update` to the stored subscription atomically (read, change, write, with no
     /// other change in between) and returns the new value; writes nothing if the value did
-    /// not change. `NotFound` if the id is unknown. The id, secret and creation time cannot
-    /// change; changing its topics is not supported yet (`Internal`).
+    /// not change. `NotFound` if the id is unknown. The id and creation time cannot change
+    /// (`Internal`).
+    ///
+    /// A change of topics or filter takes effect for events published after it returns;
+    /// the pending deliveries (dead letters included) of topics the new patterns no longer
+    /// match are dropped and counted in [`Updated::dropped`]. Each partition's
+    /// previous-sequence chain stays whole: it links the events the subscription received.
     ///
     /// Like Subscribe, the change is seen by every instance sharing the store once this
     /// returns: on DynamoDB the call waits out the copies of the subscription set that other
@@ -89,7 +104,7 @@ pub trait SubscriptionStore: Send + Sync {
         &self,
         id: &str,
         update: SubscriptionUpdate,
-    ) -> Result<Subscription, StoreError>;
+    ) -> Result<Updated, StoreError>;
 
     /// Returns the subscription with this id, or `NotFound`.
     async fn get_subscription(&self, id: &str) -> Result<Subscription, StoreError>;
@@ -118,12 +133,9 @@ pub fn unchanged_identity(
     current: &Subscription,
     updated: &Subscription,
 ) -> Result<(), StoreError> {
-    if updated.id != current.id
-        || updated.created_at != current.created_at
-        || updated.topics != current.topics
-    {
+    if updated.id != current.id || updated.created_at != current.created_at {
         return Err(StoreError::Internal(
-            "a subscription update may not change its id, creation time or topics".into(),
+            "a subscription update may not change its id or creation time".into(),
         ));
     }
     Ok(())

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use crate::filter::{Bindings, Filter};
 use crate::model::Subscription;
 
 /// Which subscriptions each topic fans out to: exact names and prefix patterns (`*` is the
@@ -11,6 +12,8 @@ use crate::model::Subscription;
 pub struct TopicIndex {
     exact: HashMap<String, BTreeSet<String>>,
     prefixes: BTreeMap<String, BTreeSet<String>>,
+    /// The compiled filters of the subscriptions that have one.
+    filters: HashMap<String, Filter>,
 }
 
 impl TopicIndex {
@@ -23,10 +26,25 @@ impl TopicIndex {
             };
             bucket.insert(subscription.id.clone());
         }
+        if let Some(source) = &subscription.filter {
+            match Filter::compile(source) {
+                Ok(filter) => {
+                    self.filters.insert(subscription.id.clone(), filter);
+                }
+                // Checked when it was set; a filter this build cannot compile matches
+                // everything rather than losing events.
+                Err(error) => tracing::error!(
+                    subscription = %subscription.id,
+                    %error,
+                    "stored filter does not compile; it is ignored"
+                ),
+            }
+        }
     }
 
     /// Removes a subscription from each of its patterns.
     pub fn remove(&mut self, subscription: &Subscription) {
+        self.filters.remove(&subscription.id);
         for pattern in &subscription.topics {
             let (key, map_is_prefix) = match pattern.strip_suffix('*') {
                 Some(prefix) => (prefix, true),
@@ -73,6 +91,31 @@ impl TopicIndex {
         }
         matched
     }
+
+    /// Subscription ids matching `topic` whose filter (if any) matches the event with these
+    /// attributes, sorted and without duplicates.
+    pub fn matching_event(
+        &self,
+        topic: &str,
+        attributes: &BTreeMap<String, String>,
+    ) -> BTreeSet<String> {
+        let mut matched = self.matching(topic);
+        if !self.filters.is_empty() {
+            let mut bindings = None;
+            matched.retain(|id| match self.filters.get(id) {
+                Some(filter) => {
+                    filter.matches(bindings.get_or_insert_with(|| Bindings::new(topic, attributes)))
+                }
+                None => true,
+            });
+        }
+        matched
+    }
+
+    /// Whether the subscription has a filter.
+    pub fn has_filter(&self, id: &str) -> bool {
+        self.filters.contains_key(id)
+    }
 }
 
 #[cfg(test)]
@@ -92,6 +135,7 @@ mod tests {
             control: Default::default(),
             previous_secret: None,
             pacing: Default::default(),
+            filter: None,
         }
     }
 

@@ -781,6 +781,7 @@ fn plain_subscription(id: &str, topic: &str) -> herald::model::Subscription {
         control: Default::default(),
         previous_secret: None,
         pacing: Default::default(),
+        filter: None,
     }
 }
 

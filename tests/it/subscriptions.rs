@@ -125,6 +125,14 @@ async fn a_new_endpoint_takes_the_waiting_backlog_in_order(backend: Backend) {
     // Refused with the field at fault, nothing written.
     for (paths, subscription, field) in [
         (vec!["topics"], proto::Subscription::default(), "topics"),
+        (
+            vec!["filter"],
+            proto::Subscription {
+                filter: "attributes.region ==".into(),
+                ..Default::default()
+            },
+            "filter",
+        ),
         (vec!["colour"], proto::Subscription::default(), "colour"),
         (vec![], proto::Subscription::default(), "update_mask"),
         (
@@ -405,7 +413,173 @@ async fn pacing_holds_the_rate_and_the_requests_in_flight(backend: Backend) {
     app.stop().await;
 }
 
+fn in_region(topic: &str, payload: String, region: &str) -> proto::PublishRequest {
+    proto::PublishRequest {
+        attributes: [("region".to_string(), region.to_string())].into(),
+        ..publish_request(topic, payload)
+    }
+}
+
+/// A filter delivers the events it matches and no others, with a chain at the receiver
+/// that links exactly those; one that does not parse is refused with its position.
+async fn a_filter_delivers_what_it_matches_with_a_whole_chain(backend: Backend) {
+    let receiver = Receiver::start().await;
+    let everything = Receiver::start().await;
+    let app = spawn_app(backend, |_| {}).await;
+    let mut client = app.client.clone();
+    let mut request = subscribe_request(&receiver.url(), &["flt:*"]);
+    request.filter = r#"attributes.region == "eu" && topic != "flt:ignored""#.into();
+    let subscription = client.subscribe(request).await.unwrap().into_inner();
+    assert_eq!(
+        subscription.filter,
+        r#"attributes.region == "eu" && topic != "flt:ignored""#
+    );
+    client
+        .subscribe(subscribe_request(&everything.url(), &["flt:*"]))
+        .await
+        .unwrap();
+    let mut expected = Vec::new();
+    for index in 0..40 {
+        let topic = if index % 5 == 4 {
+            "flt:ignored"
+        } else {
+            "flt:orders"
+        };
+        let region = if index % 3 == 0 { "us" } else { "eu" };
+        let mut request = in_region(topic, format!("{index}"), region);
+        if index == 7 {
+            // No region at all: an evaluation error, so no match.
+            request.attributes.clear();
+        }
+        let published = client.publish(request).await.unwrap().into_inner();
+        let matches = region == "eu" && topic == "flt:orders" && index != 7;
+        assert_eq!(
+            published.subscription_count,
+            if matches { 2 } else { 1 },
+            "event {index}"
+        );
+        if matches {
+            expected.push(published.sequence);
+        }
+    }
+    eventually(Duration::from_secs(15), "every event", || async {
+        everything.delivered_count() == 40
+    })
+    .await;
+    eventually(Duration::from_secs(15), "the matching events", || async {
+        receiver.delivered_count() == expected.len()
+    })
+    .await;
+    let delivered = receiver.delivered();
+    assert_eq!(
+        delivered.iter().map(|r| r.sequence).collect::<Vec<_>>(),
+        expected
+    );
+    assert_eq!(delivered[0].previous, 0);
+    for pair in delivered.windows(2) {
+        assert_eq!(
+            pair[1].previous, pair[0].sequence,
+            "the chain links what it received"
+        );
+    }
+    for bad in [
+        (r#"attributes.region == "#, "line 1 column"),
+        ("payload.size() > 0", "`payload`"),
+    ] {
+        let mut request = subscribe_request(&receiver.url(), &["flt:*"]);
+        request.filter = bad.0.into();
+        let error = client.subscribe(request).await.unwrap_err();
+        assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error:?}");
+        assert!(
+            error.message().contains("filter") && error.message().contains(bad.1),
+            "{}",
+            error.message()
+        );
+    }
+    app.stop().await;
+}
+
+/// Changing topics: the removed topic's backlog is dropped and counted in the response's
+/// header, an added topic receives what is published after the update.
+async fn updated_topics_drop_and_add_partitions(backend: Backend) {
+    let receiver = Receiver::scripted(|_| Reply::Status(503)).await;
+    let app = spawn_app(backend, |_| {}).await;
+    let mut client = app.client.clone();
+    let mut request = subscribe_request(&receiver.url(), &["tpc:a", "tpc:b"]);
+    request.retry_policy.as_mut().unwrap().max_attempts = 1000;
+    let subscription = client.subscribe(request).await.unwrap().into_inner();
+    let id = subscription.id.clone();
+    for index in 0..3 {
+        client
+            .publish(publish_request("tpc:b", format!("b{index}")))
+            .await
+            .unwrap();
+    }
+    client
+        .publish(publish_request("tpc:a", "a0"))
+        .await
+        .unwrap();
+    let response = client
+        .update_subscription(update(
+            &id,
+            &["topics"],
+            proto::Subscription {
+                topics: vec!["tpc:a".into(), "tpc:c".into()],
+                ..Default::default()
+            },
+            "",
+        ))
+        .await
+        .expect("update topics");
+    let dropped = response
+        .metadata()
+        .get(herald::api::DROPPED_DELIVERIES_HEADER)
+        .expect("the dropped count")
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(dropped, "3");
+    assert_eq!(response.into_inner().topics, ["tpc:a", "tpc:c"]);
+    let pending = crate::support::all_pending(&mut client, &id).await;
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert_eq!(pending[0].topic, "tpc:a");
+    let later_b = client
+        .publish(publish_request("tpc:b", "b9"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(later_b.subscription_count, 0);
+    let c = client
+        .publish(publish_request("tpc:c", "c0"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.subscription_count, 1);
+    // Another update that leaves the topics alone names no count.
+    let response = client
+        .update_subscription(update(
+            &id,
+            &["max_in_flight"],
+            proto::Subscription {
+                max_in_flight: 3,
+                ..Default::default()
+            },
+            "",
+        ))
+        .await
+        .unwrap();
+    assert!(
+        response
+            .metadata()
+            .get(herald::api::DROPPED_DELIVERIES_HEADER)
+            .is_none()
+    );
+    app.stop().await;
+}
+
 crate::on_both_backends!(
+    a_filter_delivers_what_it_matches_with_a_whole_chain,
+    updated_topics_drop_and_add_partitions,
     a_new_endpoint_takes_the_waiting_backlog_in_order,
     a_rotated_secret_signs_beside_the_old_one_for_its_grace,
     pacing_holds_the_rate_and_the_requests_in_flight,

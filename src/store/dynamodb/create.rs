@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use super::errors::{cancellation_reasons, conflict_pause, refused, sdk_error};
 use super::schema::{self, n, s};
-use super::subscriptions::settle_time;
+use super::subscriptions::{Tracking, settle_time};
 use super::{Inner, MAX_CONFLICT_RETRIES, TRANSACTION_LIMIT};
 use crate::model::Subscription;
 use crate::store::records;
@@ -100,10 +100,11 @@ impl Inner {
                     self.apply_own_change(version, sent, |set| {
                         for pending in &batch {
                             let subscription = &pending.subscription;
-                            set.index.add(subscription);
-                            set.created.insert(subscription.id.clone(), version + 1);
-                            set.subscriptions
-                                .insert(subscription.id.clone(), subscription.clone());
+                            let tracking = subscription.filter.is_some().then(|| Tracking {
+                                since: version + 1,
+                                topics_before: Vec::new(),
+                            });
+                            set.insert(subscription, version + 1, tracking);
                         }
                     });
                     for pending in batch {

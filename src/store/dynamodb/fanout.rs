@@ -138,9 +138,10 @@ impl Inner {
         Ok(())
     }
 
-    /// The deliveries of an open fan-out: the subscriptions of its set version that match the
-    /// topic and still exist (a deleted one needs none), with the previous sequences its
-    /// publisher computed.
+    /// The deliveries of an open fan-out: listed on the event (with their previous sequences
+    /// and, in the current format, their ordinals) when its set held tracked subscriptions;
+    /// else the subscriptions of its set version that matched the topic then and still exist
+    /// (a deleted one needs none), with the previous sequences its publisher computed.
     async fn fanout_deliveries(
         &self,
         topic: &str,
@@ -149,7 +150,7 @@ impl Inner {
     ) -> Result<Vec<Item>, StoreError> {
         let due = get_n(event, "published_at")?;
         let ordinal = get_n(event, "ordinal")?;
-        let delivery = |id: &str, previous: u64| {
+        let delivery = |id: &str, previous: u64, ordinal: u64| {
             schema::delivery_item(
                 &PartitionKey::new(topic, id),
                 sequence,
@@ -159,12 +160,18 @@ impl Inner {
             )
         };
         if let Some(AttributeValue::S(listed)) = event.get("fanout") {
-            let fanout: Vec<(String, u64)> = serde_json::from_str(listed).map_err(|_| {
-                StoreError::Corrupt(format!("fan-out record of {topic}/{sequence}"))
-            })?;
+            let corrupt = || StoreError::Corrupt(format!("fan-out record of {topic}/{sequence}"));
+            // (id, previous, ordinal) now; (id, previous) from earlier versions.
+            if let Ok(fanout) = serde_json::from_str::<Vec<(String, u64, u64)>>(listed) {
+                return Ok(fanout
+                    .iter()
+                    .map(|(id, previous, ordinal)| delivery(id, *previous, *ordinal))
+                    .collect());
+            }
+            let fanout: Vec<(String, u64)> = serde_json::from_str(listed).map_err(|_| corrupt())?;
             return Ok(fanout
                 .iter()
-                .map(|(id, previous)| delivery(id, *previous))
+                .map(|(id, previous)| delivery(id, *previous, ordinal))
                 .collect());
         }
         let record = schema::fanout_record(event)?.ok_or_else(|| {
@@ -174,26 +181,29 @@ impl Inner {
         if set.version < record.version {
             set = self.refresh_subscriptions().await?;
         }
-        let subscribers: Vec<String> = set
-            .index
-            .matching(topic)
+        // No subscription was tracked at the event's version (it would be listed), so each
+        // matched by the patterns it had then, and received every event since its creation.
+        let mut candidates = set.index.matching(topic);
+        candidates.extend(set.before_index.matching(topic));
+        let subscribers: Vec<String> = candidates
             .into_iter()
             .filter(|id| {
                 set.created
                     .get(id)
                     .is_some_and(|created| *created <= record.version)
+                    && set.matched_at(id, topic, record.version)
             })
             .collect();
         let before = TopicState {
             last_sequence: record.previous_sequence,
             last_version: record.previous_version,
-            events: 0,
+            ..TopicState::default()
         };
-        let previous = previous_sequences(&set, &subscribers, before);
+        let previous = previous_sequences(&set, &subscribers, &before);
         Ok(subscribers
             .iter()
             .zip(previous)
-            .map(|(id, previous)| delivery(id, previous))
+            .map(|(id, previous)| delivery(id, previous, ordinal))
             .collect())
     }
 }

@@ -20,16 +20,18 @@ use super::errors::{
     cancellation_reasons, conflict_pause, is_condition_failure, refused, sdk_error,
 };
 use super::schema::{self, Item, get_n, get_s, n, s};
+use super::subscriptions::Tracking;
+use super::unsubscribe::Removal;
 use super::{Inner, MAX_CONFLICT_RETRIES};
 use crate::model::{
     HeadStatus, Page, PartitionKey, PartitionStatus, Redelivery, ReplayRange, Replayed,
-    Subscription, now_millis,
+    Subscription, now_micros, now_millis,
 };
 use crate::store::delivery_log::{SKIPPED, head_moved, replay_sequences};
 use crate::store::pages;
 use crate::store::records;
 use crate::store::subscriptions::unchanged_identity;
-use crate::store::{StoreError, SubscriptionUpdate};
+use crate::store::{StoreError, SubscriptionUpdate, Updated};
 
 /// How often a busy partition's completions also write its last success time.
 const STATS_REFRESH: Duration = Duration::from_secs(60);
@@ -103,11 +105,16 @@ impl Inner {
     /// transaction (so every instance's copy of the set is refreshed within its validity);
     /// returns the new value and the validity to wait out before the caller may count on
     /// every instance seeing it.
+    ///
+    /// A change of topics or filter makes the subscription tracked (see [`Tracking`]) from
+    /// the new version on; a change of topics also leaves a removal record (see
+    /// `unsubscribe`) for the partitions the new patterns no longer match, returned here to be
+    /// worked off once the change has settled.
     pub(super) async fn update_subscription(
         &self,
         id: &str,
         update: &SubscriptionUpdate,
-    ) -> Result<(Subscription, Option<Duration>), StoreError> {
+    ) -> Result<(Subscription, Option<Duration>, Option<Removal>), StoreError> {
         let _one_at_a_time = self.changes.lock().await;
         for attempt in 0..MAX_CONFLICT_RETRIES {
             let Some(item) = self.get_item(schema::subscription_key(id)).await? else {
@@ -123,15 +130,31 @@ impl Inner {
                 // first try, or another caller's) may be younger than other instances'
                 // copies: wait them out all the same.
                 let validity = self.subscription_set().await?.validity;
-                return Ok((updated, Some(validity)));
+                return Ok((updated, Some(validity), None));
             }
             let meta = self.read_meta().await?;
+            let created = get_n(&item, "version")?;
+            let mut tracking = Tracking::of_item(&item, &current, created)?;
+            let retargeted = updated.topics != current.topics || updated.filter != current.filter;
+            if retargeted && tracking.is_none() {
+                tracking = Some(Tracking {
+                    since: meta.version + 1,
+                    topics_before: current.topics.clone(),
+                });
+            }
             let mut replacement = item;
             replacement.insert(
                 "data".into(),
                 s(String::from_utf8(records::encode_subscription(&updated))
                     .expect("JSON is UTF-8")),
             );
+            if let Some(tracking) = &tracking {
+                replacement.insert("tracked_since".into(), n(tracking.since));
+                replacement.insert(
+                    "topics_before".into(),
+                    s(serde_json::to_string(&tracking.topics_before).expect("JSON")),
+                );
+            }
             let put = Put::builder()
                 .table_name(&self.table)
                 .set_item(Some(replacement))
@@ -140,17 +163,27 @@ impl Inner {
                 .expression_attribute_values(":old", s(data))
                 .build()
                 .expect("complete put");
-            let items = vec![
+            let mut items = vec![
                 self.bump_version(meta.version),
                 TransactWriteItem::builder().put(put).build(),
             ];
+            let removal = (updated.topics != current.topics).then(|| Removal {
+                key: format!("{id}#topics#{}", meta.version + 1),
+                subscription: current.clone(),
+                kept: updated.topics.clone(),
+                through: now_micros()
+                    + super::subscriptions::settle_time(meta.validity).as_micros() as u64,
+            });
+            if let Some(removal) = &removal {
+                items.push(self.put(removal.item(now_millis())));
+            }
             let sent = Instant::now();
             match self.transact(items).await {
                 Ok(()) => {
                     self.apply_own_change(meta.version, sent, |set| {
-                        set.subscriptions.insert(id.to_string(), updated.clone());
+                        set.insert(&updated, created, tracking.clone());
                     });
-                    return Ok((updated, Some(meta.validity)));
+                    return Ok((updated, Some(meta.validity), removal));
                 }
                 Err(error) => match cancellation_reasons(&error) {
                     Some(reasons) => {
@@ -711,10 +744,17 @@ pub(super) async fn update_and_settle(
     inner: Arc<Inner>,
     id: String,
     update: SubscriptionUpdate,
-) -> Result<Subscription, StoreError> {
-    let (subscription, validity) = inner.update_subscription(&id, &update).await?;
+) -> Result<Updated, StoreError> {
+    let (subscription, validity, removal) = inner.update_subscription(&id, &update).await?;
     if let Some(validity) = validity {
         tokio::time::sleep(super::subscriptions::settle_time(validity)).await;
     }
-    Ok(subscription)
+    let dropped = match removal {
+        Some(removal) => inner.finish_removal(&removal).await?,
+        None => 0,
+    };
+    Ok(Updated {
+        subscription,
+        dropped,
+    })
 }

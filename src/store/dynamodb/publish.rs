@@ -8,7 +8,7 @@
 //! transaction per batch, not per event; publishes arriving while one commits form the next
 //! batch. Fan-outs larger than one transaction continue in `fanout`.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use super::errors::{cancellation_reasons, conflict_pause, refused, sdk_error};
 use super::schema::{self, Item, get_n, get_s, n, s};
-use super::subscriptions::SubscriptionSet;
+use super::subscriptions::{SubscriptionSet, Tracking};
 use super::{Inner, MAX_CONFLICT_RETRIES, TRANSACTION_LIMIT};
 use crate::model::{Event, NewEvent, PartitionKey, Published, now_micros, now_millis};
 use crate::store::StoreError;
@@ -73,7 +73,13 @@ struct Plan {
     events_before: u64,
     now: u64,
     version: u64,
+    /// The subscriptions matching the topic.
     subscribers: Vec<String>,
+    /// For each publish, the positions in `subscribers` of those it is delivered to (its
+    /// filter may leave some out).
+    receivers: Vec<Vec<usize>>,
+    /// The tracked partitions' links after the batch.
+    chains: Arc<Chains>,
     items: Vec<TransactWriteItem>,
     /// For each item, the publish it belongs to (`None`: the topic's own items).
     owners: Vec<Option<usize>>,
@@ -268,12 +274,17 @@ impl Inner {
                 last_sequence: last,
                 last_version: plan.version,
                 events: plan.events_before + plan.count as u64,
+                chains: plan.chains.clone(),
             },
         );
         if !plan.subscribers.is_empty() {
             // The workers about to deliver these need not read them back.
             let mut cache = self.events.lock().expect("event cache lock");
             for (index, waiting) in batch.iter().enumerate() {
+                let receivers = plan.receivers[index].len() as u64;
+                if receivers == 0 {
+                    continue;
+                }
                 cache.insert(
                     Event {
                         id: waiting.event.id.clone(),
@@ -285,7 +296,7 @@ impl Inner {
                         published_at: plan.now,
                         trace: waiting.event.trace.clone(),
                     },
-                    plan.subscribers.len() as u64,
+                    receivers,
                 );
             }
         }
@@ -312,23 +323,22 @@ impl Inner {
             self.undo_deleted(topic, &plan.subscribers, plan.first_sequence, plan.count)
                 .await;
         }
-        let partitions: Vec<PartitionKey> = plan
-            .subscribers
-            .iter()
-            .map(|id| PartitionKey::new(topic, id.as_str()))
-            .collect();
         for (index, waiting) in batch.into_iter().enumerate() {
             if let Some(error) = fanout_error.take() {
                 waiting.answer(Err(error));
                 continue;
             }
+            let receivers = &plan.receivers[index];
             let outcome = Published {
                 event_id: waiting.event.id.clone(),
                 sequence: plan.first_sequence + index as u64,
                 published_at: plan.now,
-                subscription_count: plan.subscribers.len() as u32,
+                subscription_count: receivers.len() as u32,
                 duplicate: false,
-                partitions: partitions.clone(),
+                partitions: receivers
+                    .iter()
+                    .map(|position| PartitionKey::new(topic, plan.subscribers[*position].as_str()))
+                    .collect(),
             };
             waiting.answer(Ok(outcome));
         }
@@ -467,8 +477,8 @@ impl Inner {
         Ok(original)
     }
 
-    /// Plans one transaction for a prefix of `batch`: the sequences, each subscriber's
-    /// previous sequence, and the items (topic advance, idempotency keys, events,
+    /// Plans one transaction for a prefix of `batch`: the sequences, each receiver's
+    /// previous sequence and ordinal, and the items (topic advance, idempotency keys, events,
     /// deliveries).
     async fn plan(&self, topic: &str, batch: &[Waiting]) -> Result<Plan, StoreError> {
         let mut set = self.subscription_set().await?;
@@ -487,7 +497,8 @@ impl Inner {
         let now = now_millis();
         let first_sequence = now_micros().max(state.last_sequence + 1);
         let subscribers: Vec<String> = set.index.matching(topic).into_iter().collect();
-        let previous = previous_sequences(&set, &subscribers, state);
+        let mut links = Links::start(&set, topic, &subscribers, &state);
+        let filtered = subscribers.iter().any(|id| set.index.has_filter(id));
 
         let mut plan = Plan {
             count: 0,
@@ -496,6 +507,8 @@ impl Inner {
             now,
             version: set.version,
             subscribers,
+            receivers: Vec::new(),
+            chains: state.chains.clone(),
             items: Vec::new(),
             owners: Vec::new(),
             key_items: Vec::new(),
@@ -513,20 +526,21 @@ impl Inner {
         for (index, waiting) in batch.iter().enumerate() {
             let sequence = first_sequence + index as u64;
             let ordinal = state.events + index as u64 + 1;
-            let deliveries = plan.subscribers.len();
+            let receivers: Vec<usize> = if filtered {
+                let matched = set.index.matching_event(topic, &waiting.event.attributes);
+                (0..plan.subscribers.len())
+                    .filter(|position| matched.contains(&plan.subscribers[*position]))
+                    .collect()
+            } else {
+                (0..plan.subscribers.len()).collect()
+            };
+            let deliveries = receivers.len();
             let needed =
                 usize::from(waiting.key.is_some()) + usize::from(deliveries > 0) + deliveries;
             if used + needed > TRANSACTION_LIMIT && index > 0 {
                 break;
             }
             used += needed;
-            let previous_of = |position: usize| {
-                if index == 0 {
-                    previous[position]
-                } else {
-                    sequence - 1
-                }
-            };
             let mut items = Vec::new();
             if let Some(key) = &waiting.key {
                 plan.key_items.push(Some(fixed + events_len(&events)));
@@ -551,39 +565,69 @@ impl Inner {
                     previous_sequence: state.last_sequence,
                     previous_version: state.last_version,
                 });
-                items.push(self.put(schema::event_item(&stored, ordinal, deliveries, repair)));
-                let mut all: Vec<Item> = plan
-                    .subscribers
+                let mut all: Vec<(usize, u64, u64)> = receivers
                     .iter()
-                    .enumerate()
-                    .map(|(position, id)| {
-                        schema::delivery_item(
-                            &PartitionKey::new(topic, id.as_str()),
-                            sequence,
-                            previous_of(position),
-                            now,
-                            ordinal,
-                        )
+                    .map(|position| {
+                        let (previous, ordinal) = links.advance(*position, sequence, ordinal);
+                        (*position, previous, ordinal)
                     })
                     .collect();
+                let mut rest = Vec::new();
                 if chunked {
                     let room = TRANSACTION_LIMIT - (used - deliveries);
-                    plan.rest = all.split_off(room.min(all.len()));
+                    rest = all.split_off(room.min(all.len()));
                 }
-                items.extend(all.into_iter().map(|item| self.put(item)));
+                let mut event_item = schema::event_item(&stored, ordinal, deliveries, repair);
+                if !rest.is_empty() && !set.tracked.is_empty() {
+                    // Which subscriptions received it is not recomputable from the set
+                    // (filters, changed topics): the repair takes the list instead.
+                    let listed: Vec<(&str, u64, u64)> = rest
+                        .iter()
+                        .map(|(position, previous, ordinal)| {
+                            (plan.subscribers[*position].as_str(), *previous, *ordinal)
+                        })
+                        .collect();
+                    event_item.insert(
+                        "fanout".into(),
+                        s(serde_json::to_string(&listed).expect("JSON")),
+                    );
+                }
+                items.push(self.put(event_item));
+                let item_of = |(position, previous, ordinal): &(usize, u64, u64)| {
+                    schema::delivery_item(
+                        &PartitionKey::new(topic, plan.subscribers[*position].as_str()),
+                        sequence,
+                        *previous,
+                        now,
+                        *ordinal,
+                    )
+                };
+                plan.rest = rest.iter().map(item_of).collect();
+                items.extend(all.iter().map(item_of).map(|item| self.put(item)));
             }
+            plan.receivers.push(receivers);
             events.push(items);
             plan.count += 1;
             if !plan.rest.is_empty() {
                 break;
             }
         }
+        let chains = links.chains(&set, topic, &plan.subscribers, &state);
         let last = first_sequence + plan.count as u64 - 1;
         let open = (!plan.rest.is_empty()).then_some(last);
         let count = state.events + plan.count as u64;
-        plan.items
-            .push(self.advance_topic(topic, state, (last, count), set.version, open));
+        plan.items.push(self.advance_topic(
+            topic,
+            &state,
+            (last, count),
+            set.version,
+            open,
+            chains.as_ref(),
+        ));
         plan.owners.push(None);
+        if let Some(chains) = chains {
+            plan.chains = Arc::new(chains);
+        }
         if state.last_sequence == 0 {
             plan.items
                 .push(self.put(schema::key(schema::TOPICS_PK, topic)));
@@ -639,13 +683,17 @@ impl Inner {
     fn advance_topic(
         &self,
         topic: &str,
-        state: TopicState,
+        state: &TopicState,
         (last, events): (u64, u64),
         version: u64,
         open_fanout: Option<u64>,
+        chains: Option<&Chains>,
     ) -> TransactWriteItem {
         let mut expression =
             "SET last_seq = :sequence, last_version = :version, events = :events".to_string();
+        if chains.is_some() {
+            expression.push_str(", chains = :chains");
+        }
         if open_fanout.is_some() {
             expression.push_str(" ADD open_fanouts :open");
         }
@@ -656,6 +704,13 @@ impl Inner {
             .expression_attribute_values(":sequence", n(last))
             .expression_attribute_values(":events", n(events))
             .expression_attribute_values(":version", n(version));
+        let update = match chains {
+            Some(chains) => update.expression_attribute_values(
+                ":chains",
+                s(serde_json::to_string(chains).expect("JSON")),
+            ),
+            None => update,
+        };
         let update = match open_fanout {
             Some(sequence) => update.expression_attribute_values(
                 ":open",
@@ -711,12 +766,13 @@ fn events_len(events: &[Vec<TransactWriteItem>]) -> usize {
     events.iter().map(Vec::len).sum()
 }
 
-/// For each subscriber, the sequence of the topic's previous event it received: the topic's
-/// last event reached it iff that was published with a subscription set that already held it.
+/// For each subscriber, the sequence of the topic's previous event it received, for a
+/// subscription that receives every event of its topics: the topic's last event reached it
+/// iff that was published with a subscription set that already held it.
 pub(super) fn previous_sequences(
     set: &SubscriptionSet,
     subscribers: &[String],
-    state: TopicState,
+    state: &TopicState,
 ) -> Vec<u64> {
     subscribers
         .iter()
@@ -731,8 +787,128 @@ pub(super) fn previous_sequences(
         .collect()
 }
 
+/// Tracked partitions' links, by subscription id: the sequence and the partition's own
+/// ordinal of the last event each received on the topic.
+pub(super) type Chains = BTreeMap<String, (u64, u64)>;
+
+/// Where a tracked subscription's chain on `topic` stands before the topic's next event:
+/// its entry on the topic item; without one, what it received while it was untracked (the
+/// topic's last event, if that was published after its creation and before its tracking and
+/// its old patterns matched), or nothing.
+fn chain_start(
+    set: &SubscriptionSet,
+    id: &str,
+    tracking: &Tracking,
+    topic: &str,
+    state: &TopicState,
+) -> (u64, u64) {
+    if let Some(link) = state.chains.get(id) {
+        return *link;
+    }
+    let created = set.created.get(id).copied().unwrap_or(u64::MAX);
+    let received_last = state.last_sequence > 0
+        && state.last_version >= created
+        && state.last_version < tracking.since
+        && tracking
+            .topics_before
+            .iter()
+            .any(|pattern| crate::model::pattern_matches(pattern, topic));
+    if received_last {
+        (state.last_sequence, state.events)
+    } else {
+        (0, 0)
+    }
+}
+
+/// Each subscriber's link while a batch is planned: the previous sequence its next delivery
+/// names and, for a tracked subscription, the ordinal of its last delivery (an untracked
+/// one's deliveries take the topic's ordinal).
+struct Links {
+    links: Vec<(u64, Option<u64>)>,
+}
+
+impl Links {
+    fn start(
+        set: &SubscriptionSet,
+        topic: &str,
+        subscribers: &[String],
+        state: &TopicState,
+    ) -> Links {
+        let previous = previous_sequences(set, subscribers, state);
+        let links = subscribers
+            .iter()
+            .zip(previous)
+            .map(|(id, previous)| match set.tracked.get(id) {
+                Some(tracking) => {
+                    let (sequence, ordinal) = chain_start(set, id, tracking, topic, state);
+                    (sequence, Some(ordinal))
+                }
+                None => (previous, None),
+            })
+            .collect();
+        Links { links }
+    }
+
+    /// Records a delivery of the event `sequence`, the topic's `ordinal`-th, to the
+    /// subscriber at `position`; returns its previous sequence and ordinal.
+    fn advance(&mut self, position: usize, sequence: u64, ordinal: u64) -> (u64, u64) {
+        let (previous, own) = &mut self.links[position];
+        let delivered = match own {
+            Some(last) => *last + 1,
+            None => ordinal,
+        };
+        let link = (*previous, delivered);
+        *previous = sequence;
+        if let Some(last) = own {
+            *last = delivered;
+        }
+        link
+    }
+
+    /// The topic item's new `chains`, if they change: the tracked subscribers' links, and
+    /// those of tracked subscriptions whose old patterns match the topic and that have no
+    /// entry yet (so that what they received while untracked is kept once the topic moves
+    /// past their tracking version). Entries of deleted subscriptions are dropped then.
+    fn chains(
+        &self,
+        set: &SubscriptionSet,
+        topic: &str,
+        subscribers: &[String],
+        state: &TopicState,
+    ) -> Option<Chains> {
+        let mut chains = (*state.chains).clone();
+        let mut changed = false;
+        for (id, (sequence, own)) in subscribers.iter().zip(&self.links) {
+            if let Some(ordinal) = own
+                && (*sequence, *ordinal) != (0, 0)
+                && chains.get(id) != Some(&(*sequence, *ordinal))
+            {
+                chains.insert(id.clone(), (*sequence, *ordinal));
+                changed = true;
+            }
+        }
+        for id in set.before_index.matching(topic) {
+            if chains.contains_key(&id) {
+                continue;
+            }
+            if let Some(tracking) = set.tracked.get(&id) {
+                let link = chain_start(set, &id, tracking, topic, state);
+                if link != (0, 0) {
+                    chains.insert(id, link);
+                    changed = true;
+                }
+            }
+        }
+        if !changed {
+            return None;
+        }
+        chains.retain(|id, _| set.subscriptions.contains_key(id));
+        Some(chains)
+    }
+}
+
 /// What this instance last saw of a topic item.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(super) struct TopicState {
     pub(super) last_sequence: u64,
     pub(super) last_version: u64,
@@ -740,25 +916,32 @@ pub(super) struct TopicState {
     /// ordinal, stored on its deliveries, so that a partition's backlog is the difference
     /// of its tail's and its head's ordinals.
     pub(super) events: u64,
+    /// The tracked partitions' links.
+    pub(super) chains: Arc<Chains>,
 }
 
 impl Inner {
     pub(super) async fn topic_state(&self, topic: &str) -> Result<TopicState, StoreError> {
         if let Some(state) = self.topics.lock().expect("cache lock").get(topic) {
-            return Ok(*state);
+            return Ok(state.clone());
         }
         let state = match self.get_item(schema::topic_key(topic)).await? {
             Some(item) => TopicState {
                 last_sequence: get_n(&item, "last_seq")?,
                 last_version: get_n(&item, "last_version")?,
                 events: get_n(&item, "events")?,
+                chains: Arc::new(match item.get("chains") {
+                    Some(AttributeValue::S(chains)) => serde_json::from_str(chains)
+                        .map_err(|_| StoreError::Corrupt(format!("chains of topic {topic}")))?,
+                    _ => Chains::new(),
+                }),
             },
             None => TopicState::default(),
         };
         self.topics
             .lock()
             .expect("cache lock")
-            .insert(topic.to_string(), state);
+            .insert(topic.to_string(), state.clone());
         Ok(state)
     }
 

@@ -39,6 +39,101 @@ pub(super) struct SubscriptionSet {
     /// Subscription id -> the version that created it.
     pub(super) created: HashMap<String, u64>,
     pub(super) subscriptions: HashMap<String, Subscription>,
+    /// The subscriptions whose partitions keep their own chain on the topic item (see
+    /// [`Tracking`]).
+    pub(super) tracked: HashMap<String, Tracking>,
+    /// The tracked subscriptions under the patterns they had before they were tracked.
+    pub(super) before_index: TopicIndex,
+}
+
+/// Since when a subscription does not receive every event of its topics (it has a filter,
+/// or its topics changed), so that each of its partitions keeps its last sequence and
+/// ordinal on the topic item (`chains`) instead of following the topic's. Until `since` its
+/// topics were `topics_before` and it had no filter (a subscription created with a filter
+/// has no such time: `topics_before` is empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Tracking {
+    /// The subscription-set version from which it is tracked.
+    pub(super) since: u64,
+    /// Its topic patterns before that.
+    pub(super) topics_before: Vec<String>,
+}
+
+impl Tracking {
+    /// The tracking stored on a subscription item (`tracked_since`, `topics_before`), or, for
+    /// a subscription created with a filter, from its creation.
+    pub(super) fn of_item(
+        item: &schema::Item,
+        subscription: &Subscription,
+        created: u64,
+    ) -> Result<Option<Tracking>, StoreError> {
+        if item.contains_key("tracked_since") {
+            let topics_before = serde_json::from_str(get_s(item, "topics_before")?)
+                .map_err(|_| StoreError::Corrupt("topics_before of a subscription".into()))?;
+            return Ok(Some(Tracking {
+                since: get_n(item, "tracked_since")?,
+                topics_before,
+            }));
+        }
+        Ok(subscription.filter.is_some().then(|| Tracking {
+            since: created,
+            topics_before: Vec::new(),
+        }))
+    }
+}
+
+impl SubscriptionSet {
+    /// Adds (or replaces) a subscription.
+    pub(super) fn insert(
+        &mut self,
+        subscription: &Subscription,
+        created: u64,
+        tracking: Option<Tracking>,
+    ) {
+        self.remove(&subscription.id);
+        self.index.add(subscription);
+        self.created.insert(subscription.id.clone(), created);
+        self.subscriptions
+            .insert(subscription.id.clone(), subscription.clone());
+        if let Some(tracking) = tracking {
+            self.before_index.add(&before(subscription, &tracking));
+            self.tracked.insert(subscription.id.clone(), tracking);
+        }
+    }
+
+    /// Removes a subscription, if present.
+    pub(super) fn remove(&mut self, id: &str) {
+        if let Some(old) = self.subscriptions.remove(id) {
+            self.index.remove(&old);
+            if let Some(tracking) = self.tracked.remove(id) {
+                self.before_index.remove(&before(&old, &tracking));
+            }
+        }
+        self.created.remove(id);
+    }
+
+    /// Whether the subscription's patterns as of set version `version` matched `topic`.
+    pub(super) fn matched_at(&self, id: &str, topic: &str, version: u64) -> bool {
+        match self.tracked.get(id) {
+            Some(tracking) if version < tracking.since => tracking
+                .topics_before
+                .iter()
+                .any(|pattern| crate::model::pattern_matches(pattern, topic)),
+            _ => self
+                .subscriptions
+                .get(id)
+                .is_some_and(|subscription| subscription.matches(topic)),
+        }
+    }
+}
+
+/// The subscription as it was before it was tracked: its old patterns, no filter.
+fn before(subscription: &Subscription, tracking: &Tracking) -> Subscription {
+    Subscription {
+        topics: tracking.topics_before.clone(),
+        filter: None,
+        ..subscription.clone()
+    }
 }
 
 /// This instance's copy of the subscription set.
@@ -119,6 +214,8 @@ impl Inner {
                 index: TopicIndex::default(),
                 created: HashMap::new(),
                 subscriptions: HashMap::new(),
+                tracked: HashMap::new(),
+                before_index: TopicIndex::default(),
             };
             for item in self
                 .query_after(schema::SUBSCRIPTIONS_PK, None, usize::MAX)
@@ -126,11 +223,9 @@ impl Inner {
             {
                 let subscription: Subscription =
                     records::decode_subscription(get_s(&item, "data")?.as_bytes(), "subscription")?;
-                set.index.add(&subscription);
-                set.created
-                    .insert(subscription.id.clone(), get_n(&item, "version")?);
-                set.subscriptions
-                    .insert(subscription.id.clone(), subscription);
+                let created = get_n(&item, "version")?;
+                let tracking = Tracking::of_item(&item, &subscription, created)?;
+                set.insert(&subscription, created, tracking);
             }
             let after = self.read_meta().await?;
             if after.version == meta.version {
@@ -234,7 +329,7 @@ impl SubscriptionStore for DynamoStore {
         &self,
         id: &str,
         update: SubscriptionUpdate,
-    ) -> Result<Subscription, StoreError> {
+    ) -> Result<crate::store::Updated, StoreError> {
         // In its own task, so that a caller going away does not leave the change half-seen.
         let task = tokio::spawn(super::operate::update_and_settle(
             self.inner.clone(),

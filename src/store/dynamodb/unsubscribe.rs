@@ -3,6 +3,10 @@
 //! deliveries, dead letters and event references are then removed one by one, and the
 //! tombstone last. If that is interrupted (an error, a crash, a cancelled call), a retried
 //! Unsubscribe or any instance's next rescan finishes it from the tombstone.
+//!
+//! An update that changes a subscription's topics works the same way for the partitions its
+//! new patterns no longer match: the update's transaction leaves a removal record (a
+//! tombstone that names the patterns kept), worked off once the change has settled.
 
 use std::time::{Duration, Instant};
 
@@ -47,6 +51,31 @@ impl Inner {
     /// the repair delay (a younger one is probably still being worked on), removing at most
     /// `budget` deliveries; the rest is left for the next call.
     pub(super) async fn finish_unsubscribes(&self, budget: usize) -> Result<(), StoreError> {
+        self.finish_tombstones(budget).await
+    }
+
+    /// Removes the backlog a topic update left behind (see [`Removal`]); returns how many
+    /// deliveries this call removed. An error leaves the record for a later sweep and is
+    /// reported as `Partial`.
+    pub(super) async fn finish_removal(&self, removal: &Removal) -> Result<u64, StoreError> {
+        let mut dropped = 0;
+        let result = match self
+            .remove_backlog(&removal.scope(), &mut dropped, usize::MAX)
+            .await
+        {
+            Ok(_) => self.delete_tombstone(&removal.key).await,
+            Err(error) => Err(error),
+        };
+        result.map(|()| dropped).map_err(|error| {
+            StoreError::Partial(format!(
+                "subscription {} is updated and {dropped} deliveries of the topics it no longer \
+                 receives are removed, the rest is not yet ({error}); any instance finishes it",
+                removal.subscription.id
+            ))
+        })
+    }
+
+    async fn finish_tombstones(&self, budget: usize) -> Result<(), StoreError> {
         let mut budget = budget;
         let now = now_millis();
         for item in self
@@ -60,15 +89,22 @@ impl Inner {
             if budget == 0 {
                 break;
             }
-            let subscription = decode(&item)?;
-            tracing::info!(subscription = %subscription.id, "finishing an interrupted unsubscribe");
+            let scope = match Removal::from_item(&item)? {
+                Some(removal) => {
+                    tracing::info!(subscription = %removal.subscription.id, "finishing an interrupted topic removal");
+                    removal.scope()
+                }
+                None => {
+                    let subscription = decode(&item)?;
+                    tracing::info!(subscription = %subscription.id, "finishing an interrupted unsubscribe");
+                    Scope::all(subscription)
+                }
+            };
             let mut dropped = 0;
-            let done = self
-                .remove_backlog(&subscription, &mut dropped, budget)
-                .await?;
+            let done = self.remove_backlog(&scope, &mut dropped, budget).await?;
             budget = budget.saturating_sub(dropped as usize);
             if done {
-                self.delete_tombstone(&subscription.id).await?;
+                self.delete_tombstone(get_s(&item, "sk")?).await?;
             }
         }
         Ok(())
@@ -126,11 +162,7 @@ impl Inner {
                 .await
             {
                 Ok(()) => {
-                    self.apply_own_change(version, sent, |set| {
-                        set.index.remove(subscription);
-                        set.created.remove(id);
-                        set.subscriptions.remove(id);
-                    });
+                    self.apply_own_change(version, sent, |set| set.remove(id));
                     return Ok(meta.validity);
                 }
                 Err(error) => match cancellation_reasons(&error) {
@@ -155,7 +187,7 @@ impl Inner {
     async fn drop_backlog(&self, subscription: &Subscription) -> Result<u64, StoreError> {
         let mut dropped = 0;
         let result = match self
-            .remove_backlog(subscription, &mut dropped, usize::MAX)
+            .remove_backlog(&Scope::all(subscription.clone()), &mut dropped, usize::MAX)
             .await
         {
             Ok(_) => self.delete_tombstone(&subscription.id).await,
@@ -166,6 +198,7 @@ impl Inner {
             .map_err(|error| partial(&subscription.id, dropped, error))
     }
 
+    /// Deletes the tombstone (or removal record) with this sort key.
     async fn delete_tombstone(&self, id: &str) -> Result<(), StoreError> {
         self.client
             .delete_item()
@@ -177,18 +210,18 @@ impl Inner {
             .map_err(sdk_error)
     }
 
-    /// Removes up to `budget` deliveries of the deleted subscription, a page at a time.
-    /// Returns true once none is left.
+    /// Removes up to `budget` deliveries in `scope`, a page at a time. Returns true once
+    /// none is left.
     async fn remove_backlog(
         &self,
-        subscription: &Subscription,
+        scope: &Scope,
         dropped: &mut u64,
         budget: usize,
     ) -> Result<bool, StoreError> {
-        let id = subscription.id.as_str();
+        let id = scope.subscription.id.as_str();
         let mut removed = 0;
         for topic in self.topics().await? {
-            if !subscription.matches(&topic) {
+            if !scope.covers(&topic) {
                 continue;
             }
             let partition = PartitionKey::new(topic.as_str(), id);
@@ -206,6 +239,13 @@ impl Inner {
                     let page = self
                         .query_after(&pk, None, PAGE.min(budget - removed))
                         .await?;
+                    let page: Vec<Item> = page
+                        .into_iter()
+                        .take_while(|item| {
+                            schema::get_sequence(item)
+                                .is_ok_and(|sequence| sequence <= scope.through)
+                        })
+                        .collect();
                     if page.is_empty() {
                         break;
                     }
@@ -237,6 +277,90 @@ impl Inner {
                 .map_err(sdk_error)?;
         }
         Ok(true)
+    }
+}
+
+/// Which deliveries a tombstone removes: every partition of a deleted subscription, or those
+/// of the topics a topic update no longer matches (up to a sequence, so that deliveries after
+/// the topic is added back stay).
+struct Scope {
+    subscription: Subscription,
+    /// With a topic update: the patterns kept.
+    kept: Option<Vec<String>>,
+    through: u64,
+}
+
+impl Scope {
+    fn all(subscription: Subscription) -> Scope {
+        Scope {
+            subscription,
+            kept: None,
+            through: u64::MAX,
+        }
+    }
+
+    fn covers(&self, topic: &str) -> bool {
+        self.subscription.matches(topic)
+            && !self.kept.as_ref().is_some_and(|kept| {
+                kept.iter()
+                    .any(|pattern| crate::model::pattern_matches(pattern, topic))
+            })
+    }
+}
+
+/// The record of a topic update's removal of the partitions it no longer matches, kept
+/// under the tombstones' key until done.
+#[derive(Debug, Clone)]
+pub(super) struct Removal {
+    /// Its sort key: `{id}#topics#{version}`.
+    pub(super) key: String,
+    /// The subscription before the update.
+    pub(super) subscription: Subscription,
+    /// The patterns after it.
+    pub(super) kept: Vec<String>,
+    /// Deliveries up to this sequence are removed: published before every instance saw the
+    /// update (a microsecond clock reading plus the settle time).
+    pub(super) through: u64,
+}
+
+impl Removal {
+    pub(super) fn item(&self, now: u64) -> Item {
+        let mut item = schema::key(schema::UNSUBSCRIBING_PK, &self.key);
+        item.insert("deleted_at".into(), n(now));
+        item.insert(
+            "data".into(),
+            s(
+                String::from_utf8(records::encode_subscription(&self.subscription))
+                    .expect("JSON is UTF-8"),
+            ),
+        );
+        item.insert(
+            "kept".into(),
+            s(serde_json::to_string(&self.kept).expect("JSON")),
+        );
+        item.insert("through".into(), n(self.through));
+        item
+    }
+
+    fn from_item(item: &Item) -> Result<Option<Removal>, StoreError> {
+        if !item.contains_key("kept") {
+            return Ok(None);
+        }
+        Ok(Some(Removal {
+            key: get_s(item, "sk")?.to_string(),
+            subscription: decode(item)?,
+            kept: serde_json::from_str(get_s(item, "kept")?)
+                .map_err(|_| StoreError::Corrupt("kept patterns of a topic removal".into()))?,
+            through: get_n(item, "through")?,
+        }))
+    }
+
+    fn scope(&self) -> Scope {
+        Scope {
+            subscription: self.subscription.clone(),
+            kept: Some(self.kept.clone()),
+            through: self.through,
+        }
     }
 }
 

@@ -170,7 +170,7 @@ impl DeliveryLog for EmbeddedStore {
         let subscription_id = subscription_id.to_string();
         self.read_with(move |transaction| {
             let subscription_id = subscription_id.as_str();
-            require_subscription(&transaction, subscription_id)?;
+            let subscription = require_subscription(&transaction, subscription_id)?;
             let partitions = transaction.open_table(PARTITIONS).map_err(unavailable)?;
             let start = after.as_deref().unwrap_or("");
             let mut items = Vec::new();
@@ -183,7 +183,8 @@ impl DeliveryLog for EmbeddedStore {
                 if owner != subscription_id || items.len() > page_size {
                     break;
                 }
-                if after.as_deref() == Some(topic) {
+                // A topic no longer subscribed keeps only its chain's last link.
+                if after.as_deref() == Some(topic) || !subscription.matches(topic) {
                     continue;
                 }
                 let record = PartitionRecord::decode(value.value())?;
@@ -283,18 +284,14 @@ impl DeliveryLog for EmbeddedStore {
 fn require_subscription(
     transaction: &ReadTransaction,
     subscription_id: &str,
-) -> Result<(), StoreError> {
+) -> Result<crate::model::Subscription, StoreError> {
     let subscriptions = transaction.open_table(SUBSCRIPTIONS).map_err(unavailable)?;
-    if subscriptions
-        .get(subscription_id)
-        .map_err(unavailable)?
-        .is_none()
-    {
-        return Err(StoreError::NotFound(format!(
+    match subscriptions.get(subscription_id).map_err(unavailable)? {
+        Some(bytes) => crate::store::records::decode_subscription(bytes.value(), "subscription"),
+        None => Err(StoreError::NotFound(format!(
             "subscription {subscription_id}"
-        )));
+        ))),
     }
-    Ok(())
 }
 
 /// Reads up to `limit` deliveries of a partition with sequence >= `from`, joined with events.

@@ -10,7 +10,9 @@ use super::writer::Command;
 use crate::model::{Page, Subscription};
 use crate::store::pages;
 use crate::store::records;
-use crate::store::{StoreError, SubscriptionLimits, SubscriptionStore, SubscriptionUpdate};
+use crate::store::{
+    StoreError, SubscriptionLimits, SubscriptionStore, SubscriptionUpdate, Updated,
+};
 
 #[async_trait]
 impl SubscriptionStore for EmbeddedStore {
@@ -29,7 +31,7 @@ impl SubscriptionStore for EmbeddedStore {
         &self,
         id: &str,
         update: SubscriptionUpdate,
-    ) -> Result<Subscription, StoreError> {
+    ) -> Result<Updated, StoreError> {
         let id = id.to_string();
         self.submit(|reply| Command::UpdateSubscription(id, update, reply))
             .await

@@ -21,7 +21,7 @@ use crate::store::records::{
 };
 use crate::store::subscriptions::unchanged_identity;
 use crate::store::topic_index::TopicIndex;
-use crate::store::{StoreError, SubscriptionLimits, SubscriptionUpdate};
+use crate::store::{StoreError, SubscriptionLimits, SubscriptionUpdate, Updated};
 
 /// Most expired idempotency keys removed per sweep.
 const SWEEP_LIMIT: usize = 1000;
@@ -110,6 +110,15 @@ impl<'transaction> Tables<'transaction> {
             Some(bytes) => decode_subscription(bytes.value(), "subscription")?,
             None => return Ok(Err(StoreError::NotFound(format!("subscription {id}")))),
         };
+        let mut dropped = 0;
+        for topic in self.partition_topics(id)? {
+            dropped += self.drop_partition(id, &topic)?;
+        }
+        Ok(Ok((subscription, dropped)))
+    }
+
+    /// The topics of the subscription's partitions.
+    fn partition_topics(&self, id: &str) -> Result<Vec<String>, StoreError> {
         let mut topics = Vec::new();
         for entry in self.partitions.range((id, "")..).map_err(unavailable)? {
             let (key, _) = entry.map_err(unavailable)?;
@@ -119,40 +128,41 @@ impl<'transaction> Tables<'transaction> {
             }
             topics.push(topic.to_string());
         }
-        let mut dropped = 0;
-        for topic in &topics {
-            let partition_key = PartitionKey::new(topic.as_str(), id).encode();
-            let mut sequences = Vec::new();
-            for entry in self
-                .deliveries
-                .range((partition_key.as_str(), 0)..=(partition_key.as_str(), u64::MAX))
-                .map_err(unavailable)?
-            {
-                let (key, _) = entry.map_err(unavailable)?;
-                sequences.push(key.value().1);
-            }
-            for sequence in sequences {
-                self.deliveries
-                    .remove((partition_key.as_str(), sequence))
-                    .map_err(unavailable)?;
-                self.release_event(topic, sequence)?;
-                dropped += 1;
-            }
-            for sequence in self.dead_sequences(&partition_key)? {
-                self.dead_letters
-                    .remove((partition_key.as_str(), sequence))
-                    .map_err(unavailable)?;
-                self.release_event(topic, sequence)?;
-                dropped += 1;
-            }
-            self.partitions
-                .remove((id, topic.as_str()))
-                .map_err(unavailable)?;
-            self.pending_partitions
-                .remove((id, topic.as_str()))
-                .map_err(unavailable)?;
+        Ok(topics)
+    }
+
+    /// Removes a partition with its deliveries and dead letters; returns how many those were.
+    fn drop_partition(&mut self, id: &str, topic: &str) -> Result<u64, StoreError> {
+        let partition_key = PartitionKey::new(topic, id).encode();
+        let mut sequences = Vec::new();
+        for entry in self
+            .deliveries
+            .range((partition_key.as_str(), 0)..=(partition_key.as_str(), u64::MAX))
+            .map_err(unavailable)?
+        {
+            let (key, _) = entry.map_err(unavailable)?;
+            sequences.push(key.value().1);
         }
-        Ok(Ok((subscription, dropped)))
+        let mut dropped = 0;
+        for sequence in sequences {
+            self.deliveries
+                .remove((partition_key.as_str(), sequence))
+                .map_err(unavailable)?;
+            self.release_event(topic, sequence)?;
+            dropped += 1;
+        }
+        for sequence in self.dead_sequences(&partition_key)? {
+            self.dead_letters
+                .remove((partition_key.as_str(), sequence))
+                .map_err(unavailable)?;
+            self.release_event(topic, sequence)?;
+            dropped += 1;
+        }
+        self.partitions.remove((id, topic)).map_err(unavailable)?;
+        self.pending_partitions
+            .remove((id, topic))
+            .map_err(unavailable)?;
+        Ok(dropped)
     }
 
     pub(super) fn publish(
@@ -193,7 +203,7 @@ impl<'transaction> Tables<'transaction> {
         let sequence = now_micros().max(last + 1);
         self.topics.insert(topic, sequence).map_err(unavailable)?;
 
-        let subscribers = index.matching(topic);
+        let subscribers = index.matching_event(topic, &event.attributes);
         if !subscribers.is_empty() {
             let stored = Event {
                 id: event.id.clone(),
@@ -718,13 +728,14 @@ impl<'transaction> Tables<'transaction> {
         Ok(Ok(count))
     }
 
-    /// Replaces a subscription by `update`'s edit of it. Its topics cannot change (the topic
-    /// index is not rebuilt here).
+    /// Replaces a subscription by `update`'s edit of it; returns the old value too (the
+    /// caller updates the topic index if the topics or the filter changed). Partitions of
+    /// topics the new patterns no longer match are dropped with their deliveries.
     pub(super) fn update_subscription(
         &mut self,
         id: &str,
         update: &SubscriptionUpdate,
-    ) -> Applied<Subscription> {
+    ) -> Applied<(Subscription, Updated)> {
         let current = match self.subscriptions.get(id).map_err(unavailable)? {
             Some(bytes) => decode_subscription(bytes.value(), "subscription")?,
             None => return Ok(Err(StoreError::NotFound(format!("subscription {id}")))),
@@ -736,12 +747,37 @@ impl<'transaction> Tables<'transaction> {
         if let Err(error) = unchanged_identity(&current, &updated) {
             return Ok(Err(error));
         }
+        let mut dropped = 0;
         if updated != current {
             self.subscriptions
                 .insert(id, encode_subscription(&updated).as_slice())
                 .map_err(unavailable)?;
+            if updated.topics != current.topics {
+                for topic in self.partition_topics(id)? {
+                    if !updated.matches(&topic) {
+                        // Only the chain's last link stays: if the topic comes back, its
+                        // first event names the last one received before.
+                        let last = self.partition(id, &topic)?.last_enqueued;
+                        dropped += self.drop_partition(id, &topic)?;
+                        let kept = PartitionRecord {
+                            last_enqueued: last,
+                            dead_through: last,
+                            ..PartitionRecord::default()
+                        };
+                        self.partitions
+                            .insert((id, topic.as_str()), kept.encode().as_slice())
+                            .map_err(unavailable)?;
+                    }
+                }
+            }
         }
-        Ok(Ok(updated))
+        Ok(Ok((
+            current,
+            Updated {
+                subscription: updated,
+                dropped,
+            },
+        )))
     }
 
     /// The partition's head: its first delivery that is neither completed nor dead-lettered.

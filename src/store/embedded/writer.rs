@@ -18,7 +18,7 @@ use crate::model::{
     now_millis,
 };
 use crate::store::topic_index::TopicIndex;
-use crate::store::{StoreError, SubscriptionLimits, SubscriptionUpdate};
+use crate::store::{StoreError, SubscriptionLimits, SubscriptionUpdate, Updated};
 
 /// Most commands applied in one transaction.
 const MAX_BATCH: usize = 2048;
@@ -39,7 +39,7 @@ pub(super) enum Command {
     Publish(NewEvent, Duration, Reply<Published>),
     Complete(PartitionKey, u64, Reply<()>),
     Failure(PartitionKey, u64, String, FailureOutcome, Reply<()>),
-    UpdateSubscription(String, SubscriptionUpdate, Reply<Subscription>),
+    UpdateSubscription(String, SubscriptionUpdate, Reply<Updated>),
     RetryNow(PartitionKey, Reply<Option<u64>>),
     SkipHead(PartitionKey, u64, Reply<()>),
     Redrive(PartitionKey, Option<Vec<u64>>, Reply<u64>),
@@ -60,7 +60,7 @@ enum Outcome {
     Unit(Reply<()>, Result<(), StoreError>),
     Count(Reply<u64>, Result<u64, StoreError>),
     Published(Reply<Published>, Result<Published, StoreError>),
-    Subscription(Reply<Subscription>, Result<Subscription, StoreError>),
+    Updated(Reply<Updated>, Result<Box<Updated>, StoreError>),
     Head(Reply<Option<u64>>, Result<Option<u64>, StoreError>),
     Replayed(Reply<Replayed>, Result<Replayed, StoreError>),
 }
@@ -78,7 +78,8 @@ impl Outcome {
             Outcome::Published(reply, result) => {
                 let _ = reply.send(batch_error.map_or(result, |error| Err(error.clone())));
             }
-            Outcome::Subscription(reply, result) => {
+            Outcome::Updated(reply, result) => {
+                let result = result.map(|updated| *updated);
                 let _ = reply.send(batch_error.map_or(result, |error| Err(error.clone())));
             }
             Outcome::Head(reply, result) => {
@@ -353,7 +354,16 @@ impl Writer {
                         Ok(tables.record_failure(&partition, sequence, &error, &outcome)?),
                     ),
                     Command::UpdateSubscription(id, update, reply) => {
-                        Outcome::Subscription(reply, tables.update_subscription(&id, &update)?)
+                        let result = tables.update_subscription(&id, &update)?;
+                        if let Ok((old, updated)) = &result
+                            && (old.topics != updated.subscription.topics
+                                || old.filter != updated.subscription.filter)
+                        {
+                            self.index.remove(old);
+                            self.index.add(&updated.subscription);
+                            *index_changed = true;
+                        }
+                        Outcome::Updated(reply, result.map(|(_, updated)| Box::new(updated)))
                     }
                     Command::RetryNow(partition, reply) => {
                         Outcome::Head(reply, tables.retry_now(&partition, now)?)

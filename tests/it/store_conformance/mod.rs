@@ -20,6 +20,7 @@ fn subscription(id: &str, topics: &[&str]) -> Subscription {
         control: Default::default(),
         previous_secret: None,
         pacing: Default::default(),
+        filter: None,
     }
 }
 
@@ -72,6 +73,7 @@ async fn subscription_with_time(store: &Arc<dyn Store>, id: &str) -> Subscriptio
 
 mod delivery_log;
 mod leases;
+mod retarget;
 mod subscriptions;
 
 async fn embedded() -> (Arc<dyn Store>, tempfile::TempDir) {

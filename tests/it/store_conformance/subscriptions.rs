@@ -36,6 +36,7 @@ async fn updates_change_a_subscription_in_place_or_write_nothing(store: Arc<dyn 
         )
         .await
         .unwrap();
+    let paused = paused.subscription;
     assert_eq!(paused.control.state, SubscriptionState::Paused);
     let read = store.get_subscription("sub_u").await.unwrap();
     assert_eq!(read, paused);
@@ -48,7 +49,7 @@ async fn updates_change_a_subscription_in_place_or_write_nothing(store: Arc<dyn 
         before,
         "only the control changed"
     );
-    // An update that refuses writes nothing; one that changes the topics is refused.
+    // An update that refuses writes nothing; one that changes the id is refused.
     let refused = store
         .update_subscription(
             "sub_u",
@@ -59,16 +60,19 @@ async fn updates_change_a_subscription_in_place_or_write_nothing(store: Arc<dyn 
         )
         .await;
     assert!(matches!(refused, Err(StoreError::FailedPrecondition(_))));
-    let topics = store
+    let renamed = store
         .update_subscription(
             "sub_u",
             Arc::new(|subscription| {
-                subscription.topics.push("v".into());
+                subscription.id = "sub_v".into();
                 Ok(())
             }),
         )
         .await;
-    assert!(matches!(topics, Err(StoreError::Internal(_))), "{topics:?}");
+    assert!(
+        matches!(renamed, Err(StoreError::Internal(_))),
+        "{renamed:?}"
+    );
     assert_eq!(store.get_subscription("sub_u").await.unwrap(), paused);
     let missing = store
         .update_subscription("sub_missing", Arc::new(|_| Ok(())))

@@ -82,7 +82,7 @@ impl SubscriptionStore for FaultyStore {
         &self,
         id: &str,
         update: SubscriptionUpdate,
-    ) -> Result<Subscription, StoreError> {
+    ) -> Result<herald::store::Updated, StoreError> {
         self.inner.update_subscription(id, update).await
     }
 

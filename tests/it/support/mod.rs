@@ -376,6 +376,7 @@ pub fn subscribe_request(endpoint: &str, topics: &[&str]) -> proto::SubscribeReq
         on_exhausted: 0,
         max_requests_per_second: 0,
         max_in_flight: 0,
+        filter: String::new(),
     }
 }
 
