@@ -19,6 +19,9 @@ pub const MAX_FILTER_NESTING: usize = 8;
 /// Most operators accepted (each binary operator is a level of the evaluator's recursion).
 pub const MAX_FILTER_OPERATORS: usize = 32;
 
+/// Most field selections (`attributes.region`) accepted: each is a level too.
+pub const MAX_FILTER_SELECTS: usize = 64;
+
 /// Most comprehension macros (`all`, `exists`, ...) accepted: nested, each multiplies the
 /// evaluation's cost by the size of what it ranges over (64 attributes at most).
 pub const MAX_FILTER_COMPREHENSIONS: usize = 2;
@@ -83,7 +86,9 @@ impl Filter {
         let unknown: Vec<&str> = references
             .variables()
             .into_iter()
-            .filter(|name| !VARIABLES.contains(name) && !bound.contains(name))
+            .filter(|name| {
+                !VARIABLES.contains(name) && !bound.iter().any(|bound| bound.as_str() == *name)
+            })
             .collect();
         if !unknown.is_empty() {
             return Err(FilterError(format!(
@@ -101,11 +106,6 @@ impl Filter {
         })
     }
 
-    /// The expression as given.
-    pub fn source(&self) -> &str {
-        &self.source
-    }
-
     /// Whether the event matches: the expression evaluates to `true`. Any other outcome (false,
     /// a value that is not a boolean, an error such as reading an attribute the event does
     /// not have without `has()`) is no match.
@@ -114,18 +114,10 @@ impl Filter {
     }
 }
 
-/// Refuses a filter nested deeper than [`MAX_FILTER_NESTING`] or with more than
-/// [`MAX_FILTER_OPERATORS`] operators, both counted outside string literals.
-fn check_shape(source: &str) -> Result<(), FilterError> {
-    if source.contains("\"\"\"") || source.contains("'''") {
-        return Err(FilterError(
-            "uses a triple-quoted string; use a plain one".into(),
-        ));
-    }
-    let mut depth = 0usize;
-    let mut deepest = 0usize;
-    let mut operators = 0usize;
-    let mut words = String::new();
+/// The filter's code: string literals and comments blanked out, so that what they contain
+/// is not counted or taken for code.
+fn code_of(source: &str) -> String {
+    let mut code = String::with_capacity(source.len());
     let mut chars = source.chars().peekable();
     let mut previous = ' ';
     while let Some(char) = chars.next() {
@@ -139,7 +131,56 @@ fn check_shape(source: &str) -> Result<(), FilterError> {
                         break;
                     }
                 }
+                code.push_str(" \"\" ");
             }
+            '/' if chars.peek() == Some(&'/') => {
+                for inner in chars.by_ref() {
+                    if inner == '\n' {
+                        break;
+                    }
+                }
+                code.push('\n');
+            }
+            _ => code.push(char),
+        }
+        previous = char;
+    }
+    code
+}
+
+/// Positions in `code` of the comprehension macros called on a value (`.all(`, ...), with
+/// the text after the opening parenthesis.
+fn comprehension_calls(code: &str) -> impl Iterator<Item = &str> {
+    code.match_indices('.').filter_map(|(at, _)| {
+        let after = code[at + 1..].trim_start();
+        let name_end = after
+            .find(|char: char| !(char.is_alphanumeric() || char == '_'))
+            .unwrap_or(after.len());
+        let (name, rest) = after.split_at(name_end);
+        let arguments = rest.trim_start().strip_prefix('(')?;
+        COMPREHENSIONS.contains(&name).then_some(arguments)
+    })
+}
+
+/// Refuses a filter nested deeper than [`MAX_FILTER_NESTING`], with more than
+/// [`MAX_FILTER_OPERATORS`] operators or [`MAX_FILTER_SELECTS`] field selections, or more than
+/// [`MAX_FILTER_COMPREHENSIONS`] comprehensions, all counted in its code (not in its string
+/// literals or comments).
+fn check_shape(source: &str) -> Result<(), FilterError> {
+    if source.contains("\"\"\"") || source.contains("\'\'\'") {
+        return Err(FilterError(
+            "uses a triple-quoted string; use a plain one".into(),
+        ));
+    }
+    let code = code_of(source);
+    let mut depth = 0usize;
+    let mut deepest = 0usize;
+    let mut operators = 0usize;
+    let mut selects = 0usize;
+    let mut chars = code.chars().peekable();
+    let mut previous = ' ';
+    while let Some(char) = chars.next() {
+        match char {
             '(' | '[' | '{' => {
                 depth += 1;
                 deepest = deepest.max(depth);
@@ -158,28 +199,17 @@ fn check_shape(source: &str) -> Result<(), FilterError> {
                     chars.next();
                 }
             }
+            // Not the point of a number.
+            '.' if !previous.is_ascii_digit() => selects += 1,
             _ => {}
         }
-        words.push(if char.is_alphanumeric() || char == '_' {
-            char
-        } else {
-            ' '
-        });
         previous = char;
     }
     // `in` is a binary operator too.
-    operators += words.split(' ').filter(|word| *word == "in").count();
-    let comprehensions = words
-        .split(' ')
-        .filter(|word| COMPREHENSIONS.contains(word))
+    operators += code
+        .split(|char: char| !(char.is_alphanumeric() || char == '_'))
+        .filter(|word| *word == "in")
         .count();
-    if comprehensions > MAX_FILTER_COMPREHENSIONS {
-        return Err(FilterError(format!(
-            "uses {comprehensions} of the macros {}; at most {MAX_FILTER_COMPREHENSIONS} (each \
-             multiplies the cost by the length of what it ranges over)",
-            COMPREHENSIONS.join(", ")
-        )));
-    }
     if deepest > MAX_FILTER_NESTING {
         return Err(FilterError(format!(
             "nests {deepest} levels of brackets, more than the {MAX_FILTER_NESTING} allowed"
@@ -190,32 +220,36 @@ fn check_shape(source: &str) -> Result<(), FilterError> {
             "has more than {MAX_FILTER_OPERATORS} operators"
         )));
     }
+    if selects > MAX_FILTER_SELECTS {
+        return Err(FilterError(format!(
+            "selects more than {MAX_FILTER_SELECTS} fields"
+        )));
+    }
+    let comprehensions = comprehension_calls(&code).count();
+    if comprehensions > MAX_FILTER_COMPREHENSIONS {
+        return Err(FilterError(format!(
+            "uses {comprehensions} of the macros {}; at most {MAX_FILTER_COMPREHENSIONS} (each \
+             multiplies the cost by the length of what it ranges over)",
+            COMPREHENSIONS.join(", ")
+        )));
+    }
     Ok(())
 }
 
 /// The variables that comprehension macros bind (`k` in `attributes.all(k, ...)`).
-fn comprehension_variables(source: &str) -> Vec<&str> {
-    let mut bound = Vec::new();
-    for name in COMPREHENSIONS {
-        let mut rest = source;
-        while let Some(at) = rest.find(name) {
-            let after = rest[at + name.len()..].trim_start();
-            rest = &rest[at + name.len()..];
-            if let Some(arguments) = after.strip_prefix('(')
-                && let Some((first, _)) = arguments.split_once(',')
-            {
-                let first = first.trim();
-                if !first.is_empty()
-                    && first
-                        .chars()
-                        .all(|char| char.is_alphanumeric() || char == '_')
-                {
-                    bound.push(first);
-                }
-            }
-        }
-    }
-    bound
+fn comprehension_variables(source: &str) -> Vec<String> {
+    let code = code_of(source);
+    comprehension_calls(&code)
+        .filter_map(|arguments| {
+            let (first, _) = arguments.split_once(',')?;
+            let first = first.trim();
+            (!first.is_empty()
+                && first
+                    .chars()
+                    .all(|char| char.is_alphanumeric() || char == '_'))
+            .then(|| first.to_string())
+        })
+        .collect()
 }
 
 /// An event as filters see it: made once per event, used by every filter evaluated on it.
@@ -289,6 +323,24 @@ mod tests {
         assert!(Filter::compile(r#"topic == """x""""#).is_err());
         let nested = "attributes.all(a, attributes.all(b, attributes.all(c, a != c)))";
         assert!(Filter::compile(nested).unwrap_err().0.contains("macros"));
+        // Comments and strings hide nothing from the limits, and bind nothing.
+        let commented =
+            "// \"\nattributes.all(a, attributes.all(b, attributes.all(c, true))) // \"";
+        assert!(Filter::compile(commented).unwrap_err().0.contains("macros"));
+        let deep_comment = format!("// )))\n{}true{}", "(".repeat(9), ")".repeat(9));
+        assert!(
+            Filter::compile(&deep_comment)
+                .unwrap_err()
+                .0
+                .contains("nests")
+        );
+        let quoted = r#"topic == "exists(payload," || payload == "x""#;
+        assert!(Filter::compile(quoted).unwrap_err().0.contains("`payload`"));
+        let keys = r#"has(attributes.all) && attributes.all == "1" && attributes.map == "x""#;
+        assert!(Filter::compile(keys).is_ok(), "{:?}", Filter::compile(keys));
+        let chain = format!("has(attributes{})", ".a".repeat(MAX_FILTER_SELECTS + 1));
+        assert!(Filter::compile(&chain).unwrap_err().0.contains("selects"));
+        assert!(Filter::compile("1.5 < 2.5 // a comment").is_ok());
         let two = r#"attributes.exists(k, k == "x") && attributes.all(k, k != "y")"#;
         assert!(Filter::compile(two).is_ok(), "{:?}", Filter::compile(two));
         let with_key = Filter::compile(two).unwrap();
@@ -321,6 +373,13 @@ mod tests {
                     "]",
                     &format!("1{}", "+1".repeat(MAX_FILTER_OPERATORS - 2))
                 )
+            ),
+            format!(
+                "{}has(attributes{}){}{}",
+                "(".repeat(MAX_FILTER_NESTING - 1),
+                ".a".repeat(MAX_FILTER_SELECTS - 1),
+                " || 1 > 2".repeat(MAX_FILTER_OPERATORS / 2 - 1),
+                ")".repeat(MAX_FILTER_NESTING - 1)
             ),
             format!(
                 "{}1{}{}.size() > 0",

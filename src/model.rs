@@ -351,7 +351,7 @@ pub struct HeadStatus {
 /// Which delivered events of a partition to send again: those with a sequence in
 /// `[from_sequence, to_sequence]` published within `[from_time, to_time]` (both inclusive),
 /// at most `limit` of them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplayRange {
     /// Smallest sequence.
     pub from_sequence: u64,
@@ -363,6 +363,26 @@ pub struct ReplayRange {
     pub to_time: UnixMillis,
     /// Most events queued by one call.
     pub limit: usize,
+    /// The subscription's filter: events it does not match are not the partition's, and are
+    /// not queued (nor taken as a replayed event's previous one).
+    pub filter: Option<String>,
+}
+
+impl ReplayRange {
+    /// The compiled filter, if any.
+    pub fn compiled_filter(
+        &self,
+    ) -> Result<Option<crate::filter::Filter>, crate::store::StoreError> {
+        self.filter
+            .as_deref()
+            .map(crate::filter::Filter::compile)
+            .transpose()
+            .map_err(|error| {
+                crate::store::StoreError::Internal(format!(
+                    "stored filter does not compile: {error}"
+                ))
+            })
+    }
 }
 
 /// What a replay queued.

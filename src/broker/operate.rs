@@ -206,6 +206,7 @@ impl Broker {
             from_time: subscription.created_at,
             to_time: now,
             limit,
+            filter: subscription.filter.clone(),
         };
         match start {
             Some(ReplayBound::Sequence(sequence)) => range.from_sequence = sequence,

@@ -65,10 +65,12 @@ struct Paced {
     _in_flight: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-/// What to write after an attempt.
+/// What to write after attempts.
 enum Outcome {
-    Completed,
-    Failed(String, FailureOutcome),
+    /// These deliveries succeeded (in order).
+    Completed(Vec<u64>),
+    /// This one failed.
+    Failed(u64, String, FailureOutcome),
 }
 
 /// The state of one partition's delivery loop.
@@ -82,6 +84,13 @@ pub(crate) struct PartitionWorker<'a> {
     rng: StdRng,
     /// The engine's change count when the subscription was last read.
     changes_seen: u64,
+    /// Deliveries that succeeded and are not recorded yet: written together, at the latest
+    /// before the partition is read again, before a failure is recorded, and before the
+    /// worker waits or stops (see [`PartitionWorker::flush`]). Only without a lease (the
+    /// embedded store, one process): with one, each success is written before the next send.
+    /// A crash loses them either way (completions are not synced), and the partition is then
+    /// sent again from its head, in order.
+    completed: Vec<u64>,
 }
 
 impl<'a> PartitionWorker<'a> {
@@ -104,19 +113,41 @@ impl<'a> PartitionWorker<'a> {
             key,
             rng: StdRng::from_os_rng(),
             changes_seen,
+            completed: Vec::with_capacity(BATCH_SIZE),
         }
     }
 
     /// Delivers until nothing is left or the worker must stop; returns why, with the lease.
     pub async fn run(mut self) -> (Stop, Option<Lease>) {
-        let stop = self.deliver().await.unwrap_err();
+        let mut stop = self.deliver().await.unwrap_err();
+        // Successes not yet written are recorded on the way out (shutdown included); with
+        // the lease lost they are the new holder's to send again.
+        if !self.completed.is_empty()
+            && !matches!(stop, Stop::Lease(LeaseEnded::Lost))
+            && let Err(error) = self.flush().await
+        {
+            stop = error;
+        }
         (stop, self.lease)
+    }
+
+    /// Records the successes not written yet, in one call.
+    async fn flush(&mut self) -> Result<(), Stop> {
+        if self.completed.is_empty() {
+            return Ok(());
+        }
+        let completed = std::mem::take(&mut self.completed);
+        let result = self.record(Outcome::Completed(completed)).await;
+        self.completed.clear();
+        result
     }
 
     async fn deliver(&mut self) -> Result<(), Stop> {
         'batch: loop {
             self.check_shutdown()?;
             self.hold_lease().await?;
+            // Before the read: the partition's head must be past what was delivered.
+            self.flush().await?;
             let batch = self.next_batch().await?;
             if batch.is_empty() {
                 self.linger().await?;
@@ -162,7 +193,13 @@ impl<'a> PartitionWorker<'a> {
                         let since_publish =
                             now_millis().saturating_sub(delivery.event.published_at);
                         metrics.delivered(Duration::from_millis(since_publish));
-                        self.record(sequence, Outcome::Completed).await?;
+                        self.completed.push(sequence);
+                        if self.lease.is_some() {
+                            // On a shared store another instance may take the partition over
+                            // at any moment: a success is recorded before the next send, so
+                            // the new holder repeats at most the attempt in flight.
+                            self.flush().await?;
+                        }
                         self.inner.endpoint_outcome(
                             &self.partition.subscription_id,
                             true,
@@ -194,7 +231,9 @@ impl<'a> PartitionWorker<'a> {
                                 &error,
                             );
                         }
-                        self.record(sequence, Outcome::Failed(error, outcome))
+                        // After the successes before it, in order.
+                        self.flush().await?;
+                        self.record(Outcome::Failed(sequence, error, outcome))
                             .await?;
                         if outcome == FailureOutcome::DeadLetter {
                             self.inner.config.metrics.dead_lettered();
@@ -206,6 +245,7 @@ impl<'a> PartitionWorker<'a> {
                 }
             }
             if caught_up {
+                self.flush().await?;
                 self.linger().await?;
             }
         }
@@ -309,6 +349,8 @@ impl<'a> PartitionWorker<'a> {
         if delivery.state.next_attempt_at <= now {
             return Ok(true);
         }
+        self.flush().await?;
+        let now = now_millis();
         let due = Instant::now() + Duration::from_millis(delivery.state.next_attempt_at - now);
         let woke_early = self.renewal_due() < due;
         let mut shutdown = self.inner.shutdown.clone();
@@ -363,6 +405,7 @@ impl<'a> PartitionWorker<'a> {
     /// Waits until the partition may send again (resumed), keeping the lease.
     async fn wait_while_paused(&mut self) -> Result<(), Stop> {
         tracing::debug!(partition = %self.partition, "paused");
+        self.flush().await?;
         loop {
             let mut shutdown = self.inner.shutdown.clone();
             tokio::select! {
@@ -385,6 +428,8 @@ impl<'a> PartitionWorker<'a> {
         let Some(pacer) = self.inner.pacers.get(&self.subscription) else {
             return Ok(Some(Paced { _in_flight: None }));
         };
+        // A paced endpoint may keep the worker waiting: what it delivered is written first.
+        self.flush().await?;
         let turn = pacer.turn();
         tokio::pin!(turn);
         loop {
@@ -488,20 +533,25 @@ impl<'a> PartitionWorker<'a> {
         }
     }
 
-    /// Writes an attempt's outcome, retrying the same write until it succeeds: a failure keeps
-    /// its computed schedule (no early re-send), a success is recorded before the next send.
-    /// Stops if the lease is lost (the new holder sends the event again).
-    async fn record(&mut self, sequence: u64, outcome: Outcome) -> Result<(), Stop> {
+    /// Writes attempts' outcomes, retrying the same write until it succeeds: a failure keeps
+    /// its computed schedule (no early re-send); successes are written before the partition
+    /// is read again. Stops if the lease is lost (the new holder sends the events again).
+    async fn record(&mut self, outcome: Outcome) -> Result<(), Stop> {
         let mut failures = 0;
         loop {
             let fence = self.lease.as_ref().map(Lease::token);
             let log = &self.inner.log;
-            let result = match &outcome {
-                Outcome::Completed => log.complete_delivery(self.partition, sequence, fence).await,
-                Outcome::Failed(error, failure) => {
-                    log.record_failure(self.partition, sequence, error, *failure, fence)
-                        .await
-                }
+            let (sequence, result) = match &outcome {
+                Outcome::Completed(sequences) => (
+                    sequences.first().copied().unwrap_or_default(),
+                    log.complete_deliveries(self.partition, sequences, fence)
+                        .await,
+                ),
+                Outcome::Failed(sequence, error, failure) => (
+                    *sequence,
+                    log.record_failure(self.partition, *sequence, error, *failure, fence)
+                        .await,
+                ),
             };
             match result {
                 Ok(()) => return Ok(()),

@@ -80,6 +80,21 @@ pub trait DeliveryLog: Send + Sync {
         fence: Option<&LeaseToken>,
     ) -> Result<(), StoreError>;
 
+    /// Completes several deliveries of one partition, in order, as
+    /// [`DeliveryLog::complete_delivery`] does each (a store may write them together). On an
+    /// error, a prefix of them may be recorded; repeating the call is harmless.
+    async fn complete_deliveries(
+        &self,
+        partition: &PartitionKey,
+        sequences: &[u64],
+        fence: Option<&LeaseToken>,
+    ) -> Result<(), StoreError> {
+        for &sequence in sequences {
+            self.complete_delivery(partition, sequence, fence).await?;
+        }
+        Ok(())
+    }
+
     /// Records a failed attempt at the delivery of `sequence`: increments its attempt count,
     /// stores `error`, and either schedules the next attempt or dead-letters it (which moves the
     /// partition's head past it). A no-op if the delivery is not pending. `LeaseLost` if

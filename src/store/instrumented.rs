@@ -150,6 +150,20 @@ impl DeliveryLog for Instrumented {
         .await
     }
 
+    async fn complete_deliveries(
+        &self,
+        partition: &PartitionKey,
+        sequences: &[u64],
+        fence: Option<&LeaseToken>,
+    ) -> Result<(), StoreError> {
+        timed(
+            &self.metrics,
+            "complete_deliveries",
+            self.inner.complete_deliveries(partition, sequences, fence),
+        )
+        .await
+    }
+
     async fn record_failure(
         &self,
         partition: &PartitionKey,

@@ -138,10 +138,12 @@ impl Inner {
         Ok(())
     }
 
-    /// The deliveries of an open fan-out: listed on the event (with their previous sequences
-    /// and, in the current format, their ordinals) when its set held tracked subscriptions;
-    /// else the subscriptions of its set version that matched the topic then and still exist
-    /// (a deleted one needs none), with the previous sequences its publisher computed.
+    /// The deliveries of an open fan-out, for the subscriptions that still exist and still
+    /// match the topic (one deleted, or whose topics changed since, needs none): an event
+    /// written by an earlier version lists them all; otherwise the tracked subscriptions
+    /// beyond the first transaction are listed with their links, and the others (which
+    /// receive every event of their topics) are recomputed from the set version and the
+    /// topic's previous event recorded on the event.
     async fn fanout_deliveries(
         &self,
         topic: &str,
@@ -159,15 +161,8 @@ impl Inner {
                 ordinal,
             )
         };
+        let corrupt = || StoreError::Corrupt(format!("fan-out record of {topic}/{sequence}"));
         if let Some(AttributeValue::S(listed)) = event.get("fanout") {
-            let corrupt = || StoreError::Corrupt(format!("fan-out record of {topic}/{sequence}"));
-            // (id, previous, ordinal) now; (id, previous) from earlier versions.
-            if let Ok(fanout) = serde_json::from_str::<Vec<(String, u64, u64)>>(listed) {
-                return Ok(fanout
-                    .iter()
-                    .map(|(id, previous, ordinal)| delivery(id, *previous, *ordinal))
-                    .collect());
-            }
             let fanout: Vec<(String, u64)> = serde_json::from_str(listed).map_err(|_| corrupt())?;
             return Ok(fanout
                 .iter()
@@ -181,8 +176,23 @@ impl Inner {
         if set.version < record.version {
             set = self.refresh_subscriptions().await?;
         }
-        // No subscription was tracked at the event's version (it would be listed), so each
-        // matched by the patterns it had then, and received every event since its creation.
+        let still_matches = |id: &str| {
+            set.subscriptions
+                .get(id)
+                .is_some_and(|subscription| subscription.matches(topic))
+        };
+        let mut deliveries = Vec::new();
+        if let Some(AttributeValue::S(listed)) = event.get("fanout_tracked") {
+            let tracked: Vec<(String, u64, u64)> =
+                serde_json::from_str(listed).map_err(|_| corrupt())?;
+            deliveries.extend(
+                tracked
+                    .iter()
+                    .filter(|(id, ..)| still_matches(id))
+                    .map(|(id, previous, ordinal)| delivery(id, *previous, *ordinal)),
+            );
+        }
+        // Those untracked at the event's version, matched by the patterns they had then.
         let mut candidates = set.index.matching(topic);
         candidates.extend(set.before_index.matching(topic));
         let subscribers: Vec<String> = candidates
@@ -191,7 +201,12 @@ impl Inner {
                 set.created
                     .get(id)
                     .is_some_and(|created| *created <= record.version)
+                    && set
+                        .tracked
+                        .get(id)
+                        .is_none_or(|tracking| tracking.since > record.version)
                     && set.matched_at(id, topic, record.version)
+                    && still_matches(id)
             })
             .collect();
         let before = TopicState {
@@ -200,10 +215,12 @@ impl Inner {
             ..TopicState::default()
         };
         let previous = previous_sequences(&set, &subscribers, &before);
-        Ok(subscribers
-            .iter()
-            .zip(previous)
-            .map(|(id, previous)| delivery(id, previous, ordinal))
-            .collect())
+        deliveries.extend(
+            subscribers
+                .iter()
+                .zip(previous)
+                .map(|(id, previous)| delivery(id, previous, ordinal)),
+        );
+        Ok(deliveries)
     }
 }

@@ -395,7 +395,7 @@ impl Inner {
     }
 
     /// Items of `pk` with sort keys in `[low, high]`, in order, at most `limit`, with only
-    /// the attributes `projection` names.
+    /// the attributes `projection` names (`#attributes` for `attributes`, a reserved word).
     async fn query_between(
         &self,
         pk: &str,
@@ -406,9 +406,13 @@ impl Inner {
         let mut items = Vec::new();
         let mut start = None;
         while items.len() < limit {
-            let output = self
-                .client
-                .query()
+            let query = self.client.query();
+            let query = if projection.contains("#attributes") {
+                query.expression_attribute_names("#attributes", "attributes")
+            } else {
+                query
+            };
+            let output = query
                 .table_name(&self.table)
                 .key_condition_expression("pk = :pk AND sk BETWEEN :low AND :high")
                 .expression_attribute_values(":pk", s(pk))
@@ -472,9 +476,10 @@ impl Inner {
                 &schema::event_pk(topic),
                 (low, high),
                 range.limit + 1,
-                "pk, sk, published_at, ordinal, expires_at_ttl",
+                "pk, sk, published_at, ordinal, expires_at_ttl, #attributes",
             )
             .await?;
+        let filter = range.compiled_filter()?;
         let now_seconds = now_millis() / 1000;
         let mut previous = self.event_before(topic, low).await?;
         let mut chosen = Vec::new();
@@ -482,6 +487,15 @@ impl Inner {
             let sequence = schema::get_sequence(item)?;
             let expired = item.contains_key(schema::TTL) && get_n(item, schema::TTL)? < now_seconds;
             let published_at = get_n(item, "published_at")?;
+            if let Some(filter) = &filter {
+                let attributes =
+                    serde_json::from_str(get_s(item, "attributes")?).map_err(|_| {
+                        StoreError::Corrupt(format!("attributes of {topic}/{sequence}"))
+                    })?;
+                if !filter.matches(&crate::filter::Bindings::new(topic, &attributes)) {
+                    continue;
+                }
+            }
             if expired || published_at < range.from_time {
                 previous = sequence;
                 continue;

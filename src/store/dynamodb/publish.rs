@@ -578,17 +578,19 @@ impl Inner {
                     rest = all.split_off(room.min(all.len()));
                 }
                 let mut event_item = schema::event_item(&stored, ordinal, deliveries, repair);
-                if !rest.is_empty() && !set.tracked.is_empty() {
-                    // Which subscriptions received it is not recomputable from the set
-                    // (filters, changed topics): the repair takes the list instead.
-                    let listed: Vec<(&str, u64, u64)> = rest
-                        .iter()
-                        .map(|(position, previous, ordinal)| {
-                            (plan.subscribers[*position].as_str(), *previous, *ordinal)
-                        })
-                        .collect();
+                // Which tracked subscriptions receive it, and their links, cannot be
+                // recomputed from the set (filters, changed topics): a repair takes those
+                // beyond this transaction from a list, and recomputes the others.
+                let listed: Vec<(&str, u64, u64)> = rest
+                    .iter()
+                    .filter(|(position, ..)| set.tracked.contains_key(&plan.subscribers[*position]))
+                    .map(|(position, previous, ordinal)| {
+                        (plan.subscribers[*position].as_str(), *previous, *ordinal)
+                    })
+                    .collect();
+                if !listed.is_empty() {
                     event_item.insert(
-                        "fanout".into(),
+                        "fanout_tracked".into(),
                         s(serde_json::to_string(&listed).expect("JSON")),
                     );
                 }

@@ -112,7 +112,8 @@ impl SubscriptionSet {
         self.created.remove(id);
     }
 
-    /// Whether the subscription's patterns as of set version `version` matched `topic`.
+    /// Whether the subscription's patterns as of set version `version` matched `topic`, for a
+    /// subscription untracked then (its patterns before tracking, or its current ones).
     pub(super) fn matched_at(&self, id: &str, topic: &str, version: u64) -> bool {
         match self.tracked.get(id) {
             Some(tracking) if version < tracking.since => tracking

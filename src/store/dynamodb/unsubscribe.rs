@@ -220,10 +220,36 @@ impl Inner {
     ) -> Result<bool, StoreError> {
         let id = scope.subscription.id.as_str();
         let mut removed = 0;
+        // After a topic update: the subscription as it is now (gone: nothing to keep).
+        let current = match &scope.kept {
+            Some(_) => match self.read_subscription(id).await {
+                Ok(subscription) => Some(subscription),
+                Err(StoreError::NotFound(_)) => None,
+                Err(error) => return Err(error),
+            },
+            None => None,
+        };
         for topic in self.topics().await? {
             if !scope.covers(&topic) {
                 continue;
             }
+            let through = match &scope.kept {
+                None => u64::MAX,
+                // Everything the topic has published so far: the update has settled, so no
+                // later publish fans out to the subscription, unless the topic was added back
+                // since; then only what was published before the update settled.
+                Some(_) => {
+                    let last = match self.get_item(schema::topic_key(&topic)).await? {
+                        Some(item) => schema::get_n(&item, "last_seq")?,
+                        None => 0,
+                    };
+                    if current.as_ref().is_some_and(|now| now.matches(&topic)) {
+                        last.min(scope.through)
+                    } else {
+                        last
+                    }
+                }
+            };
             let partition = PartitionKey::new(topic.as_str(), id);
             for (pk, key_of) in [
                 (
@@ -242,8 +268,7 @@ impl Inner {
                     let page: Vec<Item> = page
                         .into_iter()
                         .take_while(|item| {
-                            schema::get_sequence(item)
-                                .is_ok_and(|sequence| sequence <= scope.through)
+                            schema::get_sequence(item).is_ok_and(|sequence| sequence <= through)
                         })
                         .collect();
                     if page.is_empty() {
@@ -318,8 +343,9 @@ pub(super) struct Removal {
     pub(super) subscription: Subscription,
     /// The patterns after it.
     pub(super) kept: Vec<String>,
-    /// Deliveries up to this sequence are removed: published before every instance saw the
-    /// update (a microsecond clock reading plus the settle time).
+    /// If the topic was added back meanwhile, deliveries up to this sequence are removed:
+    /// published before every instance saw the update (a microsecond clock reading plus the
+    /// settle time). Otherwise all of them, up to the topic's last sequence when removed.
     pub(super) through: u64,
 }
 

@@ -76,7 +76,23 @@ impl DeliveryLog for EmbeddedStore {
         _fence: Option<&LeaseToken>,
     ) -> Result<(), StoreError> {
         let partition = partition.clone();
-        self.submit(|reply| Command::Complete(partition, sequence, reply))
+        self.submit(|reply| Command::Complete(partition, vec![sequence], reply))
+            .await
+    }
+
+    /// One write for all of them: the partition's record is rewritten once.
+    async fn complete_deliveries(
+        &self,
+        partition: &PartitionKey,
+        sequences: &[u64],
+        _fence: Option<&LeaseToken>,
+    ) -> Result<(), StoreError> {
+        if sequences.is_empty() {
+            return Ok(());
+        }
+        let partition = partition.clone();
+        let sequences = sequences.to_vec();
+        self.submit(|reply| Command::Complete(partition, sequences, reply))
             .await
     }
 
@@ -258,7 +274,7 @@ impl DeliveryLog for EmbeddedStore {
         range: &ReplayRange,
     ) -> Result<Replayed, StoreError> {
         let partition = partition.clone();
-        let range = *range;
+        let range = range.clone();
         self.submit(|reply| Command::Replay(partition, range, reply))
             .await
     }

@@ -51,6 +51,10 @@ pub(super) struct Tables<'transaction> {
     dead_letters: redb::Table<'transaction, (&'static str, u64), &'static [u8]>,
     idempotency: redb::Table<'transaction, (&'static str, &'static str), &'static [u8]>,
     idempotency_expiry: redb::Table<'transaction, (u64, &'static str, &'static str), ()>,
+    /// References to events released by completions and not yet written: a fan-out's
+    /// partitions complete an event at about the same time, so its count is rewritten once
+    /// per batch instead of once per delivery (see [`Tables::settle_releases`]).
+    releases: std::collections::HashMap<(String, u64), u32>,
 }
 
 impl<'transaction> Tables<'transaction> {
@@ -71,6 +75,7 @@ impl<'transaction> Tables<'transaction> {
             dead_letters: transaction.open_table(DEAD_LETTERS)?,
             idempotency: transaction.open_table(IDEMPOTENCY)?,
             idempotency_expiry: transaction.open_table(IDEMPOTENCY_EXPIRY)?,
+            releases: std::collections::HashMap::new(),
         })
     }
 
@@ -383,38 +388,52 @@ impl<'transaction> Tables<'transaction> {
         }
     }
 
+    /// Completes the partition's deliveries of `sequences` (pending or dead-lettered; those
+    /// no longer there are skipped): removes them, and writes the partition's record once.
+    /// Their events' references are released when the batch settles.
     pub(super) fn complete(
         &mut self,
         partition: &PartitionKey,
-        sequence: u64,
+        sequences: &[u64],
     ) -> Result<(), StoreError> {
         let partition_key = partition.encode();
-        let was_dead = match self
-            .deliveries
-            .remove((partition_key.as_str(), sequence))
-            .map_err(unavailable)?
-        {
-            Some(removed) => DeliveryRecord::decode(removed.value())?.dead_lettered,
-            None => {
-                let removed = self
-                    .dead_letters
-                    .remove((partition_key.as_str(), sequence))
-                    .map_err(unavailable)?
-                    .is_some();
-                if !removed {
-                    return Ok(());
-                }
-                true
-            }
-        };
-        let subscription_id = partition.subscription_id.as_str();
         let topic = partition.topic.as_str();
-        let mut record = self.partition(subscription_id, topic)?;
-        record.pending = record.pending.saturating_sub(1);
-        if was_dead {
+        let mut completed = 0;
+        let mut dead = 0;
+        for &sequence in sequences {
+            let was_dead = match self
+                .deliveries
+                .remove((partition_key.as_str(), sequence))
+                .map_err(unavailable)?
+            {
+                Some(removed) => DeliveryRecord::decode(removed.value())?.dead_lettered,
+                None => {
+                    let removed = self
+                        .dead_letters
+                        .remove((partition_key.as_str(), sequence))
+                        .map_err(unavailable)?
+                        .is_some();
+                    if !removed {
+                        continue;
+                    }
+                    true
+                }
+            };
+            completed += 1;
             // Skipped by an operator while its attempt was in flight, which then succeeded.
-            record.dead_letters = record.dead_letters.saturating_sub(1);
+            dead += u64::from(was_dead);
+            *self
+                .releases
+                .entry((topic.to_string(), sequence))
+                .or_default() += 1;
         }
+        if completed == 0 {
+            return Ok(());
+        }
+        let subscription_id = partition.subscription_id.as_str();
+        let mut record = self.partition(subscription_id, topic)?;
+        record.pending = record.pending.saturating_sub(completed);
+        record.dead_letters = record.dead_letters.saturating_sub(dead);
         record.consecutive_failures = 0;
         record.last_success_at = now_millis();
         if record.pending == 0 {
@@ -425,7 +444,16 @@ impl<'transaction> Tables<'transaction> {
         self.partitions
             .insert((subscription_id, topic), record.encode().as_slice())
             .map_err(unavailable)?;
-        self.release_event(topic, sequence)
+        Ok(())
+    }
+
+    /// Writes the event references that completions released (see [`Tables::complete`]).
+    /// Called before any command that reads references, and before the batch commits.
+    pub(super) fn settle_releases(&mut self) -> Result<(), StoreError> {
+        for ((topic, sequence), released) in std::mem::take(&mut self.releases) {
+            self.release_event_by(&topic, sequence, released)?;
+        }
+        Ok(())
     }
 
     pub(super) fn record_failure(
@@ -609,6 +637,10 @@ impl<'transaction> Tables<'transaction> {
         if low > high {
             return Ok(Ok(Replayed::default()));
         }
+        let filter = match range.compiled_filter() {
+            Ok(filter) => filter,
+            Err(error) => return Ok(Err(error)),
+        };
         // The event before the range: the first replayed one's previous sequence.
         let mut previous = match self
             .events
@@ -629,6 +661,11 @@ impl<'transaction> Tables<'transaction> {
             let (entry_key, value) = entry.map_err(unavailable)?;
             let sequence = entry_key.value().1;
             let event = decode_event(topic, sequence, value.value())?;
+            if filter.as_ref().is_some_and(|filter| {
+                !filter.matches(&crate::filter::Bindings::new(topic, &event.attributes))
+            }) {
+                continue;
+            }
             if event.published_at < range.from_time {
                 previous = sequence;
                 continue;
@@ -843,12 +880,23 @@ impl<'transaction> Tables<'transaction> {
     /// retention window kept until it ends (counted from the sequence, a publish time in
     /// microseconds).
     pub(super) fn release_event(&mut self, topic: &str, sequence: u64) -> Result<(), StoreError> {
+        self.release_event_by(topic, sequence, 1)
+    }
+
+    /// Drops `released` references to an event; the last one deletes it, or with a retention
+    /// schedules its expiry.
+    fn release_event_by(
+        &mut self,
+        topic: &str,
+        sequence: u64,
+        released: u32,
+    ) -> Result<(), StoreError> {
         let references = self
             .event_references
             .get((topic, sequence))
             .map_err(unavailable)?
             .map_or(0, |value| value.value());
-        if references <= 1 {
+        if references <= released {
             self.event_references
                 .remove((topic, sequence))
                 .map_err(unavailable)?;
@@ -862,7 +910,7 @@ impl<'transaction> Tables<'transaction> {
             }
         } else {
             self.event_references
-                .insert((topic, sequence), references - 1)
+                .insert((topic, sequence), references - released)
                 .map_err(unavailable)?;
         }
         Ok(())

@@ -37,7 +37,7 @@ pub(super) enum Command {
     CreateSubscription(Subscription, SubscriptionLimits, Reply<()>),
     DeleteSubscription(String, Reply<u64>),
     Publish(NewEvent, Duration, Reply<Published>),
-    Complete(PartitionKey, u64, Reply<()>),
+    Complete(PartitionKey, Vec<u64>, Reply<()>),
     Failure(PartitionKey, u64, String, FailureOutcome, Reply<()>),
     UpdateSubscription(String, SubscriptionUpdate, Reply<Updated>),
     RetryNow(PartitionKey, Reply<Option<u64>>),
@@ -324,6 +324,13 @@ impl Writer {
             let mut tables = Tables::open(&transaction, retention).map_err(unavailable)?;
             let now = now_millis();
             for command in batch {
+                if !matches!(
+                    command,
+                    Command::Complete(..) | Command::Failure(..) | Command::Publish(..)
+                ) {
+                    // It may read the references completions released.
+                    tables.settle_releases()?;
+                }
                 let outcome = match command {
                     Command::CreateSubscription(subscription, limits, reply) => {
                         let result =
@@ -346,8 +353,8 @@ impl Writer {
                         let result = tables.publish(&self.index, &event, window, now);
                         Outcome::Published(reply, result?)
                     }
-                    Command::Complete(partition, sequence, reply) => {
-                        Outcome::Unit(reply, Ok(tables.complete(&partition, sequence)?))
+                    Command::Complete(partition, sequences, reply) => {
+                        Outcome::Unit(reply, Ok(tables.complete(&partition, &sequences)?))
                     }
                     Command::Failure(partition, sequence, error, outcome, reply) => Outcome::Unit(
                         reply,
@@ -384,6 +391,7 @@ impl Writer {
                 };
                 outcomes.push(outcome);
             }
+            tables.settle_releases()?;
             if self.last_sweep.elapsed() >= SWEEP_INTERVAL {
                 tables.expire_idempotency_keys(now)?;
                 tables.expire_events(now)?;

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use herald::model::{NewEvent, PartitionKey, PendingDelivery, Subscription};
+use herald::model::{
+    NewEvent, PartitionKey, PendingDelivery, ReplayRange, Subscription, now_millis,
+};
 use herald::store::{Store, SubscriptionLimits};
 
 use super::{DAY, event, subscription};
@@ -13,6 +15,7 @@ on_backends!(
     a_filter_leaves_events_out_and_the_chain_links_those_received,
     a_filter_added_later_continues_the_chain,
     changed_topics_drop_the_removed_partitions_and_keep_their_last_link,
+    a_replay_queues_only_what_the_filter_matches,
 );
 
 fn in_region(id: &str, topic: &str, region: &str) -> NewEvent {
@@ -237,4 +240,50 @@ async fn changed_topics_drop_the_removed_partitions_and_keep_their_last_link(
     );
     assert_chain(&on_a, 0);
     assert_eq!(backlog(&store, "sub_1", "a").await, 2);
+}
+
+async fn a_replay_queues_only_what_the_filter_matches(store: Arc<dyn Store>) {
+    let filter = r#"attributes.region == "eu""#;
+    create(&store, filtered("sub_f", &["t"], filter)).await;
+    // Holds the events (a store may delete an event with its last delivery).
+    create(&store, subscription("sub_all", &["t"])).await;
+    let first = store
+        .publish(&in_region("e1", "t", "eu"), DAY)
+        .await
+        .unwrap();
+    store
+        .publish(&in_region("e2", "t", "us"), DAY)
+        .await
+        .unwrap();
+    let third = store
+        .publish(&in_region("e3", "t", "eu"), DAY)
+        .await
+        .unwrap();
+    let partition = PartitionKey::new("t", "sub_f");
+    store
+        .complete_deliveries(&partition, &[first.sequence, third.sequence], None)
+        .await
+        .unwrap();
+    assert!(deliveries(&store, "t", "sub_f").await.is_empty());
+    let replayed = store
+        .replay(
+            &partition,
+            &ReplayRange {
+                from_sequence: 0,
+                to_sequence: u64::MAX,
+                from_time: 0,
+                to_time: now_millis(),
+                limit: 100,
+                filter: Some(filter.to_string()),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(replayed.count, 2);
+    let again = deliveries(&store, "t", "sub_f").await;
+    assert_eq!(
+        again.iter().map(|d| d.event.sequence).collect::<Vec<_>>(),
+        [first.sequence, third.sequence]
+    );
+    assert_chain(&again, 0);
 }
