@@ -125,6 +125,45 @@ fn store(criterion: &mut Criterion) {
             })
         },
     );
+    // Completing a partition's batch of 16: one write per delivery (as on a shared store)
+    // against one write for the batch (the embedded store's worker).
+    let publish_16 = || {
+        runtime.block_on(async {
+            let mut sequences = Vec::new();
+            for _ in 0..16 {
+                sequences.push(store.publish(&event, day).await.unwrap().sequence);
+            }
+            sequences
+        })
+    };
+    group.throughput(Throughput::Elements(16));
+    group.bench_function("complete: 16 deliveries one by one", |bencher| {
+        bencher.iter_batched(
+            publish_16,
+            |sequences| {
+                runtime.block_on(async {
+                    for sequence in sequences {
+                        store
+                            .complete_delivery(&partition, sequence, None)
+                            .await
+                            .unwrap();
+                    }
+                })
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    group.bench_function("complete: 16 deliveries in one call", |bencher| {
+        bencher.iter_batched(
+            publish_16,
+            |sequences| {
+                runtime
+                    .block_on(store.complete_deliveries(&partition, &sequences, None))
+                    .unwrap()
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
     group.finish();
 }
 

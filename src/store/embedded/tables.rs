@@ -55,6 +55,9 @@ pub(super) struct Tables<'transaction> {
     /// partitions complete an event at about the same time, so its count is rewritten once
     /// per batch instead of once per delivery (see [`Tables::settle_releases`]).
     releases: std::collections::HashMap<(String, u64), u32>,
+    /// Partition records changed by the batch's publishes, completions and failures, written
+    /// once each when it settles.
+    partition_records: std::collections::HashMap<(String, String), PartitionRecord>,
 }
 
 impl<'transaction> Tables<'transaction> {
@@ -76,6 +79,7 @@ impl<'transaction> Tables<'transaction> {
             idempotency: transaction.open_table(IDEMPOTENCY)?,
             idempotency_expiry: transaction.open_table(IDEMPOTENCY_EXPIRY)?,
             releases: std::collections::HashMap::new(),
+            partition_records: std::collections::HashMap::new(),
         })
     }
 
@@ -245,12 +249,7 @@ impl<'transaction> Tables<'transaction> {
                     .insert((subscription_id.as_str(), topic), ())
                     .map_err(unavailable)?;
             }
-            self.partitions
-                .insert(
-                    (subscription_id.as_str(), topic),
-                    record.encode().as_slice(),
-                )
-                .map_err(unavailable)?;
+            self.put_partition(subscription_id, topic, record);
             partitions.push(partition);
         }
         let published = Published {
@@ -363,6 +362,13 @@ impl<'transaction> Tables<'transaction> {
         subscription_id: &str,
         topic: &str,
     ) -> Result<PartitionRecord, StoreError> {
+        if !self.partition_records.is_empty()
+            && let Some(record) = self
+                .partition_records
+                .get(&(subscription_id.to_string(), topic.to_string()))
+        {
+            return Ok(*record);
+        }
         match self
             .partitions
             .get((subscription_id, topic))
@@ -441,19 +447,34 @@ impl<'transaction> Tables<'transaction> {
                 .remove((subscription_id, topic))
                 .map_err(unavailable)?;
         }
-        self.partitions
-            .insert((subscription_id, topic), record.encode().as_slice())
-            .map_err(unavailable)?;
+        self.put_partition(subscription_id, topic, record);
         Ok(())
     }
 
-    /// Writes the event references that completions released (see [`Tables::complete`]).
-    /// Called before any command that reads references, and before the batch commits.
-    pub(super) fn settle_releases(&mut self) -> Result<(), StoreError> {
+    /// Writes what publishes, completions and failures kept for the end of the batch: the
+    /// partition records they changed and the event references completions released. Called
+    /// before any other command (which reads and writes the tables directly), and before the
+    /// batch commits.
+    pub(super) fn settle(&mut self) -> Result<(), StoreError> {
         for ((topic, sequence), released) in std::mem::take(&mut self.releases) {
             self.release_event_by(&topic, sequence, released)?;
         }
+        for ((subscription_id, topic), record) in std::mem::take(&mut self.partition_records) {
+            self.partitions
+                .insert(
+                    (subscription_id.as_str(), topic.as_str()),
+                    record.encode().as_slice(),
+                )
+                .map_err(unavailable)?;
+        }
         Ok(())
+    }
+
+    /// Keeps a changed partition record for [`Tables::settle`]: a batch's publishes fan out to
+    /// the same partitions again and again, and each record is written once per batch.
+    fn put_partition(&mut self, subscription_id: &str, topic: &str, record: PartitionRecord) {
+        self.partition_records
+            .insert((subscription_id.to_string(), topic.to_string()), record);
     }
 
     pub(super) fn record_failure(
@@ -492,9 +513,7 @@ impl<'transaction> Tables<'transaction> {
                 self.bury(&partition_key, sequence, delivery)?;
             }
         }
-        self.partitions
-            .insert((subscription_id, topic), record.encode().as_slice())
-            .map_err(unavailable)?;
+        self.put_partition(subscription_id, topic, record);
         Ok(())
     }
 

@@ -328,8 +328,8 @@ impl Writer {
                     command,
                     Command::Complete(..) | Command::Failure(..) | Command::Publish(..)
                 ) {
-                    // It may read the references completions released.
-                    tables.settle_releases()?;
+                    // It reads and writes the tables directly.
+                    tables.settle()?;
                 }
                 let outcome = match command {
                     Command::CreateSubscription(subscription, limits, reply) => {
@@ -391,7 +391,7 @@ impl Writer {
                 };
                 outcomes.push(outcome);
             }
-            tables.settle_releases()?;
+            tables.settle()?;
             if self.last_sweep.elapsed() >= SWEEP_INTERVAL {
                 tables.expire_idempotency_keys(now)?;
                 tables.expire_events(now)?;
