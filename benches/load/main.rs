@@ -62,6 +62,10 @@ struct Args {
     /// Herald's --delivery-concurrency.
     #[arg(long, default_value_t = 256)]
     delivery_concurrency: usize,
+    /// Deliveries per second of the latency phase; 0 (the default): half the measured
+    /// delivery rate. A fixed rate compares runs whose delivery rates differ.
+    #[arg(long, default_value_t = 0.0)]
+    latency_rate: f64,
     /// Run a short smoke test instead (the default unless `--bench` is given, as under
     /// `cargo test`).
     #[arg(long, hide = true)]
@@ -483,8 +487,13 @@ async fn main() {
     let drain_like_rate = expected as f64 / (finished - first_delivery).as_secs_f64();
     receiver.reset();
 
-    // 3. Publish-to-delivery latency at half the delivery rate.
-    let pace = 0.5 * delivery_rate / args.subscriptions_per_topic as f64;
+    // 3. Publish-to-delivery latency at half the delivery rate (or the rate asked for).
+    let latency_rate = if args.latency_rate > 0.0 {
+        args.latency_rate
+    } else {
+        0.5 * delivery_rate
+    };
+    let pace = latency_rate / args.subscriptions_per_topic as f64;
     let paced = publish_load(
         &herald_clients,
         args.publishers,
