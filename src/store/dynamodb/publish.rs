@@ -434,12 +434,17 @@ impl Inner {
         settled.sort_by_key(|(index, _)| std::cmp::Reverse(*index));
         settled.dedup_by_key(|(index, _)| *index);
         for (index, error) in settled {
-            let waiting = batch.remove(index);
             let outcome = match error {
                 Some(error) => Err(error),
-                None => self.duplicate(topic, &waiting).await,
+                None => match self.duplicate(topic, &batch[index]).await {
+                    Ok(Some(original)) => Ok(original),
+                    // The key expired between the transaction and the read: the publish is
+                    // not a duplicate after all, and goes again with the batch.
+                    Ok(None) => continue,
+                    Err(error) => Err(error),
+                },
             };
-            waiting.answer(outcome);
+            batch.remove(index).answer(outcome);
         }
         Verdict::Again
     }
@@ -456,16 +461,18 @@ impl Inner {
     /// The outcome of a publish whose idempotency key is taken: the original's, with the
     /// topic's partitions to wake (the original's caller may have gone before it woke the
     /// worker; a partition with nothing due just goes idle).
-    async fn duplicate(&self, topic: &str, waiting: &Waiting) -> Result<Published, StoreError> {
+    /// `None` if the key has expired since the transaction that found it taken.
+    async fn duplicate(
+        &self,
+        topic: &str,
+        waiting: &Waiting,
+    ) -> Result<Option<Published>, StoreError> {
         let key = waiting
             .key
             .as_deref()
             .expect("only keyed publishes are duplicates");
         let Some(mut original) = self.idempotent_original(topic, key, now_millis()).await? else {
-            // The key expired between the transaction and this read.
-            return Err(StoreError::Unavailable(format!(
-                "idempotency key {key:?} changed hands while publishing; nothing was written, retry"
-            )));
+            return Ok(None);
         };
         let set = self.subscription_set().await?;
         original.partitions = set
@@ -474,7 +481,7 @@ impl Inner {
             .into_iter()
             .map(|id| PartitionKey::new(topic, id))
             .collect();
-        Ok(original)
+        Ok(Some(original))
     }
 
     /// Plans one transaction for a prefix of `batch`: the sequences, each receiver's
