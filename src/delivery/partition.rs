@@ -172,6 +172,11 @@ impl<'a> PartitionWorker<'a> {
                 let Some(paced) = self.pace().await? else {
                     continue 'batch;
                 };
+                if self.inner.permits.available_permits() == 0 {
+                    // Every slot is taken and the wait may be long: write what this
+                    // partition delivered first.
+                    self.flush().await?;
+                }
                 let permit = self.slot().await?;
                 // Waiting for a slot may have taken a while: check the lease again.
                 self.hold_lease().await?;
@@ -351,6 +356,10 @@ impl<'a> PartitionWorker<'a> {
         }
         self.flush().await?;
         let now = now_millis();
+        if delivery.state.next_attempt_at <= now {
+            // Due while the successes were written.
+            return Ok(true);
+        }
         let due = Instant::now() + Duration::from_millis(delivery.state.next_attempt_at - now);
         let woke_early = self.renewal_due() < due;
         let mut shutdown = self.inner.shutdown.clone();

@@ -436,7 +436,7 @@ impl Inner {
         for (index, error) in settled {
             let outcome = match error {
                 Some(error) => Err(error),
-                None => match self.duplicate(topic, &batch[index]).await {
+                None => match self.duplicate(topic, &batch[index], plan.now).await {
                     Ok(Some(original)) => Ok(original),
                     // The key expired between the transaction and the read: the publish is
                     // not a duplicate after all, and goes again with the batch.
@@ -461,17 +461,19 @@ impl Inner {
     /// The outcome of a publish whose idempotency key is taken: the original's, with the
     /// topic's partitions to wake (the original's caller may have gone before it woke the
     /// worker; a partition with nothing due just goes idle).
-    /// `None` if the key has expired since the transaction that found it taken.
+    /// Judged at `now`, the time the transaction's condition used: `None` only if the key's
+    /// item is gone since (deleted by its TTL), and the publish then goes again.
     async fn duplicate(
         &self,
         topic: &str,
         waiting: &Waiting,
+        now: u64,
     ) -> Result<Option<Published>, StoreError> {
         let key = waiting
             .key
             .as_deref()
             .expect("only keyed publishes are duplicates");
-        let Some(mut original) = self.idempotent_original(topic, key, now_millis()).await? else {
+        let Some(mut original) = self.idempotent_original(topic, key, now).await? else {
             return Ok(None);
         };
         let set = self.subscription_set().await?;
@@ -650,7 +652,8 @@ impl Inner {
         Ok(plan)
     }
 
-    /// The original outcome of a live idempotency key.
+    /// The original outcome of a key live at `now` (as the publish condition judges it: a key
+    /// expires once `expires_at < now`).
     async fn idempotent_original(
         &self,
         topic: &str,
@@ -660,7 +663,7 @@ impl Inner {
         let Some(item) = self.get_item(schema::idempotency_key(topic, key)).await? else {
             return Ok(None);
         };
-        if get_n(&item, "expires_at")? <= now {
+        if get_n(&item, "expires_at")? < now {
             return Ok(None);
         }
         Ok(Some(Published {

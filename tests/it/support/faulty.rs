@@ -16,7 +16,7 @@ use herald::store::{
 };
 
 /// Wraps a real store; `fail_completions(n)` / `fail_failures(n)` make the next `n` calls of
-/// `complete_delivery` / `record_failure` fail with `Unavailable` without reaching the store;
+/// `complete_delivery` or `complete_deliveries` / `record_failure` fail with `Unavailable` without reaching the store;
 /// `delay_after_publish(d)` makes every publish return `d` after its commit (a client deadline
 /// shorter than that then always fires after the commit).
 pub struct FaultyStore {
@@ -155,6 +155,21 @@ impl DeliveryLog for FaultyStore {
         }
         self.inner
             .complete_delivery(partition, sequence, fence)
+            .await
+    }
+
+    async fn complete_deliveries(
+        &self,
+        partition: &PartitionKey,
+        sequences: &[u64],
+        fence: Option<&LeaseToken>,
+    ) -> Result<(), StoreError> {
+        if take(&self.completions_to_fail) {
+            self.refused_completions.fetch_add(1, Ordering::SeqCst);
+            return Err(injected());
+        }
+        self.inner
+            .complete_deliveries(partition, sequences, fence)
             .await
     }
 
