@@ -1,14 +1,16 @@
 //! The embedded single-node backend, on redb (one file, `herald.redb`, in the data directory).
 //!
-//! Reads run on blocking threads, each in its own read transaction. Every write goes through
-//! one writer thread (`writer`) that takes all commands queued while the previous commit was
-//! syncing and applies them in one transaction (`tables`): group commit, so durability costs
-//! one fsync per batch, not per event. The writer also owns the in-memory topic index used for
-//! fan-out, and assigns sequences, so the order of sequences is the order of commits.
+//! Reads run on a fixed pool of reader threads (`readers`), each in its own read transaction.
+//! Every write goes through one writer thread (`writer`) that takes all commands queued while
+//! the previous commit was syncing and applies them in one transaction (`tables`): group
+//! commit, so durability costs one fsync per batch, not per event. The writer also owns the
+//! in-memory topic index used for fan-out, and assigns sequences, so the order of sequences is
+//! the order of commits.
 //!
 //! One process owns the file, so the store has no partition leases.
 
 mod delivery_log;
+mod readers;
 mod schema;
 mod subscriptions;
 mod tables;
@@ -25,7 +27,7 @@ use tokio::sync::{oneshot, watch};
 use crate::store::{PartitionLeases, Store, StoreError};
 use writer::{Command, Reply, Writer};
 
-/// Reads in flight at once (each on a blocking thread).
+/// Reader threads: reads in flight at once.
 const READERS: usize = 8;
 /// Writes waiting for the writer at most; more wait for room (backpressure).
 const WRITE_QUEUE: usize = 8192;
@@ -42,10 +44,9 @@ pub struct EmbeddedStore {
     commands: mpsc::SyncSender<Command>,
     writer: Option<std::thread::JoinHandle<()>>,
     health: watch::Receiver<bool>,
-    /// Reads running on blocking threads at once: a small pool's worth, so that a thousand
-    /// partitions reading at once do not start hundreds of threads (each with its own
-    /// allocator caches and stack).
-    readers: Arc<tokio::sync::Semaphore>,
+    /// The threads that run reads: a fixed few, so that a thousand partitions reading at once
+    /// do not start hundreds of threads (each with its own allocator caches and stack).
+    readers: readers::ReaderPool,
     /// How long events are kept after their last delivery, in milliseconds (see
     /// [`EmbeddedStore::set_retention`]).
     retention_ms: Arc<std::sync::atomic::AtomicU64>,
@@ -103,6 +104,7 @@ impl EmbeddedStore {
             #[cfg(feature = "fault-injection")]
             stall.clone(),
         );
+        let readers = readers::ReaderPool::start(READERS)?;
         let writer = std::thread::Builder::new()
             .name("herald-store-writer".into())
             .spawn(move || writer.run(receiver))
@@ -112,7 +114,7 @@ impl EmbeddedStore {
             commands,
             writer: Some(writer),
             health,
-            readers: Arc::new(tokio::sync::Semaphore::new(READERS)),
+            readers,
             retention_ms,
             #[cfg(feature = "fault-injection")]
             stall,
@@ -168,25 +170,18 @@ impl EmbeddedStore {
             .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
     }
 
-    /// Runs a read on a blocking thread (redb reads are synchronous), off the async workers.
+    /// Runs a read on a reader thread (redb reads are synchronous), off the async workers.
     async fn read_with<T: Send + 'static>(
         &self,
         job: impl FnOnce(ReadTransaction) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let slot = self.database.clone();
-        let permit = self
-            .readers
-            .clone()
-            .acquire_owned()
+        self.readers
+            .run(move || {
+                let transaction = current(&slot)?.begin_read().map_err(unavailable)?;
+                job(transaction)
+            })
             .await
-            .expect("the reader semaphore is never closed");
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let transaction = current(&slot)?.begin_read().map_err(unavailable)?;
-            job(transaction)
-        })
-        .await
-        .map_err(|error| StoreError::Internal(format!("read task failed: {error}")))?
     }
 }
 
