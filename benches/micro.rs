@@ -52,6 +52,15 @@ fn encoding(criterion: &mut Criterion) {
     criterion.bench_function("event record decode 1 KiB", |bencher| {
         bencher.iter(|| records::decode_event("fin:purchase", 1, black_box(&encoded)).unwrap())
     });
+    // Written for every delivery of every event, read when it is sent and when it completes.
+    let delivery = records::DeliveryRecord::new(1_795_850_993_106, 1_795_850_993_106_280);
+    criterion.bench_function("delivery record encode", |bencher| {
+        bencher.iter(|| black_box(&delivery).encode())
+    });
+    let encoded = delivery.encode();
+    criterion.bench_function("delivery record decode", |bencher| {
+        bencher.iter(|| records::DeliveryRecord::decode(black_box(&encoded)).unwrap())
+    });
 }
 
 fn store(criterion: &mut Criterion) {

@@ -125,6 +125,25 @@ proptest! {
     }
 
     #[test]
+    fn delivery_records_round_trip(
+        attempts in any::<u32>(),
+        next_attempt_at in any::<u64>(),
+        previous_sequence in any::<u64>(),
+        dead_lettered in any::<bool>(),
+        last_error in proptest::option::of(any::<String>()),
+        redelivery in proptest::option::of("[a-z]{0,8}"),
+    ) {
+        let mut record = DeliveryRecord::new(next_attempt_at, previous_sequence);
+        record.attempts = attempts;
+        record.dead_lettered = dead_lettered;
+        if let Some(error) = &last_error {
+            record.set_error(error);
+        }
+        record.redelivery = redelivery;
+        prop_assert_eq!(DeliveryRecord::decode(&record.encode()).unwrap(), record);
+    }
+
+    #[test]
     fn decoding_arbitrary_stored_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
         let _ = DeliveryRecord::decode(&bytes);
         let _ = records::IdempotencyRecord::decode(&bytes);
