@@ -56,9 +56,10 @@ pub struct EmbeddedStore {
 }
 
 impl Drop for EmbeddedStore {
-    /// Stops the writer after the commands already queued and waits for it, so the database
-    /// file is closed cleanly before the store is gone.
+    /// Stops the readers and the writer after the reads and commands already queued and waits
+    /// for them, so that nothing but the store holds the database when it closes the file.
     fn drop(&mut self) {
+        self.readers.close();
         let (closed, _) = mpsc::sync_channel(1);
         drop(std::mem::replace(&mut self.commands, closed));
         if let Some(writer) = self.writer.take() {

@@ -16,10 +16,12 @@ use crate::store::StoreError;
 /// A read queued for the pool.
 type Job = Box<dyn FnOnce() + Send>;
 
-/// Threads that run queued reads, each in turn; they stop once the pool is dropped and the
-/// reads already queued are done.
+/// Threads that run queued reads, each in turn; they stop once the pool is closed (or
+/// dropped) and the reads already queued are done.
 pub(super) struct ReaderPool {
-    jobs: mpsc::Sender<Job>,
+    /// `None` once closed.
+    jobs: Option<mpsc::Sender<Job>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl ReaderPool {
@@ -27,9 +29,10 @@ impl ReaderPool {
     pub(super) fn start(threads: usize) -> Result<Self, StoreError> {
         let (jobs, queue) = mpsc::channel::<Job>();
         let queue = Arc::new(Mutex::new(queue));
+        let mut handles = Vec::with_capacity(threads);
         for number in 0..threads {
             let queue = queue.clone();
-            std::thread::Builder::new()
+            let handle = std::thread::Builder::new()
                 .name(format!("herald-store-reader-{number}"))
                 .spawn(move || {
                     loop {
@@ -44,8 +47,21 @@ impl ReaderPool {
                 .map_err(|error| {
                     StoreError::Internal(format!("cannot start a store reader thread: {error}"))
                 })?;
+            handles.push(handle);
         }
-        Ok(ReaderPool { jobs })
+        Ok(ReaderPool {
+            jobs: Some(jobs),
+            threads: handles,
+        })
+    }
+
+    /// Lets the threads finish the reads already queued, and waits for them: after this no
+    /// read holds the database any more. Reads asked for later answer `Unavailable`.
+    pub(super) fn close(&mut self) {
+        self.jobs = None;
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
     }
 
     /// Runs `read` on a reader thread and waits for its result. A read that panics answers
@@ -61,12 +77,13 @@ impl ReaderPool {
             // A caller that went away (cancelled) needs no answer.
             let _ = reply.send(result);
         });
+        let stopped = || StoreError::Unavailable("the store's readers stopped".into());
         self.jobs
+            .as_ref()
+            .ok_or_else(stopped)?
             .send(job)
-            .map_err(|_| StoreError::Unavailable("the store's readers stopped".into()))?;
-        response
-            .await
-            .map_err(|_| StoreError::Unavailable("the store's readers stopped".into()))?
+            .map_err(|_| stopped())?;
+        response.await.map_err(|_| stopped())?
     }
 }
 
@@ -92,5 +109,12 @@ mod tests {
         // Both threads still answer, concurrently.
         let (first, second) = tokio::join!(pool.run(|| Ok(1)), pool.run(|| Ok(2)));
         assert_eq!((first.unwrap(), second.unwrap()), (1, 2));
+
+        // Closing waits for the threads; later reads are refused, not lost.
+        let mut pool = pool;
+        pool.close();
+        assert!(pool.threads.is_empty());
+        let error = pool.run(|| Ok(3)).await.unwrap_err();
+        assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
     }
 }
