@@ -72,6 +72,10 @@ impl ReaderPool {
     ) -> Result<T, StoreError> {
         let (reply, response) = oneshot::channel();
         let job: Job = Box::new(move || {
+            // Its caller went away (cancelled) while it waited: nothing to read for.
+            if reply.is_closed() {
+                return;
+            }
             let result = std::panic::catch_unwind(AssertUnwindSafe(read))
                 .unwrap_or_else(|_| Err(StoreError::Internal("a store read panicked".into())));
             // A caller that went away (cancelled) needs no answer.
