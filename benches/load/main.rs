@@ -392,6 +392,7 @@ async fn main() {
     let partitions = args.topics * args.subscriptions_per_topic;
     let post_concurrency = partitions.min(args.delivery_concurrency);
 
+    eprintln!("load: baseline (a)");
     // (a) A Publish that does nothing, behind the same tonic stack and load tool.
     let (empty_address, empty_stop) = server::start_empty_broker().await;
     let empty_clients = clients(empty_address, 8).await;
@@ -407,6 +408,7 @@ async fn main() {
     .await;
     let _ = empty_stop.send(());
 
+    eprintln!("load: baseline (b)");
     // (b) The receiver hit directly.
     let raw_rate = raw_post_rate(&receiver, post_concurrency, args.payload, args.duration).await;
     receiver.reset();
@@ -415,6 +417,7 @@ async fn main() {
     let herald_clients = clients(herald.address, 8).await;
     let mut admin = herald_clients[0].clone();
 
+    eprintln!("load: phase 1");
     // 1. Publish rate, durable, fan-out 1. The endpoints hold their first request, so no
     // delivery competes with the publishes; they are drained afterwards.
     let publish_topics = topics("p", args.topics);
@@ -445,6 +448,7 @@ async fn main() {
     .await;
     receiver.reset();
 
+    eprintln!("load: phase 2");
     // 2. Delivery rate over topics x subscriptions partitions.
     let delivery_topics = topics("d", args.topics);
     subscribe_all(
@@ -487,6 +491,7 @@ async fn main() {
     let drain_like_rate = expected as f64 / (finished - first_delivery).as_secs_f64();
     receiver.reset();
 
+    eprintln!("load: phase 3");
     // 3. Publish-to-delivery latency at half the delivery rate (or the rate asked for).
     let latency_rate = if args.latency_rate > 0.0 {
         args.latency_rate
@@ -494,6 +499,7 @@ async fn main() {
         0.5 * delivery_rate
     };
     let pace = latency_rate / args.subscriptions_per_topic as f64;
+    let cpu_before = herald.cpu_seconds();
     let paced = publish_load(
         &herald_clients,
         args.publishers,
@@ -504,12 +510,14 @@ async fn main() {
         Some(pace),
     )
     .await;
+    let paced_deliveries = (paced.published * args.subscriptions_per_topic) as u64;
     wait_for(
         &receiver.delivered,
-        (paced.published * args.subscriptions_per_topic) as u64,
+        paced_deliveries,
         Duration::from_secs(600),
     )
     .await;
+    let latency_cpu = cpu_per_event(cpu_before, herald.cpu_seconds(), paced_deliveries);
     let mut latencies = std::mem::take(&mut *receiver.latencies.lock().unwrap());
     for slow in receiver
         .slow
@@ -524,6 +532,7 @@ async fn main() {
     latencies.sort_unstable();
     receiver.reset();
 
+    eprintln!("load: phase 4");
     // 4. Healthy partitions' rate while one subscription in ten fails a share of requests.
     receiver.set_failure_rate(args.failure_rate);
     let failure_topics = topics("f", args.topics);
@@ -566,6 +575,7 @@ async fn main() {
     let peak_rss = herald.peak_rss_mib();
     let mut herald = herald;
     let backlog = if args.backlog > 0 && matches!(args.store, StoreChoice::Embedded) {
+        eprintln!("load: backlog");
         Some(backlog_phase(&args, &receiver, &mut herald).await)
     } else {
         None
@@ -627,13 +637,16 @@ async fn main() {
         100.0 * healthy_rate / (delivery_rate * healthy_share),
         delivery_rate * healthy_share
     );
-    match (publish_cpu, delivery_cpu) {
-        (Some(publish_cpu), Some(delivery_cpu)) => {
+    match (publish_cpu, delivery_cpu, latency_cpu) {
+        (Some(publish_cpu), Some(delivery_cpu), Some(latency_cpu)) => {
             println!(
                 "| Herald CPU (user + system) per acknowledged publish, phase 1 | {publish_cpu:.1} µs |"
             );
             println!(
                 "| Herald CPU per delivery, phase 2 (its publishes included: {events} events, {expected} deliveries) | {delivery_cpu:.1} µs |"
+            );
+            println!(
+                "| Herald CPU per delivery, phase 3 (paced, publishes included) | {latency_cpu:.1} µs |"
             );
         }
         _ => println!("| Herald CPU per event | not measured (server in-process) |"),
