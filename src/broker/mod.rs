@@ -157,7 +157,7 @@ impl Broker {
                 Err(_) => metrics.publish("error"),
             }
             let published = published?;
-            engine.notify(&published.partitions);
+            engine.published(&published, event);
             Ok(published)
         };
         tokio::spawn(tracing::Instrument::instrument(task, span))

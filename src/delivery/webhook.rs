@@ -58,13 +58,18 @@ const ERROR_EXCERPT: usize = 200;
 /// is a failure, as it is for every webhook sender that signs its requests), no proxy, and
 /// names resolved under the endpoint `rules` (checked again on every connection).
 /// Response headers are bounded by hyper (100 headers, 400 KiB buffer).
-pub fn client(rules: Arc<AddressRules>) -> reqwest::Client {
+///
+/// Up to `concurrency` idle connections are kept per host: no more requests than that are in
+/// flight at once, so a burst of them (a fan-out to many subscriptions of one receiver) finds
+/// its connections open the next time instead of connecting again. A cap of 64 measured
+/// about a third of the attempts of a fan-out of 100 connecting anew.
+pub fn client(rules: Arc<AddressRules>, concurrency: usize) -> reqwest::Client {
     reqwest::Client::builder()
         .dns_resolver(Arc::new(PolicyResolver::new(rules)))
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
         .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(64)
+        .pool_max_idle_per_host(concurrency.max(1))
         .tcp_nodelay(true)
         .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
         .build()
@@ -96,10 +101,11 @@ pub struct HttpTransport {
 }
 
 impl HttpTransport {
-    /// A pooled client (see [`client`]) enforcing `rules`.
-    pub fn new(rules: Arc<AddressRules>) -> Self {
+    /// A pooled client (see [`client`]) enforcing `rules`, for `concurrency` requests in
+    /// flight at most.
+    pub fn new(rules: Arc<AddressRules>, concurrency: usize) -> Self {
         HttpTransport {
-            client: client(rules.clone()),
+            client: client(rules.clone(), concurrency),
             rules,
             parsed: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
