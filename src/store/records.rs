@@ -207,6 +207,14 @@ impl DeliveryRecord {
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
         let mut record = match bytes.first() {
             Some(&DELIVERY_RECORD_VERSION) => Self::decode_binary(bytes)?,
+            // Versions 0 and 1 were JSON, never binary: such a first byte is damage.
+            Some(&version) if version < DELIVERY_RECORD_VERSION => {
+                return Err(StoreError::Corrupt(format!(
+                    "delivery record of {} bytes starts with byte {version}, which no version \
+                     of Herald writes: the record is damaged",
+                    bytes.len()
+                )));
+            }
             Some(&version) if version < b' ' && !version.is_ascii_whitespace() => {
                 return Err(StoreError::Corrupt(format!(
                     "delivery record has format version {version}, newer than this Herald \
@@ -215,7 +223,14 @@ impl DeliveryRecord {
             }
             _ => {
                 let record: DeliveryRecord = from_json(bytes, "delivery record")?;
-                check_version(record.v, "delivery record")?;
+                // Later versions are binary: a JSON record claiming one is damaged.
+                if record.v > JSON_RECORD_VERSION {
+                    return Err(StoreError::Corrupt(format!(
+                        "delivery record in JSON claims format version {}, but only versions \
+                         0 and {JSON_RECORD_VERSION} were JSON: the record is damaged",
+                        record.v
+                    )));
+                }
                 record
             }
         };
@@ -834,13 +849,30 @@ mod tests {
             matches!(&error, StoreError::Corrupt(text) if text.contains("newer")),
             "{error}"
         );
-        let delivery = br#"{"v":9,"attempts":0,"next_attempt_at":0,"dead_lettered":false,"previous_sequence":0,"last_error":null}"#;
-        assert!(DeliveryRecord::decode(delivery).is_err());
         let mut binary = DeliveryRecord::new(0, 0).encode();
         binary[0] = DELIVERY_RECORD_VERSION + 1;
         let error = DeliveryRecord::decode(&binary).unwrap_err();
         assert!(
             matches!(&error, StoreError::Corrupt(text) if text.contains("newer")),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_damaged_delivery_record_is_called_damaged_not_newer() {
+        let mut binary = DeliveryRecord::new(0, 0).encode();
+        for first in [0, 1] {
+            binary[0] = first;
+            let error = DeliveryRecord::decode(&binary).unwrap_err();
+            assert!(
+                matches!(&error, StoreError::Corrupt(text) if text.contains("damaged")),
+                "{error}"
+            );
+        }
+        let json = br#"{"v":9,"attempts":0,"next_attempt_at":0,"dead_lettered":false,"previous_sequence":0,"last_error":null}"#;
+        let error = DeliveryRecord::decode(json).unwrap_err();
+        assert!(
+            matches!(&error, StoreError::Corrupt(text) if text.contains("damaged") && !text.contains("newer")),
             "{error}"
         );
     }
