@@ -219,11 +219,6 @@ pub struct Published {
     /// The partitions to wake: those that received a new delivery, or for a duplicate the
     /// topic's current partitions (the original's caller may have gone before waking them).
     pub partitions: Vec<PartitionKey>,
-    /// For each of `partitions`, in the same order, the sequence of the delivery before the
-    /// new one in that partition (its `previous_sequence`). Empty when the store does not
-    /// report them (a duplicate, a shared store): the engine then reads the new deliveries
-    /// back from the store.
-    pub links: Vec<u64>,
 }
 
 /// One (topic, subscription) pair: the unit of ordering.
@@ -278,8 +273,8 @@ pub struct DeliveryState {
 pub struct PendingDelivery {
     /// The partition it belongs to.
     pub partition: PartitionKey,
-    /// The event (shared by the deliveries of one publish that the engine hands over).
-    pub event: std::sync::Arc<Event>,
+    /// The event.
+    pub event: Event,
     /// Progress so far.
     pub state: DeliveryState,
     /// The last failure, if any.

@@ -219,18 +219,17 @@ fn optional_timestamp(millis: UnixMillis) -> Option<prost_types::Timestamp> {
 }
 
 pub fn pending(delivery: PendingDelivery) -> proto::PendingDelivery {
-    let event = std::sync::Arc::unwrap_or_clone(delivery.event);
     proto::PendingDelivery {
-        event_id: event.id,
-        topic: event.topic,
-        sequence: event.sequence,
+        event_id: delivery.event.id,
+        topic: delivery.event.topic,
+        sequence: delivery.event.sequence,
         attempts: delivery.state.attempts,
         next_attempt_at: (!delivery.state.dead_lettered)
             .then(|| timestamp(delivery.state.next_attempt_at)),
         last_error: delivery.last_error.unwrap_or_default(),
         dead_lettered: delivery.state.dead_lettered,
-        published_at: Some(timestamp(event.published_at)),
-        attributes: event.attributes.into_iter().collect(),
+        published_at: Some(timestamp(delivery.event.published_at)),
+        attributes: delivery.event.attributes.into_iter().collect(),
         redelivery: delivery
             .redelivery
             .map_or_else(String::new, |redelivery| redelivery.name().to_string()),

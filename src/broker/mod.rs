@@ -157,7 +157,7 @@ impl Broker {
                 Err(_) => metrics.publish("error"),
             }
             let published = published?;
-            engine.published(&published, event);
+            engine.notify(&published.partitions);
             Ok(published)
         };
         tokio::spawn(tracing::Instrument::instrument(task, span))

@@ -91,12 +91,6 @@ pub(crate) struct PartitionWorker<'a> {
     /// A crash loses them either way (completions are not synced), and the partition is then
     /// sent again from its head, in order.
     completed: Vec<u64>,
-    /// The sequence of the last delivery of the last batch this worker went all the way
-    /// through, if the one after it has not been read yet: every delivery of the partition up
-    /// to it has been sent (or was dead-lettered). A delivery handed over by a publish is
-    /// sent without reading the store only if it links to this one (see
-    /// [`PartitionWorker::handed_batch`]).
-    tail: Option<u64>,
 }
 
 impl<'a> PartitionWorker<'a> {
@@ -120,7 +114,6 @@ impl<'a> PartitionWorker<'a> {
             rng: StdRng::from_os_rng(),
             changes_seen,
             completed: Vec::with_capacity(BATCH_SIZE),
-            tail: None,
         }
     }
 
@@ -153,28 +146,17 @@ impl<'a> PartitionWorker<'a> {
         'batch: loop {
             self.check_shutdown()?;
             self.hold_lease().await?;
-            let (batch, caught_up) = match self.handed_batch() {
-                // What was handed over is all there is.
-                Some(batch) => (batch, true),
-                None => {
-                    // Before the read: the partition's head must be past what was delivered.
-                    self.flush().await?;
-                    let batch = self.next_batch().await?;
-                    if batch.is_empty() {
-                        self.linger().await?;
-                        continue;
-                    }
-                    // A short batch was the whole backlog: once it is delivered, the next read
-                    // waits for a wake-up (a publish while delivering leaves one) instead of
-                    // reading an empty partition at once.
-                    let caught_up = batch.len() < BATCH_SIZE;
-                    (batch, caught_up)
-                }
-            };
-            // Known again only once the whole batch went through: a batch left early
-            // (`continue 'batch`) is read again from the store.
-            let last = batch.last().map(|delivery| delivery.event.sequence);
-            self.tail = None;
+            // Before the read: the partition's head must be past what was delivered.
+            self.flush().await?;
+            let batch = self.next_batch().await?;
+            if batch.is_empty() {
+                self.linger().await?;
+                continue;
+            }
+            // A short batch was the whole backlog: once it is delivered, the next read waits
+            // for a wake-up (a publish while delivering leaves one) instead of reading an empty
+            // partition at once.
+            let caught_up = batch.len() < BATCH_SIZE;
             for delivery in batch {
                 if !self.wait_until_due(&delivery).await? {
                     continue 'batch;
@@ -267,38 +249,11 @@ impl<'a> PartitionWorker<'a> {
                     }
                 }
             }
-            self.tail = last;
             if caught_up {
                 self.flush().await?;
                 self.linger().await?;
             }
         }
-    }
-
-    /// The deliveries handed over since the last batch, if they continue the batch before
-    /// without a gap: each links (by its previous sequence) to the one before, the first to
-    /// [`PartitionWorker::tail`]. Those the store read already returned are dropped. `None`
-    /// (read the store) if there is no tail, nothing new was handed over, or a link is
-    /// missing: a delivery handed over late or dropped, a publish through a request whose
-    /// caller left before the hand-over, or an operator's change.
-    fn handed_batch(&mut self) -> Option<Vec<PendingDelivery>> {
-        // Taken in any case, so that whatever is handed over later was stored after the read
-        // that follows.
-        let handed = self.signal.take_handed();
-        let mut tail = self.tail?;
-        let mut batch = Vec::new();
-        for delivery in handed? {
-            let sequence = delivery.event.sequence;
-            if sequence <= tail {
-                continue;
-            }
-            if delivery.previous_sequence != tail {
-                return None;
-            }
-            tail = sequence;
-            batch.push(delivery);
-        }
-        (!batch.is_empty()).then_some(batch)
     }
 
     fn leases(&self) -> Option<&'a dyn PartitionLeases> {

@@ -28,8 +28,6 @@ struct MemoryLog {
     /// Every failure recorded: (sequence, outcome, wall time when recorded).
     failures: Mutex<Vec<(u64, FailureOutcome, u64)>>,
     completed: Mutex<Vec<u64>>,
-    /// How many times the worker read the partition.
-    reads: std::sync::atomic::AtomicUsize,
 }
 
 impl MemoryLog {
@@ -51,7 +49,27 @@ impl MemoryLog {
         let pending = sequences
             .iter()
             .map(|&sequence| {
-                let delivery = pending_delivery(sequence, previous);
+                let delivery = PendingDelivery {
+                    partition: partition(),
+                    event: Event {
+                        id: format!("evt_{sequence}"),
+                        topic: "t".into(),
+                        sequence,
+                        payload: Vec::new(),
+                        content_type: "application/json".into(),
+                        attributes: Default::default(),
+                        published_at: 0,
+                        trace: None,
+                    },
+                    state: DeliveryState {
+                        attempts: 0,
+                        next_attempt_at: 0,
+                        dead_lettered: false,
+                    },
+                    last_error: None,
+                    previous_sequence: previous,
+                    redelivery: None,
+                };
                 previous = sequence;
                 delivery
             })
@@ -61,38 +79,12 @@ impl MemoryLog {
             pending: Mutex::new(pending),
             failures: Mutex::new(Vec::new()),
             completed: Mutex::new(Vec::new()),
-            reads: Default::default(),
         })
     }
 }
 
 fn partition() -> PartitionKey {
     PartitionKey::new("t", "sub_1")
-}
-
-/// A due delivery of `sequence` in [`partition`], linked to `previous`.
-fn pending_delivery(sequence: u64, previous: u64) -> PendingDelivery {
-    PendingDelivery {
-        partition: partition(),
-        event: Arc::new(Event {
-            id: format!("evt_{sequence}"),
-            topic: "t".into(),
-            sequence,
-            payload: Vec::new(),
-            content_type: "application/json".into(),
-            attributes: Default::default(),
-            published_at: 0,
-            trace: None,
-        }),
-        state: DeliveryState {
-            attempts: 0,
-            next_attempt_at: 0,
-            dead_lettered: false,
-        },
-        last_error: None,
-        previous_sequence: previous,
-        redelivery: None,
-    }
 }
 
 #[async_trait]
@@ -174,7 +166,6 @@ impl DeliveryLog for MemoryLog {
         _: &PartitionKey,
         limit: usize,
     ) -> Result<Vec<PendingDelivery>, StoreError> {
-        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let pending = self.pending.lock().unwrap();
         Ok(pending
             .iter()
@@ -284,11 +275,10 @@ fn fail(retry_after: Option<Duration>) -> Attempt {
     }
 }
 
-/// An engine over `log` sending through `script`, and the trigger that stops it.
-fn engine(
-    log: &Arc<MemoryLog>,
-    script: &Arc<Script>,
-) -> (crate::shutdown::ShutdownTrigger, Engine) {
+/// Runs the engine until `done` sequences are completed or dead-lettered, at most an hour of
+/// virtual time; returns the attempts (sequence, virtual time since the start).
+async fn run(log: &Arc<MemoryLog>, script: &Arc<Script>, done: usize) -> Vec<(u64, Duration)> {
+    let start = Instant::now();
     let (trigger, shutdown) = crate::shutdown::channel();
     let engine = Engine::with_transport(
         log.clone(),
@@ -303,14 +293,6 @@ fn engine(
         shutdown,
         script.clone(),
     );
-    (trigger, engine)
-}
-
-/// Runs the engine until `done` sequences are completed or dead-lettered, at most an hour of
-/// virtual time; returns the attempts (sequence, virtual time since the start).
-async fn run(log: &Arc<MemoryLog>, script: &Arc<Script>, done: usize) -> Vec<(u64, Duration)> {
-    let start = Instant::now();
-    let (trigger, engine) = engine(log, script);
     engine.notify(&[partition()]);
     let finished = || {
         let dead = log
@@ -426,136 +408,4 @@ async fn an_exhausted_event_is_dead_lettered_and_the_next_goes_at_once() {
         Some((1, FailureOutcome::DeadLetter, _))
     ));
     assert_eq!(*log.completed.lock().unwrap(), [2]);
-}
-
-/// Waits (virtual time, at most a second) until `log` has completed `count` deliveries.
-async fn completed(log: &MemoryLog, count: usize) {
-    let start = Instant::now();
-    while log.completed.lock().unwrap().len() < count {
-        assert!(
-            start.elapsed() < Duration::from_secs(1),
-            "completed only {:?}",
-            log.completed.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
-/// Stores deliveries of `sequences` (linked one to the next, the first to `previous`) as a
-/// publish would; hands over those of `handed` (which must be among them) as the publish's
-/// wake-up does.
-fn publish(log: &MemoryLog, engine: &Engine, previous: u64, sequences: &[u64], handed: &[u64]) {
-    let mut previous = previous;
-    for &sequence in sequences {
-        log.pending
-            .lock()
-            .unwrap()
-            .push(pending_delivery(sequence, previous));
-        if handed.contains(&sequence) {
-            let published = Published {
-                event_id: format!("evt_{sequence}"),
-                sequence,
-                published_at: 0,
-                subscription_count: 1,
-                duplicate: false,
-                partitions: vec![partition()],
-                links: vec![previous],
-            };
-            let event = NewEvent {
-                id: format!("evt_{sequence}"),
-                topic: "t".into(),
-                payload: Vec::new(),
-                content_type: "application/json".into(),
-                idempotency_key: None,
-                attributes: Default::default(),
-                trace: None,
-            };
-            engine.published(&published, event);
-        }
-        previous = sequence;
-    }
-}
-
-fn sent(script: &Script) -> Vec<u64> {
-    let attempts = script.attempts.lock().unwrap();
-    attempts.iter().map(|(sequence, _)| *sequence).collect()
-}
-
-fn reads(log: &MemoryLog) -> usize {
-    log.reads.load(std::sync::atomic::Ordering::SeqCst)
-}
-
-#[tokio::test(start_paused = true)]
-async fn deliveries_handed_over_in_an_unbroken_chain_are_sent_without_a_read() {
-    let log = MemoryLog::new(policy(3), OnExhausted::DeadLetter, &[1]);
-    let script = Script::new(Vec::new());
-    let (trigger, engine) = engine(&log, &script);
-    engine.notify(&[partition()]);
-    completed(&log, 1).await;
-    let before = reads(&log);
-    publish(&log, &engine, 1, &[2, 3], &[2, 3]);
-    completed(&log, 3).await;
-    publish(&log, &engine, 3, &[4], &[4]);
-    completed(&log, 4).await;
-    assert_eq!(sent(&script), vec![1, 2, 3, 4]);
-    assert_eq!(reads(&log), before, "the handed deliveries were read again");
-    trigger.fire();
-    assert!(engine.drain(Duration::from_secs(5)).await);
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_missing_link_sends_the_worker_to_the_store() {
-    let log = MemoryLog::new(policy(3), OnExhausted::DeadLetter, &[1]);
-    let script = Script::new(Vec::new());
-    let (trigger, engine) = engine(&log, &script);
-    engine.notify(&[partition()]);
-    completed(&log, 1).await;
-    let before = reads(&log);
-    // The hand-over of 2 is lost (its publisher went away first): 3 does not link up.
-    publish(&log, &engine, 1, &[2, 3], &[3]);
-    completed(&log, 3).await;
-    assert_eq!(sent(&script), vec![1, 2, 3]);
-    assert!(reads(&log) > before);
-    trigger.fire();
-    assert!(engine.drain(Duration::from_secs(5)).await);
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_wake_up_for_a_change_reads_the_store_before_anything_handed_over() {
-    let log = MemoryLog::new(policy(3), OnExhausted::DeadLetter, &[10]);
-    let script = Script::new(Vec::new());
-    let (trigger, engine) = engine(&log, &script);
-    engine.notify(&[partition()]);
-    completed(&log, 1).await;
-    // An operator puts 5 back below the tail (a redrive), then a publish hands 11 over,
-    // linked to 10: the worker must not send 11 first.
-    let mut redriven = pending_delivery(5, 0);
-    redriven.redelivery = Some(crate::model::Redelivery::Redrive);
-    log.pending.lock().unwrap().insert(0, redriven);
-    engine.notify(&[partition()]);
-    publish(&log, &engine, 10, &[11], &[11]);
-    completed(&log, 3).await;
-    assert_eq!(sent(&script), vec![10, 5, 11]);
-    trigger.fire();
-    assert!(engine.drain(Duration::from_secs(5)).await);
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_failed_handed_delivery_is_retried_from_the_store_in_order() {
-    let log = MemoryLog::new(policy(3), OnExhausted::DeadLetter, &[1]);
-    let script = Script::new(Vec::new());
-    let (trigger, engine) = engine(&log, &script);
-    engine.notify(&[partition()]);
-    completed(&log, 1).await;
-    script.answers.lock().unwrap().push_back(fail(None));
-    publish(&log, &engine, 1, &[2, 3], &[2, 3]);
-    // The retry waits its backoff (about a second).
-    let start = Instant::now();
-    while log.completed.lock().unwrap().len() < 3 {
-        assert!(start.elapsed() < Duration::from_secs(60), "never retried");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(sent(&script), vec![1, 2, 2, 3]);
-    trigger.fire();
-    assert!(engine.drain(Duration::from_secs(5)).await);
 }

@@ -19,10 +19,7 @@ use crate::delivery::lease::Lease;
 use crate::delivery::partition::{PartitionWorker, Stop};
 use crate::delivery::webhook::{HttpTransport, Transport};
 use crate::metrics::Metrics;
-use crate::model::{
-    DeliveryState, Event, NewEvent, PartitionKey, PendingDelivery, Published, Subscription,
-    now_millis,
-};
+use crate::model::{PartitionKey, Subscription, now_millis};
 use crate::shutdown::Shutdown;
 use crate::store::{DeliveryLog, PartitionLeases, Store, StoreError, SubscriptionStore};
 
@@ -48,10 +45,6 @@ pub struct EngineConfig {
     pub auto_disable_after: Option<Duration>,
 }
 
-/// Most deliveries handed to one partition task and not taken yet; past it they are dropped
-/// and the task reads the store.
-const HANDED_MAX: usize = 32;
-
 /// Tells a partition task that new deliveries were stored.
 #[derive(Default)]
 pub(crate) struct Signal {
@@ -59,70 +52,6 @@ pub(crate) struct Signal {
     new_work: AtomicBool,
     /// Wakes a lingering task (keeps one permit if it is not waiting yet).
     pub(crate) wake: tokio::sync::Notify,
-    /// Deliveries this process's publishes stored for the partition, handed over with the
-    /// wake-up so that the task need not read them back (see [`Signal::take_handed`]).
-    handed: Mutex<Handed>,
-}
-
-/// The deliveries handed to a partition task. Each is stored before it is handed over, so
-/// they are a shortcut, never the only copy: the task uses them only while they continue,
-/// link by link, the last delivery it knows of, and reads the store otherwise.
-#[derive(Default)]
-struct Handed {
-    deliveries: Vec<PendingDelivery>,
-    /// Set when the partition may have changed otherwise (an operator's action, a
-    /// subscription change, a restart's rescan, a duplicate publish) or too many waited: the
-    /// task reads the store next, and nothing is handed over until it takes.
-    stale: bool,
-}
-
-impl Signal {
-    fn handed(&self) -> std::sync::MutexGuard<'_, Handed> {
-        self.handed.lock().expect("handed deliveries lock")
-    }
-
-    fn hand(&self, delivery: PendingDelivery) {
-        let mut handed = self.handed();
-        if handed.stale {
-            return;
-        }
-        if handed.deliveries.len() >= HANDED_MAX {
-            handed.deliveries = Vec::new();
-            handed.stale = true;
-            return;
-        }
-        handed.deliveries.push(delivery);
-    }
-
-    fn make_stale(&self) {
-        let mut handed = self.handed();
-        handed.deliveries = Vec::new();
-        handed.stale = true;
-    }
-
-    /// Takes the deliveries handed over since the last call; `None` if the store must be read
-    /// instead. Call it before reading the store, so that a delivery handed over later was
-    /// stored after that read began.
-    pub(crate) fn take_handed(&self) -> Option<Vec<PendingDelivery>> {
-        // A wake-up left for deliveries about to be taken would only send the task to the
-        // store for nothing; one for a hand-over after this call is left in place.
-        let notified = std::pin::pin!(self.wake.notified());
-        let _ = std::future::Future::poll(
-            notified,
-            &mut std::task::Context::from_waker(std::task::Waker::noop()),
-        );
-        let mut handed = self.handed();
-        let deliveries = std::mem::take(&mut handed.deliveries);
-        if std::mem::take(&mut handed.stale) {
-            return None;
-        }
-        Some(deliveries)
-    }
-
-    fn wake(&self) {
-        self.new_work.store(true, Ordering::SeqCst);
-        self.wake.notify_one();
-    }
 }
 
 /// Handle to the delivery engine; cheap to clone.
@@ -215,65 +144,21 @@ impl Engine {
         Ok(count)
     }
 
-    /// Tells the engine that these partitions have new or changed deliveries: their tasks
-    /// read the store.
+    /// Tells the engine that these partitions have new deliveries.
     pub fn notify(&self, partitions: &[PartitionKey]) {
-        self.wake(partitions, |signal, _| signal.make_stale());
-    }
-
-    /// Tells the engine about a publish that `event` (stored as `published` says) made: its
-    /// partitions' tasks wake, and those already running (on a store only this process
-    /// writes) are handed the new deliveries, so they need not read them back.
-    pub fn published(&self, published: &Published, event: NewEvent) {
-        let handed = !published.duplicate
-            && self.inner.leases.is_none()
-            && published.links.len() == published.partitions.len();
-        if !handed {
-            self.notify(&published.partitions);
-            return;
-        }
-        let event = Arc::new(Event {
-            id: event.id,
-            topic: event.topic,
-            sequence: published.sequence,
-            payload: event.payload,
-            content_type: event.content_type,
-            attributes: event.attributes,
-            published_at: published.published_at,
-            trace: event.trace,
-        });
-        self.wake(&published.partitions, |signal, index| {
-            signal.hand(PendingDelivery {
-                partition: published.partitions[index].clone(),
-                event: event.clone(),
-                state: DeliveryState {
-                    attempts: 0,
-                    next_attempt_at: published.published_at,
-                    dead_lettered: false,
-                },
-                last_error: None,
-                previous_sequence: published.links[index],
-                redelivery: None,
-            });
-        });
-    }
-
-    /// Wakes the tasks of `partitions`, starting those not running; `running` is called
-    /// first for each that was running, with its position in `partitions`.
-    fn wake(&self, partitions: &[PartitionKey], running: impl Fn(&Signal, usize)) {
         if self.inner.shutdown.is_fired() {
             return;
         }
-        let mut tasks = self.inner.partitions.lock().expect("partition map lock");
-        for (index, partition) in partitions.iter().enumerate() {
-            match tasks.get(partition) {
+        let mut running = self.inner.partitions.lock().expect("partition map lock");
+        for partition in partitions {
+            match running.get(partition) {
                 Some(signal) => {
-                    running(signal, index);
-                    signal.wake();
+                    signal.new_work.store(true, Ordering::SeqCst);
+                    signal.wake.notify_one();
                 }
                 None => {
                     let new_work = Arc::new(Signal::default());
-                    tasks.insert(partition.clone(), new_work.clone());
+                    running.insert(partition.clone(), new_work.clone());
                     self.inner.config.metrics.partitions_active.inc();
                     let inner = self.inner.clone();
                     let partition = partition.clone();
@@ -299,8 +184,8 @@ impl Engine {
         let running = self.inner.partitions.lock().expect("partition map lock");
         for (partition, signal) in running.iter() {
             if partition.subscription_id == subscription_id {
-                signal.make_stale();
-                signal.wake();
+                signal.new_work.store(true, Ordering::SeqCst);
+                signal.wake.notify_one();
             }
         }
     }

@@ -339,8 +339,6 @@ impl Inner {
                     .iter()
                     .map(|position| PartitionKey::new(topic, plan.subscribers[*position].as_str()))
                     .collect(),
-                // Other instances publish to the same partitions: the engine reads them.
-                links: Vec::new(),
             };
             waiting.answer(Ok(outcome));
         }
@@ -675,7 +673,6 @@ impl Inner {
             subscription_count: get_n(&item, "subscription_count")? as u32,
             duplicate: true,
             partitions: Vec::new(),
-            links: Vec::new(),
         }))
     }
 

@@ -341,7 +341,7 @@ pub fn pending_delivery(
 ) -> PendingDelivery {
     PendingDelivery {
         partition: partition.clone(),
-        event: std::sync::Arc::new(event),
+        event,
         state: fields.state,
         last_error: fields.last_error,
         previous_sequence: fields.previous,

@@ -375,7 +375,7 @@ fn read_range(
         let event = decode_event(&partition.topic, sequence, event_bytes.value())?;
         result.push(PendingDelivery {
             partition: partition.clone(),
-            event: std::sync::Arc::new(event),
+            event,
             state: record.state(),
             last_error: record.last_error.clone(),
             previous_sequence: record.previous_sequence,

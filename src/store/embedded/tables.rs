@@ -201,7 +201,6 @@ impl<'transaction> Tables<'transaction> {
                     subscription_count: original.subscription_count,
                     duplicate: true,
                     partitions,
-                    links: Vec::new(),
                 }));
             }
         }
@@ -233,7 +232,6 @@ impl<'transaction> Tables<'transaction> {
                 .map_err(unavailable)?;
         }
         let mut partitions = Vec::with_capacity(subscribers.len());
-        let mut links = Vec::with_capacity(subscribers.len());
         for subscription_id in &subscribers {
             let partition = PartitionKey::new(topic, subscription_id.as_str());
             let mut record = self.partition(subscription_id, topic)?;
@@ -244,7 +242,6 @@ impl<'transaction> Tables<'transaction> {
                     delivery.encode().as_slice(),
                 )
                 .map_err(unavailable)?;
-            links.push(record.last_enqueued);
             record.last_enqueued = sequence;
             record.pending += 1;
             if record.pending == 1 {
@@ -262,7 +259,6 @@ impl<'transaction> Tables<'transaction> {
             subscription_count: subscribers.len() as u32,
             duplicate: false,
             partitions,
-            links,
         };
         if let Some(key) = event.idempotency_key.as_deref()
             && !window.is_zero()
