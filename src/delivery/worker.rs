@@ -54,6 +54,14 @@ pub(crate) struct Signal {
     pub(crate) wake: tokio::sync::Notify,
 }
 
+impl Signal {
+    /// Marks new work and wakes the task (or leaves it a permit if it is not waiting yet).
+    fn wake(&self) {
+        self.new_work.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+}
+
 /// Handle to the delivery engine; cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
@@ -153,8 +161,7 @@ impl Engine {
         for partition in partitions {
             match running.get(partition) {
                 Some(signal) => {
-                    signal.new_work.store(true, Ordering::SeqCst);
-                    signal.wake.notify_one();
+                    signal.wake();
                 }
                 None => {
                     let new_work = Arc::new(Signal::default());
@@ -184,8 +191,7 @@ impl Engine {
         let running = self.inner.partitions.lock().expect("partition map lock");
         for (partition, signal) in running.iter() {
             if partition.subscription_id == subscription_id {
-                signal.new_work.store(true, Ordering::SeqCst);
-                signal.wake.notify_one();
+                signal.wake();
             }
         }
     }
