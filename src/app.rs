@@ -73,9 +73,10 @@ pub async fn run(
 pub async fn open_store(config: &ServeConfig) -> Result<Arc<dyn Store>, Error> {
     match config.store {
         StoreKind::Embedded => {
-            let store = EmbeddedStore::open_with_cache(
+            let store = EmbeddedStore::open_with(
                 &config.data_dir,
                 config.store_cache_mib * 1024 * 1024,
+                config.store_readers(),
             )?;
             store.set_retention(config.retention);
             Ok(Arc::new(store))

@@ -77,6 +77,25 @@ pub mod defaults {
     pub const fn store_cache_bytes() -> usize {
         STORE_CACHE_MIB * 1024 * 1024
     }
+
+    /// The cores this process may use (1 if unknown).
+    pub fn cores() -> usize {
+        std::thread::available_parallelism().map_or(1, usize::from)
+    }
+
+    /// `--store-readers`: one per core, at least two. Reads of cached pages are CPU work, so
+    /// more threads than cores only add hand-offs; eight on two cores cost 3–6 % more CPU per
+    /// delivery than two in three interleaved runs each (BENCHMARKS.md, tenth session).
+    pub fn store_readers() -> usize {
+        cores().max(2)
+    }
+
+    /// `--worker-threads`: one per core, as tokio starts. One worker on two shared cores cost
+    /// about a quarter less CPU per delivery but had a much longer latency tail in some runs
+    /// (BENCHMARKS.md, tenth session), so fewer workers is the operator's choice.
+    pub fn worker_threads() -> usize {
+        cores()
+    }
 }
 
 /// How log lines look.
@@ -149,6 +168,16 @@ pub struct ServeConfig {
     /// Most HTTP deliveries in flight at once, over all partitions.
     #[arg(long, env = "HERALD_DELIVERY_CONCURRENCY", default_value_t = defaults::DELIVERY_CONCURRENCY)]
     pub delivery_concurrency: usize,
+
+    /// Threads that serve the API and make the deliveries (the async runtime's workers).
+    /// Default: one per core.
+    #[arg(long, env = "HERALD_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+
+    /// Threads that run the embedded store's reads (reads in flight at once). Default: one per
+    /// core, at least two.
+    #[arg(long, env = "HERALD_STORE_READERS")]
+    pub store_readers: Option<usize>,
 
     /// Default first backoff cap of new subscriptions.
     #[arg(long, env = "HERALD_DEFAULT_INITIAL_BACKOFF", default_value = defaults::INITIAL_BACKOFF, value_parser = parse_duration)]
@@ -297,6 +326,9 @@ impl DynamoArgs {
     }
 }
 
+/// Most threads `--worker-threads` and `--store-readers` accept.
+const MAX_THREADS: usize = 1024;
+
 impl ServeConfig {
     /// The configuration a test or embedding program starts from: every default, with the
     /// given data directory and listen address.
@@ -320,6 +352,8 @@ impl ServeConfig {
             max_payload_bytes: defaults::MAX_PAYLOAD_BYTES,
             idempotency_window: duration(defaults::IDEMPOTENCY_WINDOW),
             delivery_concurrency: defaults::DELIVERY_CONCURRENCY,
+            worker_threads: None,
+            store_readers: None,
             default_initial_backoff: retry.initial_backoff,
             default_max_backoff: retry.max_backoff,
             default_max_attempts: retry.max_attempts,
@@ -374,6 +408,18 @@ impl ServeConfig {
         }
     }
 
+    /// The async runtime's worker threads: `--worker-threads`, else
+    /// [`defaults::worker_threads`].
+    pub fn worker_threads(&self) -> usize {
+        self.worker_threads.unwrap_or_else(defaults::worker_threads)
+    }
+
+    /// The embedded store's reader threads: `--store-readers`, else
+    /// [`defaults::store_readers`].
+    pub fn store_readers(&self) -> usize {
+        self.store_readers.unwrap_or_else(defaults::store_readers)
+    }
+
     /// The retry policy that new subscriptions start from.
     pub fn default_retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
@@ -391,6 +437,20 @@ impl ServeConfig {
         }
         if self.delivery_concurrency == 0 {
             return Err("--delivery-concurrency must be at least 1".into());
+        }
+        if let Some(threads) = self.worker_threads
+            && !(1..=MAX_THREADS).contains(&threads)
+        {
+            return Err(format!(
+                "--worker-threads must be between 1 and {MAX_THREADS}"
+            ));
+        }
+        if let Some(threads) = self.store_readers
+            && !(1..=MAX_THREADS).contains(&threads)
+        {
+            return Err(format!(
+                "--store-readers must be between 1 and {MAX_THREADS}"
+            ));
         }
         // A DynamoDB item holds at most 400 KB; keep room for the event's other attributes.
         if self.store == StoreKind::Dynamodb && self.max_payload_bytes > 350 * 1024 {
@@ -526,5 +586,21 @@ mod tests {
         assert!(config.validate().unwrap_err().contains("without API keys"));
         config.insecure_no_auth = true;
         assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn thread_counts_default_to_the_cores_and_refuse_zero() {
+        let cores = defaults::cores();
+        let mut config = ServeConfig::with_data_dir("x");
+        assert_eq!(config.worker_threads(), cores);
+        assert_eq!(config.store_readers(), cores.max(2));
+        config.worker_threads = Some(3);
+        config.store_readers = Some(5);
+        assert_eq!((config.worker_threads(), config.store_readers()), (3, 5));
+        config.worker_threads = Some(0);
+        assert!(config.validate().unwrap_err().contains("--worker-threads"));
+        config.worker_threads = None;
+        config.store_readers = Some(0);
+        assert!(config.validate().unwrap_err().contains("--store-readers"));
     }
 }

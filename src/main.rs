@@ -23,9 +23,14 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Command::Serve(config) = &cli.command {
+        // Checked before the runtime starts: it is built with the configured threads.
+        config.validate().map_err(anyhow::Error::msg)?;
+        builder.worker_threads(config.worker_threads());
+    }
+    let runtime = builder.build()?;
     let (format, otlp_endpoint) = match &cli.command {
         Command::Serve(config) => (config.log_format, config.otlp_endpoint.clone()),
         _ => (LogFormat::Text, None),
@@ -39,7 +44,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         match cli.command {
             Command::Serve(config) => {
                 let config = *config;
-                config.validate().map_err(anyhow::Error::msg)?;
                 let listener =
                     tokio::net::TcpListener::bind(config.listen)
                         .await

@@ -27,8 +27,6 @@ use tokio::sync::{oneshot, watch};
 use crate::store::{PartitionLeases, Store, StoreError};
 use writer::{Command, Reply, Writer};
 
-/// Reader threads: reads in flight at once.
-const READERS: usize = 8;
 /// Writes waiting for the writer at most; more wait for room (backpressure).
 const WRITE_QUEUE: usize = 8192;
 /// How long a write waits for room in a full queue before it is refused.
@@ -83,6 +81,20 @@ impl EmbeddedStore {
     /// file cannot be opened (for example when another process holds it), `Internal` with what
     /// to do if the file is not a Herald store or is damaged.
     pub fn open_with_cache(data_dir: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+        Self::open_with(
+            data_dir,
+            cache_bytes,
+            crate::config::defaults::store_readers(),
+        )
+    }
+
+    /// As [`EmbeddedStore::open_with_cache`], with `readers` threads to run reads (reads in
+    /// flight at once; at least one).
+    pub fn open_with(
+        data_dir: &Path,
+        cache_bytes: usize,
+        readers: usize,
+    ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|error| {
             StoreError::Unavailable(format!("cannot create {}: {error}", data_dir.display()))
         })?;
@@ -105,7 +117,7 @@ impl EmbeddedStore {
             #[cfg(feature = "fault-injection")]
             stall.clone(),
         );
-        let readers = readers::ReaderPool::start(READERS)?;
+        let readers = readers::ReaderPool::start(readers.max(1))?;
         let writer = std::thread::Builder::new()
             .name("herald-store-writer".into())
             .spawn(move || writer.run(receiver))

@@ -1,10 +1,10 @@
 //! The reader threads: a fixed pool that runs the store's reads, which redb makes synchronous.
 //!
-//! Reads used to run on tokio's blocking pool behind a semaphore of [`READERS`](super) permits.
+//! Reads used to run on tokio's blocking pool behind a semaphore of eight permits.
 //! A permit is released before its thread is idle again, so the next read often found no idle
 //! thread and tokio started another: under delivery load the pool grew to some 75 threads, each
 //! with its own allocator caches and stack. A fixed pool keeps the threads (and their caches)
-//! warm and their number bounded.
+//! warm and their number bounded (`--store-readers`: one per core, at least two, by default).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, mpsc};
