@@ -84,8 +84,8 @@ pub mod defaults {
     }
 
     /// `--store-readers`: one per core, at least two. Reads of cached pages are CPU work, so
-    /// more threads than cores only add hand-offs; eight on two cores cost 3–6 % more CPU per
-    /// delivery than two in three interleaved runs each (BENCHMARKS.md, tenth session).
+    /// more threads than cores only add hand-offs (eight against two on two cores: 0–6 % more
+    /// CPU per delivery over six interleaved pairs, BENCHMARKS.md, tenth session).
     pub fn store_readers() -> usize {
         cores().max(2)
     }
