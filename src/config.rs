@@ -438,19 +438,13 @@ impl ServeConfig {
         if self.delivery_concurrency == 0 {
             return Err("--delivery-concurrency must be at least 1".into());
         }
-        if let Some(threads) = self.worker_threads
-            && !(1..=MAX_THREADS).contains(&threads)
-        {
-            return Err(format!(
-                "--worker-threads must be between 1 and {MAX_THREADS}"
-            ));
-        }
-        if let Some(threads) = self.store_readers
-            && !(1..=MAX_THREADS).contains(&threads)
-        {
-            return Err(format!(
-                "--store-readers must be between 1 and {MAX_THREADS}"
-            ));
+        for (flag, threads) in [
+            ("--worker-threads", self.worker_threads),
+            ("--store-readers", self.store_readers),
+        ] {
+            if threads.is_some_and(|threads| !(1..=MAX_THREADS).contains(&threads)) {
+                return Err(format!("{flag} must be between 1 and {MAX_THREADS}"));
+            }
         }
         // A DynamoDB item holds at most 400 KB; keep room for the event's other attributes.
         if self.store == StoreKind::Dynamodb && self.max_payload_bytes > 350 * 1024 {
