@@ -107,7 +107,7 @@ pub fn endpoint(endpoint: &str) -> Result<(), Error> {
             format!("must be at most {MAX_ENDPOINT_LEN} characters"),
         ));
     }
-    let url = reqwest::Url::parse(endpoint).map_err(|error| {
+    let url = url::Url::parse(endpoint).map_err(|error| {
         Error::invalid("endpoint", format!("`{endpoint}` is not a URL: {error}"))
     })?;
     if url.scheme() != "http" && url.scheme() != "https" {

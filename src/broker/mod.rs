@@ -217,7 +217,7 @@ impl Broker {
     /// the endpoint rules refuse. A name that does not resolve (within a bound) is accepted:
     /// every delivery attempt checks the address it connects to.
     async fn check_endpoint_address(&self, endpoint: &str) -> Result<(), Error> {
-        let url = reqwest::Url::parse(endpoint)
+        let url = url::Url::parse(endpoint)
             .map_err(|error| Error::invalid("endpoint", error.to_string()))?;
         let Some(host) = url.host() else {
             return Ok(());

@@ -12,6 +12,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
+use hyper_util::client::legacy::connect::dns::Name;
 use ipnet::IpNet;
 
 /// The policy for webhook endpoint addresses.
@@ -187,6 +188,7 @@ fn embedded_ipv4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
 /// A DNS resolver for the delivery client that resolves with the system resolver and keeps
 /// only the addresses the rules allow; if none is left, the attempt fails with the reason
 /// and no connection is made.
+#[derive(Clone)]
 pub struct PolicyResolver {
     rules: Arc<AddressRules>,
 }
@@ -198,13 +200,31 @@ impl PolicyResolver {
     }
 }
 
-impl reqwest::dns::Resolve for PolicyResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+/// The addresses a name resolved to that the rules allow.
+pub type Allowed = std::vec::IntoIter<SocketAddr>;
+
+/// Why a name gave no address to connect to: it did not resolve, or the rules refused all
+/// of its addresses ([`Refused`], found with [`refusal_in`]).
+pub type ResolveError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<Name> for PolicyResolver {
+    type Response = Allowed;
+    type Error = ResolveError;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Allowed, ResolveError>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), ResolveError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
         let rules = self.rules.clone();
-        let host = name.as_str().to_string();
         Box::pin(async move {
             let resolved: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+                tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
             let mut refusal = None;
             let allowed: Vec<SocketAddr> = resolved
                 .into_iter()
@@ -217,8 +237,8 @@ impl reqwest::dns::Resolve for PolicyResolver {
                 })
                 .collect();
             match (allowed.is_empty(), refusal) {
-                (true, Some(refused)) => Err(Box::new(refused) as _),
-                _ => Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs),
+                (true, Some(refused)) => Err(Box::new(refused) as ResolveError),
+                _ => Ok(allowed.into_iter()),
             }
         })
     }
