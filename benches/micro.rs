@@ -1,5 +1,6 @@
-//! Criterion micro-benchmarks of the hot paths: signing, key and record encoding, and the
-//! embedded store's append (durable publish) and drain (reading a partition's head).
+//! Criterion micro-benchmarks of the hot paths: signing, building a delivery request, key and
+//! record encoding, and the embedded store's append (durable publish) and drain (reading a
+//! partition's head).
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -7,7 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use herald::model::{Event, NewEvent, OnExhausted, PartitionKey, RetryPolicy, Subscription};
+use herald::delivery::webhook;
+use herald::model::{
+    DeliveryState, Event, NewEvent, OnExhausted, PartitionKey, PendingDelivery, RetryPolicy,
+    Subscription,
+};
 use herald::signing;
 use herald::store::records;
 use herald::store::{EmbeddedStore, Store};
@@ -28,6 +33,58 @@ fn signing(criterion: &mut Criterion) {
         })
     });
     group.finish();
+}
+
+/// Building one signed attempt (headers, signature, body): done for every delivery.
+fn delivery_request(criterion: &mut Criterion) {
+    let subscription = Subscription {
+        id: "sub_01a2210f7dc640c5644924600a0e".into(),
+        endpoint: "http://127.0.0.1:9/hook".into(),
+        topics: vec!["fin:purchase".into()],
+        secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+        retry_policy: RetryPolicy::default(),
+        on_exhausted: OnExhausted::DeadLetter,
+        created_at: 0,
+        control: Default::default(),
+        previous_secret: None,
+        pacing: Default::default(),
+        filter: None,
+    };
+    let key = signing::decode_secret(&subscription.secret).unwrap();
+    let delivery = PendingDelivery {
+        partition: PartitionKey::new("fin:purchase", &subscription.id),
+        event: Event {
+            id: "evt_01a2210f7dd2760f377bcaca7d4f".into(),
+            topic: "fin:purchase".into(),
+            sequence: 1_795_850_993_106_281,
+            payload: vec![b'x'; 1024],
+            content_type: "application/json".into(),
+            attributes: BTreeMap::new(),
+            published_at: 1_795_850_993_106,
+            trace: None,
+        },
+        state: DeliveryState {
+            attempts: 0,
+            next_attempt_at: 0,
+            dead_lettered: false,
+        },
+        last_error: None,
+        previous_sequence: 1_795_850_993_106_280,
+        redelivery: None,
+    };
+    let uri: http::Uri = subscription.endpoint.parse().unwrap();
+    criterion.bench_function("delivery request 1 KiB", |bencher| {
+        bencher.iter(|| {
+            webhook::request(
+                black_box(&uri),
+                &subscription,
+                &key,
+                black_box(&delivery),
+                1_795_850_993_106,
+            )
+            .unwrap()
+        })
+    });
 }
 
 fn encoding(criterion: &mut Criterion) {
@@ -176,5 +233,5 @@ fn store(criterion: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, signing, encoding, store);
+criterion_group!(benches, signing, delivery_request, encoding, store);
 criterion_main!(benches);

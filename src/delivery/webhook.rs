@@ -407,7 +407,13 @@ fn describe(error: &(dyn std::error::Error + 'static)) -> String {
     if let Some(error) = error.downcast_ref::<hyper_util::client::legacy::Error>()
         && error.is_connect()
     {
-        return "connection failed".to_string();
+        // The innermost cause says why: refused, unreachable, a name that does not resolve,
+        // a certificate that is not trusted.
+        let mut cause: &(dyn std::error::Error + 'static) = error;
+        while let Some(next) = cause.source() {
+            cause = next;
+        }
+        return format!("connection failed: {cause}");
     }
     let mut text = error.to_string();
     let mut source = error.source();

@@ -7,6 +7,7 @@ use herald::delivery::endpoint_policy::EndpointPolicy;
 use herald::proto;
 use tonic::Code;
 
+use crate::support::authority::{Authority, server_config};
 use crate::support::receiver::{Receiver, Reply};
 use crate::support::{
     Backend, Deployment, HeraldProcess, all_pending, connect, eventually, publish_request,
@@ -148,6 +149,66 @@ async fn a_redirect_to_the_metadata_service_is_a_failure_and_is_not_followed() {
     })
     .await;
     app.stop().await;
+}
+
+/// An `https` endpoint is verified against the platform's roots (here a test CA given to the
+/// real binary in `SSL_CERT_FILE`): a receiver with a certificate from that CA gets the event,
+/// signed; one from an unknown CA gets no request, and the attempt records why, as it does for
+/// a port that refuses the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_endpoints_are_verified_against_the_platform_roots() {
+    let trusted = Authority::new();
+    let stranger = Authority::new();
+    let good = Receiver::start_tls(server_config(&trusted.leaf(&["localhost"]))).await;
+    let bad = Receiver::start_tls(server_config(&stranger.leaf(&["localhost"]))).await;
+    let deployment = Deployment::new(Backend::Embedded).await;
+    let roots = deployment.data_dir.path().join("roots.pem");
+    std::fs::write(&roots, trusted.pem()).unwrap();
+    let roots = roots.to_str().unwrap().to_string();
+    let server =
+        HeraldProcess::start_with_env(&deployment, &[], &[("SSL_CERT_FILE", roots.as_str())]).await;
+    let mut client = connect(server.address).await;
+    // And a port nobody listens on any more.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = format!("http://{}/hook", listener.local_addr().unwrap());
+    drop(listener);
+    let mut subscriptions = Vec::new();
+    for endpoint in [good.url(), bad.url(), closed] {
+        let subscription = client
+            .subscribe(subscribe_request(&endpoint, &["t"]))
+            .await
+            .unwrap()
+            .into_inner();
+        subscriptions.push(subscription);
+    }
+    client.publish(publish_request("t", "x")).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the trusted receiver gets the event",
+        || async { good.delivered_count() == 1 },
+    )
+    .await;
+    assert!(good.delivered()[0].signature_valid(&subscriptions[0].secret));
+    for (subscription, reason) in [
+        (
+            &subscriptions[1],
+            "connection failed: invalid peer certificate",
+        ),
+        (&subscriptions[2], "connection failed: Connection refused"),
+    ] {
+        eventually(Duration::from_secs(10), reason, || {
+            let mut client = client.clone();
+            let id = subscription.id.clone();
+            async move {
+                let pending = all_pending(&mut client, &id).await;
+                pending.len() == 1
+                    && pending[0].attempts >= 1
+                    && pending[0].last_error.starts_with(reason)
+            }
+        })
+        .await;
+    }
+    assert!(bad.received().is_empty(), "no request passed the handshake");
 }
 
 /// Resident memory of a process, in bytes.

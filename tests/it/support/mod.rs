@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod authority;
 pub mod browser;
 pub mod dynamo;
 pub mod faulty;
@@ -274,6 +275,15 @@ impl HeraldProcess {
 
     /// [`HeraldProcess::start`] with extra `serve` arguments.
     pub async fn start_with(deployment: &Deployment, extra: &[&str]) -> HeraldProcess {
+        HeraldProcess::start_with_env(deployment, extra, &[]).await
+    }
+
+    /// [`HeraldProcess::start_with`] with extra environment variables.
+    pub async fn start_with_env(
+        deployment: &Deployment,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> HeraldProcess {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
             .arg("serve")
             .arg("--listen")
@@ -282,6 +292,7 @@ impl HeraldProcess {
             .args(extra)
             .envs(dynamo::child_env())
             .env("HERALD_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()

@@ -107,6 +107,8 @@ struct State {
 #[derive(Clone)]
 pub struct Receiver {
     pub address: SocketAddr,
+    /// Whether it answers over TLS (at `https://localhost:port`).
+    tls: bool,
     state: Arc<State>,
 }
 
@@ -118,6 +120,16 @@ impl Receiver {
 
     /// Starts a receiver whose answer `script` decides per request.
     pub async fn scripted(script: impl Fn(&Received) -> Reply + Send + Sync + 'static) -> Receiver {
+        Receiver::serve(Arc::new(script), None).await
+    }
+
+    /// Starts a receiver that answers 204 over TLS with `config`'s certificate (one for
+    /// `localhost`).
+    pub async fn start_tls(config: Arc<rustls::ServerConfig>) -> Receiver {
+        Receiver::serve(Arc::new(|_: &Received| Reply::Status(204)), Some(config)).await
+    }
+
+    async fn serve(script: Script, tls: Option<Arc<rustls::ServerConfig>>) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind receiver");
@@ -125,26 +137,50 @@ impl Receiver {
         let state = Arc::new(State {
             received: Mutex::new(Vec::new()),
             attempts: Mutex::new(HashMap::new()),
-            script: Mutex::new(Arc::new(script)),
+            script: Mutex::new(script),
         });
+        let acceptor = tls.clone().map(tokio_rustls::TlsAcceptor::from);
         let accept_state = state.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let state = accept_state.clone();
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| handle(state.clone(), request));
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let connection = http1::Builder::new();
+                    let _ = match acceptor {
+                        // A handshake the client aborts (an untrusted certificate) ends here.
+                        Some(acceptor) => match acceptor.accept(stream).await {
+                            Ok(stream) => {
+                                connection
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .await
+                            }
+                            Err(_) => return,
+                        },
+                        None => {
+                            connection
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await
+                        }
+                    };
                 });
             }
         });
-        Receiver { address, state }
+        Receiver {
+            address,
+            tls: tls.is_some(),
+            state,
+        }
     }
 
     /// The endpoint URL.
     pub fn url(&self) -> String {
-        format!("http://{}/hook", self.address)
+        if self.tls {
+            format!("https://localhost:{}/hook", self.address.port())
+        } else {
+            format!("http://{}/hook", self.address)
+        }
     }
 
     /// Replaces the script.
