@@ -122,6 +122,10 @@ pub fn endpoint(endpoint: &str) -> Result<(), Error> {
     if !url.username().is_empty() || url.password().is_some() {
         return Err(Error::invalid("endpoint", "must not contain credentials"));
     }
+    // A URL the HTTP layer cannot send to (a host with characters URLs allow and HTTP does
+    // not) would fail every attempt.
+    crate::delivery::webhook::Target::parse(endpoint)
+        .map_err(|error| Error::invalid("endpoint", error))?;
     Ok(())
 }
 
@@ -306,6 +310,12 @@ mod tests {
         ] {
             assert!(endpoint(bad).is_err(), "{bad}");
         }
+        // A URL, but not one HTTP can send to.
+        let error = endpoint("https://a{b}.example/").unwrap_err();
+        assert!(
+            format!("{error:?}").contains("not an HTTP URI"),
+            "{error:?}"
+        );
     }
 
     #[test]

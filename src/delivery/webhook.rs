@@ -11,6 +11,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::DigitallySignedStruct;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::delivery::endpoint_policy::{AddressRules, PolicyResolver, refusal_in};
 
@@ -85,26 +88,94 @@ pub fn client(rules: Arc<AddressRules>, concurrency: usize) -> Client {
     let mut http = HttpConnector::new_with_resolver(PolicyResolver::new(rules));
     http.enforce_http(false);
     http.set_nodelay(true);
+    // Probes keep a pooled connection's flow open through NATs and firewalls that forget idle
+    // ones, and find a dead peer without waiting for the request timeout.
+    http.set_keepalive(Some(Duration::from_secs(15)));
+    http.set_keepalive_interval(Some(Duration::from_secs(15)));
+    http.set_keepalive_retries(Some(3));
+    #[cfg(target_os = "linux")]
+    http.set_tcp_user_timeout(Some(Duration::from_secs(30)));
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let verifier = rustls_platform_verifier::Verifier::new(provider.clone())
-        .expect("the platform's TLS roots load");
-    // ALPN is left to the connector builder: it offers `http/1.1`.
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
+    let verifier: Arc<dyn ServerCertVerifier> =
+        match rustls_platform_verifier::Verifier::new(provider.clone()) {
+            Ok(verifier) => Arc::new(verifier),
+            Err(error) => {
+                tracing::warn!(%error, "no trusted TLS roots: every https endpoint will fail");
+                Arc::new(NoRoots {
+                    reason: error.to_string(),
+                    schemes: provider
+                        .signature_verification_algorithms
+                        .supported_schemes(),
+                })
+            }
+        };
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("the TLS provider supports the default protocol versions")
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // `From` keeps the ALPN offer (the builder refuses one and offers none for HTTP/1.1) and
+    // allows plain `http` endpoints.
+    let connector = hyper_rustls::HttpsConnector::from((http, tls));
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(concurrency.max(1))
         .build(connector)
+}
+
+/// The verifier when the platform has no trusted roots (a container without a CA bundle):
+/// plain `http` endpoints still work, and every `https` one fails, saying why.
+#[derive(Debug)]
+struct NoRoots {
+    reason: String,
+    schemes: Vec<rustls::SignatureScheme>,
+}
+
+impl NoRoots {
+    fn refuse<T>(&self) -> Result<T, rustls::Error> {
+        Err(rustls::Error::General(format!(
+            "no trusted TLS roots ({}; set SSL_CERT_FILE)",
+            self.reason
+        )))
+    }
+}
+
+impl ServerCertVerifier for NoRoots {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.refuse()
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.refuse()
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.refuse()
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.schemes.clone()
+    }
 }
 
 /// How the engine makes one attempt: the seam between scheduling and HTTP.
@@ -245,6 +316,7 @@ pub fn request(
     }
     let mut request = Request::post(uri.clone())
         .header(header::USER_AGENT, USER_AGENT)
+        .header(header::ACCEPT, "*/*")
         .header(header::CONTENT_TYPE, &event.content_type)
         .header(HeaderName::from_static(headers::WEBHOOK_ID), &event.id)
         .header(

@@ -165,8 +165,7 @@ async fn https_endpoints_are_verified_against_the_platform_roots() {
     let roots = deployment.data_dir.path().join("roots.pem");
     std::fs::write(&roots, trusted.pem()).unwrap();
     let roots = roots.to_str().unwrap().to_string();
-    let server =
-        HeraldProcess::start_with_env(&deployment, &[], &[("SSL_CERT_FILE", roots.as_str())]).await;
+    let server = HeraldProcess::start_with_env(&deployment, &[], &only_roots(&roots)).await;
     let mut client = connect(server.address).await;
     // And a port nobody listens on any more.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -209,6 +208,60 @@ async fn https_endpoints_are_verified_against_the_platform_roots() {
         .await;
     }
     assert!(bad.received().is_empty(), "no request passed the handshake");
+}
+
+/// With no trusted roots at all (a container without a CA bundle), Herald still starts and
+/// delivers to `http` endpoints; every `https` attempt fails, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_trusted_roots_http_works_and_https_fails_saying_why() {
+    let authority = Authority::new();
+    let secure = Receiver::start_tls(server_config(&authority.leaf(&["localhost"]))).await;
+    let plain = Receiver::start().await;
+    let deployment = Deployment::new(Backend::Embedded).await;
+    let empty = deployment.data_dir.path().join("no-roots.pem");
+    std::fs::write(&empty, "").unwrap();
+    let empty = empty.to_str().unwrap().to_string();
+    let server = HeraldProcess::start_with_env(&deployment, &[], &only_roots(&empty)).await;
+    let mut client = connect(server.address).await;
+    let mut ids = Vec::new();
+    for receiver in [&plain, &secure] {
+        let subscription = client
+            .subscribe(subscribe_request(&receiver.url(), &["t"]))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(subscription.id);
+    }
+    client.publish(publish_request("t", "x")).await.unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the http receiver gets the event",
+        || async { plain.delivered_count() == 1 },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "the https attempt names the missing roots",
+        || {
+            let mut client = client.clone();
+            let id = ids[1].clone();
+            async move {
+                let pending = all_pending(&mut client, &id).await;
+                pending.len() == 1
+                    && pending[0].attempts >= 1
+                    && pending[0].last_error.starts_with("connection failed: ")
+                    && pending[0].last_error.contains("no trusted TLS roots")
+            }
+        },
+    )
+    .await;
+    assert!(secure.received().is_empty());
+}
+
+/// The environment that makes `file` the only trusted roots (a `SSL_CERT_DIR` set outside
+/// would add to it).
+fn only_roots(file: &str) -> [(&'static str, &str); 2] {
+    [("SSL_CERT_FILE", file), ("SSL_CERT_DIR", "")]
 }
 
 /// Resident memory of a process, in bytes.
