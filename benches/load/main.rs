@@ -165,29 +165,32 @@ async fn raw_post_rate(
     payload: usize,
     duration: Duration,
 ) -> f64 {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(concurrency)
-        .tcp_nodelay(true)
-        .build()
-        .unwrap();
-    let url = format!("http://{}/raw", receiver.address);
+    // The client Herald delivers with (hyper's pooled client, the same settings), so that
+    // (b) is the ceiling of this machine for Herald's own HTTP path.
+    let rules = herald::delivery::endpoint_policy::AddressRules {
+        policy: herald::delivery::endpoint_policy::EndpointPolicy::AllowPrivate,
+        allow: Vec::new(),
+    };
+    let client = herald::delivery::webhook::client(std::sync::Arc::new(rules), concurrency);
+    let uri: http::Uri = format!("http://{}/raw", receiver.address).parse().unwrap();
     let deadline = Instant::now() + duration;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
         let client = client.clone();
-        let url = url.clone();
+        let uri = uri.clone();
         tasks.push(tokio::spawn(async move {
             let mut sent = 0u64;
             while Instant::now() < deadline {
-                let response = client
-                    .post(&url)
+                let request = http::Request::post(uri.clone())
                     .header("content-type", "application/octet-stream")
-                    .body(vec![b' '; payload])
-                    .send()
-                    .await
-                    .expect("raw POST");
-                let _ = response.bytes().await;
+                    .body(http_body_util::Full::new(bytes::Bytes::from(vec![
+                        b' ';
+                        payload
+                    ])))
+                    .unwrap();
+                let response = client.request(request).await.expect("raw POST");
+                let _ = http_body_util::BodyExt::collect(response.into_body()).await;
                 sent += 1;
             }
             sent
