@@ -1,6 +1,7 @@
 //! The write side of the embedded store: what each command does to the tables, inside the
 //! writer's transaction.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
@@ -51,13 +52,23 @@ pub(super) struct Tables<'transaction> {
     dead_letters: redb::Table<'transaction, (&'static str, u64), &'static [u8]>,
     idempotency: redb::Table<'transaction, (&'static str, &'static str), &'static [u8]>,
     idempotency_expiry: redb::Table<'transaction, (u64, &'static str, &'static str), ()>,
-    /// References to events released by completions and not yet written: a fan-out's
-    /// partitions complete an event at about the same time, so its count is rewritten once
-    /// per batch instead of once per delivery (see [`Tables::settle_releases`]).
-    releases: std::collections::HashMap<(String, u64), u32>,
-    /// Partition records changed by the batch's publishes, completions and failures, written
-    /// once each when it settles.
-    partition_records: std::collections::HashMap<(String, String), PartitionRecord>,
+    /// References to events released by completions and not yet written, by topic and
+    /// sequence: a fan-out's partitions complete an event at about the same time, so its count
+    /// is rewritten once per batch instead of once per delivery (see [`Tables::settle`]).
+    releases: BTreeMap<String, BTreeMap<u64, u32>>,
+    /// Partition records changed by the batch's publishes, completions and failures, by
+    /// subscription id and topic, written once each when it settles. Nested maps keyed by
+    /// owned strings are looked up by borrowed ones, so the hot path allocates a key only for
+    /// a partition the batch has not touched yet, and they settle in the table's key order.
+    partition_records: BTreeMap<String, BTreeMap<String, PartitionRecord>>,
+}
+
+/// The value under `key`, inserted as the default if absent; allocates the key only then.
+fn slot<'map, V: Default>(map: &'map mut BTreeMap<String, V>, key: &str) -> &'map mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_string(), V::default());
+    }
+    map.get_mut(key).expect("the key was inserted above")
 }
 
 impl<'transaction> Tables<'transaction> {
@@ -78,8 +89,8 @@ impl<'transaction> Tables<'transaction> {
             dead_letters: transaction.open_table(DEAD_LETTERS)?,
             idempotency: transaction.open_table(IDEMPOTENCY)?,
             idempotency_expiry: transaction.open_table(IDEMPOTENCY_EXPIRY)?,
-            releases: std::collections::HashMap::new(),
-            partition_records: std::collections::HashMap::new(),
+            releases: BTreeMap::new(),
+            partition_records: BTreeMap::new(),
         })
     }
 
@@ -362,10 +373,10 @@ impl<'transaction> Tables<'transaction> {
         subscription_id: &str,
         topic: &str,
     ) -> Result<PartitionRecord, StoreError> {
-        if !self.partition_records.is_empty()
-            && let Some(record) = self
-                .partition_records
-                .get(&(subscription_id.to_string(), topic.to_string()))
+        if let Some(record) = self
+            .partition_records
+            .get(subscription_id)
+            .and_then(|topics| topics.get(topic))
         {
             return Ok(*record);
         }
@@ -406,6 +417,7 @@ impl<'transaction> Tables<'transaction> {
         let topic = partition.topic.as_str();
         let mut completed = 0;
         let mut dead = 0;
+        let releases = slot(&mut self.releases, topic);
         for &sequence in sequences {
             let was_dead = match self
                 .deliveries
@@ -428,10 +440,7 @@ impl<'transaction> Tables<'transaction> {
             completed += 1;
             // Skipped by an operator while its attempt was in flight, which then succeeded.
             dead += u64::from(was_dead);
-            *self
-                .releases
-                .entry((topic.to_string(), sequence))
-                .or_default() += 1;
+            *releases.entry(sequence).or_default() += 1;
         }
         if completed == 0 {
             return Ok(());
@@ -456,16 +465,20 @@ impl<'transaction> Tables<'transaction> {
     /// before any other command (which reads and writes the tables directly), and before the
     /// batch commits.
     pub(super) fn settle(&mut self) -> Result<(), StoreError> {
-        for ((topic, sequence), released) in std::mem::take(&mut self.releases) {
-            self.release_event_by(&topic, sequence, released)?;
+        for (topic, sequences) in std::mem::take(&mut self.releases) {
+            for (sequence, released) in sequences {
+                self.release_event_by(&topic, sequence, released)?;
+            }
         }
-        for ((subscription_id, topic), record) in std::mem::take(&mut self.partition_records) {
-            self.partitions
-                .insert(
-                    (subscription_id.as_str(), topic.as_str()),
-                    record.encode().as_slice(),
-                )
-                .map_err(unavailable)?;
+        for (subscription_id, topics) in std::mem::take(&mut self.partition_records) {
+            for (topic, record) in topics {
+                self.partitions
+                    .insert(
+                        (subscription_id.as_str(), topic.as_str()),
+                        record.encode().as_slice(),
+                    )
+                    .map_err(unavailable)?;
+            }
         }
         Ok(())
     }
@@ -473,8 +486,7 @@ impl<'transaction> Tables<'transaction> {
     /// Keeps a changed partition record for [`Tables::settle`]: a batch's publishes fan out to
     /// the same partitions again and again, and each record is written once per batch.
     fn put_partition(&mut self, subscription_id: &str, topic: &str, record: PartitionRecord) {
-        self.partition_records
-            .insert((subscription_id.to_string(), topic.to_string()), record);
+        *slot(slot(&mut self.partition_records, subscription_id), topic) = record;
     }
 
     pub(super) fn record_failure(
