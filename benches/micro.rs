@@ -35,12 +35,12 @@ fn signing(criterion: &mut Criterion) {
     group.finish();
 }
 
-/// Building one signed attempt (headers, signature, body): done for every delivery.
-fn delivery_request(criterion: &mut Criterion) {
-    let subscription = Subscription {
-        id: "sub_01a2210f7dc640c5644924600a0e".into(),
-        endpoint: "http://127.0.0.1:9/hook".into(),
-        topics: vec!["fin:purchase".into()],
+/// A subscription of `topic` with the standard-webhooks test secret and default policies.
+fn subscription(id: &str, endpoint: &str, topic: &str) -> Subscription {
+    Subscription {
+        id: id.into(),
+        endpoint: endpoint.into(),
+        topics: vec![topic.into()],
         secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
         retry_policy: RetryPolicy::default(),
         on_exhausted: OnExhausted::DeadLetter,
@@ -49,7 +49,16 @@ fn delivery_request(criterion: &mut Criterion) {
         previous_secret: None,
         pacing: Default::default(),
         filter: None,
-    };
+    }
+}
+
+/// Building one signed attempt (headers, signature, body): done for every delivery.
+fn delivery_request(criterion: &mut Criterion) {
+    let subscription = subscription(
+        "sub_01a2210f7dc640c5644924600a0e",
+        "http://127.0.0.1:9/hook",
+        "fin:purchase",
+    );
     let key = signing::decode_secret(&subscription.secret).unwrap();
     let delivery = PendingDelivery {
         partition: PartitionKey::new("fin:purchase", &subscription.id),
@@ -127,19 +136,7 @@ fn store(criterion: &mut Criterion) {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
-    let subscription = Subscription {
-        id: "sub_1".into(),
-        endpoint: "http://127.0.0.1:9/".into(),
-        topics: vec!["t".into()],
-        secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
-        retry_policy: RetryPolicy::default(),
-        on_exhausted: OnExhausted::DeadLetter,
-        created_at: 0,
-        control: Default::default(),
-        previous_secret: None,
-        pacing: Default::default(),
-        filter: None,
-    };
+    let subscription = subscription("sub_1", "http://127.0.0.1:9/", "t");
     runtime
         .block_on(
             store.create_subscription(&subscription, &herald::store::SubscriptionLimits::NONE),

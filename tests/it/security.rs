@@ -10,7 +10,7 @@ use tonic::Code;
 use crate::support::authority::{Authority, server_config};
 use crate::support::receiver::{Receiver, Reply};
 use crate::support::{
-    Backend, Deployment, HeraldProcess, all_pending, connect, eventually, publish_request,
+    Backend, Deployment, HeraldProcess, connect, eventually, eventually_pending, publish_request,
     spawn_app, spawn_app_on, subscribe_request,
 };
 
@@ -95,17 +95,15 @@ async fn public_only_refuses_loopback_at_subscribe_and_at_every_connection() {
     );
     client.publish(publish_request("t", "x")).await.unwrap();
     for id in &ids {
-        eventually(
+        eventually_pending(
+            &client,
+            id,
             Duration::from_secs(10),
             "a refused attempt is recorded",
-            || {
-                let mut client = client.clone();
-                async move {
-                    let pending = all_pending(&mut client, id).await;
-                    pending.len() == 1
-                        && pending[0].attempts >= 1
-                        && pending[0].last_error.contains("public-only refuses")
-                }
+            |pending| {
+                pending.len() == 1
+                    && pending[0].attempts >= 1
+                    && pending[0].last_error.contains("public-only refuses")
             },
         )
         .await;
@@ -139,14 +137,13 @@ async fn a_redirect_to_the_metadata_service_is_a_failure_and_is_not_followed() {
         .unwrap()
         .into_inner();
     client.publish(publish_request("t", "x")).await.unwrap();
-    eventually(Duration::from_secs(10), "the 307 is recorded", || {
-        let mut client = client.clone();
-        let id = subscription.id.clone();
-        async move {
-            let pending = all_pending(&mut client, &id).await;
-            pending.len() == 1 && pending[0].last_error.starts_with("HTTP 307")
-        }
-    })
+    eventually_pending(
+        &client,
+        &subscription.id,
+        Duration::from_secs(10),
+        "the 307 is recorded",
+        |pending| pending.len() == 1 && pending[0].last_error.starts_with("HTTP 307"),
+    )
     .await;
     app.stop().await;
 }
@@ -195,16 +192,17 @@ async fn https_endpoints_are_verified_against_the_platform_roots() {
         ),
         (&subscriptions[2], "connection failed: Connection refused"),
     ] {
-        eventually(Duration::from_secs(10), reason, || {
-            let mut client = client.clone();
-            let id = subscription.id.clone();
-            async move {
-                let pending = all_pending(&mut client, &id).await;
+        eventually_pending(
+            &client,
+            &subscription.id,
+            Duration::from_secs(10),
+            reason,
+            |pending| {
                 pending.len() == 1
                     && pending[0].attempts >= 1
                     && pending[0].last_error.starts_with(reason)
-            }
-        })
+            },
+        )
         .await;
     }
     assert!(bad.received().is_empty(), "no request passed the handshake");
@@ -239,19 +237,16 @@ async fn without_trusted_roots_http_works_and_https_fails_saying_why() {
         || async { plain.delivered_count() == 1 },
     )
     .await;
-    eventually(
+    eventually_pending(
+        &client,
+        &ids[1],
         Duration::from_secs(10),
         "the https attempt names the missing roots",
-        || {
-            let mut client = client.clone();
-            let id = ids[1].clone();
-            async move {
-                let pending = all_pending(&mut client, &id).await;
-                pending.len() == 1
-                    && pending[0].attempts >= 1
-                    && pending[0].last_error.starts_with("connection failed: ")
-                    && pending[0].last_error.contains("no trusted TLS roots")
-            }
+        |pending| {
+            pending.len() == 1
+                && pending[0].attempts >= 1
+                && pending[0].last_error.starts_with("connection failed: ")
+                && pending[0].last_error.contains("no trusted TLS roots")
         },
     )
     .await;
@@ -306,20 +301,17 @@ async fn endless_response_bodies_are_cut_and_memory_stays_bounded() {
         || async { accepting.delivered_count() == 32 },
     )
     .await;
-    eventually(
+    eventually_pending(
+        &client,
+        &failing.id,
         Duration::from_secs(10),
         "the 500 is recorded with an excerpt",
-        || {
-            let mut client = client.clone();
-            let id = failing.id.clone();
-            async move {
-                let pending = all_pending(&mut client, &id).await;
-                pending.first().is_some_and(|head| {
-                    head.last_error.starts_with("HTTP 500")
-                        && head.last_error.contains("xxxx")
-                        && head.last_error.len() < 300
-                })
-            }
+        |pending| {
+            pending.first().is_some_and(|head| {
+                head.last_error.starts_with("HTTP 500")
+                    && head.last_error.contains("xxxx")
+                    && head.last_error.len() < 300
+            })
         },
     )
     .await;

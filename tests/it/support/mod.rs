@@ -408,6 +408,23 @@ pub fn publish_request(topic: &str, payload: impl Into<Vec<u8>>) -> proto::Publi
     }
 }
 
+/// Waits up to `timeout` until `check` holds for the subscription's pending deliveries (all
+/// pages, oldest first): typically, that an attempt failed with the expected `last_error`.
+pub async fn eventually_pending(
+    client: &BrokerServiceClient<Channel>,
+    subscription_id: &str,
+    timeout: Duration,
+    what: &str,
+    check: impl Fn(&[proto::PendingDelivery]) -> bool,
+) {
+    eventually(timeout, what, || {
+        let mut client = client.clone();
+        let check = &check;
+        async move { check(&all_pending(&mut client, subscription_id).await) }
+    })
+    .await;
+}
+
 /// Every pending delivery of a subscription (all pages).
 pub async fn all_pending(
     client: &mut BrokerServiceClient<Channel>,
