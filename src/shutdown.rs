@@ -50,43 +50,59 @@ pub fn channel() -> (ShutdownTrigger, Shutdown) {
 pub fn signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     // Installed now, not when first polled: a signal that comes before the server starts
     // waiting is still a graceful shutdown, not the default action (exit).
-    #[cfg(unix)]
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler installs");
-    #[cfg(unix)]
-    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .expect("SIGINT handler installs");
+    let mut signals = Signals::install();
     async move {
-        #[cfg(unix)]
-        tokio::select! {
-            _ = terminate.recv() => {}
-            _ = interrupt.recv() => {}
-        }
-        #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
+        signals.next().await;
         tracing::info!("shutting down: finishing in-flight deliveries (signal again to exit now)");
-        tokio::spawn(async {
-            wait_for_signal().await;
+        // The same streams wait for the second signal: one that arrives before this task first
+        // runs is still seen. Streams made anew here would miss it, and with the handlers
+        // installed it would not exit either.
+        tokio::spawn(async move {
+            signals.next().await;
             tracing::warn!("second signal: exiting now");
             std::process::exit(130);
         });
     }
 }
 
-async fn wait_for_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("SIGTERM handler installs");
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
+/// SIGTERM and SIGINT, registered once for the life of the process.
+#[cfg(unix)]
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        Signals {
+            terminate: signal(SignalKind::terminate()).expect("SIGTERM handler installs"),
+            interrupt: signal(SignalKind::interrupt()).expect("SIGINT handler installs"),
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = interrupt.await;
+
+    /// Completes on the next SIGTERM or SIGINT received since the previous one.
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
+}
+
+/// Ctrl-C where there are no Unix signals.
+#[cfg(not(unix))]
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn install() -> Signals {
+        Signals
+    }
+
+    /// Completes on the next Ctrl-C.
+    async fn next(&mut self) {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
