@@ -129,9 +129,11 @@ pub fn incoming(
     listener: TcpListener,
     files: TlsFiles,
 ) -> Result<mpsc::Receiver<io::Result<TlsStream<TcpStream>>>, String> {
+    // Stamped before loading: files replaced between the two are loaded again by the watcher.
+    let seen = RwLock::new(files.stamps());
     let config = files.load()?;
     let reloading = Arc::new(Reloading {
-        seen: RwLock::new(files.stamps()),
+        seen,
         files,
         current: RwLock::new(Arc::new(config)),
     });

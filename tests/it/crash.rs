@@ -148,9 +148,11 @@ async fn kill_9_under_load_loses_no_acknowledged_event_and_keeps_order(backend: 
             .or_default()
             .push(received.sequence);
     }
+    // A request sent just before the kill can reach the receiver after the count above, and
+    // the restarted server sends it again: a repeat, so equal neighbours are allowed.
     for (topic, sequences) in &after_restart {
         assert!(
-            sequences.windows(2).all(|pair| pair[0] < pair[1]),
+            sequences.windows(2).all(|pair| pair[0] <= pair[1]),
             "{topic}: sent out of order after the restart"
         );
     }

@@ -206,9 +206,10 @@ async fn failing_receiver_gets_everything_in_order_with_exponential_gaps(backend
             .push(received.at);
     }
     let caps = [20u64, 40, 80, 160, 320];
-    // Store round trips and scheduling add to every gap; generous, since the exact schedule is
-    // tested with controlled time in `delivery::retry`.
-    let slack = Duration::from_millis(1000);
+    // Store round trips and scheduling add to every gap, and a loaded machine can stall a
+    // second or two; generous, since the exact schedule is tested with controlled time in
+    // `delivery::retry`.
+    let slack = Duration::from_millis(3000);
     let mut gaps: Vec<Vec<Duration>> = vec![Vec::new(); 5];
     for attempts in by_event.values() {
         assert_eq!(attempts.len(), 6, "5 failures then a success");
@@ -303,13 +304,13 @@ async fn hanging_and_failing_endpoints_do_not_slow_other_partitions(backend: Bac
     for receiver in [&healthy, &hanging, &failing] {
         let mut request = subscribe_request(&receiver.url(), &["fast"]);
         if let Some(policy) = request.retry_policy.as_mut() {
-            policy.request_timeout = Some(millis(30_000));
+            policy.request_timeout = Some(millis(60_000));
         }
         client.subscribe(request).await.unwrap();
     }
     let mut request = subscribe_request(&mixed.url(), &["fast", "slow"]);
     if let Some(policy) = request.retry_policy.as_mut() {
-        policy.request_timeout = Some(millis(30_000));
+        policy.request_timeout = Some(millis(60_000));
     }
     client.subscribe(request).await.unwrap();
 
@@ -325,7 +326,7 @@ async fn hanging_and_failing_endpoints_do_not_slow_other_partitions(backend: Bac
             .unwrap();
     }
     eventually(
-        Duration::from_secs(25),
+        Duration::from_secs(45),
         "healthy partitions drained",
         || async { healthy.delivered_count() == 200 && mixed.delivered_count() == 200 },
     )
@@ -335,7 +336,7 @@ async fn hanging_and_failing_endpoints_do_not_slow_other_partitions(backend: Bac
         "200 events reached the healthy endpoints in {elapsed:?} while one endpoint hung and one failed {} times",
         failing.received().len()
     );
-    // The hanging endpoint is still holding its first request (30 s timeout): the healthy
+    // The hanging endpoint is still holding its first request (60 s timeout): the healthy
     // partitions finished while it was stuck, so they never waited for it.
     assert_eq!(hanging.received().len(), 1);
     assert!(
@@ -347,7 +348,7 @@ async fn hanging_and_failing_endpoints_do_not_slow_other_partitions(backend: Bac
             == 1
     );
     assert!(failing.delivered_count() == 0 && !failing.received().is_empty());
-    assert!(elapsed < Duration::from_secs(25));
+    assert!(elapsed < Duration::from_secs(55), "{elapsed:?}");
     assert_ordered_chains(&healthy.delivered());
     assert_ordered_chains(&mixed.delivered());
 }

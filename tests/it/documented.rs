@@ -14,17 +14,20 @@ use crate::support::{
     publish_request, spawn_app, spawn_app_on, subscribe_request,
 };
 
-/// Waits for the process to exit; returns its status and how long that took.
-async fn exit_within(
+/// Sends `signal` and waits for the process to exit; returns its status and how long that took
+/// from just before the signal was sent (the process cannot react earlier).
+async fn signal_and_wait(
     process: &mut HeraldProcess,
+    signal: &str,
     within: Duration,
 ) -> (std::process::ExitStatus, Duration) {
-    let started = Instant::now();
+    let signalled = Instant::now();
+    process.signal(signal);
     let status = tokio::time::timeout(within, process.child.wait())
         .await
-        .expect("exits in time")
+        .unwrap_or_else(|_| panic!("no exit within {within:?} of SIG{signal}"))
         .expect("wait");
-    (status, started.elapsed())
+    (status, signalled.elapsed())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,11 +36,10 @@ async fn shutdown_lets_an_in_flight_delivery_finish_and_records_it() {
     let mut server = HeraldProcess::start_with(&deployment, &["--shutdown-grace", "10s"]).await;
     let receiver = Receiver::scripted(|_| Reply::Slow(1500)).await;
     let mut client = connect(server.address).await;
-    let subscription = client
-        .subscribe(subscribe_request(&receiver.url(), &["t"]))
-        .await
-        .unwrap()
-        .into_inner();
+    // Far above the answer's 1.5 s: a loaded machine must not turn it into a timeout.
+    let mut request = subscribe_request(&receiver.url(), &["t"]);
+    request.retry_policy.as_mut().unwrap().request_timeout = Some(millis(10_000));
+    let subscription = client.subscribe(request).await.unwrap().into_inner();
     client.publish(publish_request("t", "slow")).await.unwrap();
     eventually(
         Duration::from_secs(10),
@@ -45,8 +47,7 @@ async fn shutdown_lets_an_in_flight_delivery_finish_and_records_it() {
         || async { !receiver.received().is_empty() },
     )
     .await;
-    server.signal("TERM");
-    let (status, _) = exit_within(&mut server, Duration::from_secs(10)).await;
+    let (status, _) = signal_and_wait(&mut server, "TERM", Duration::from_secs(10)).await;
     assert!(status.success(), "{status:?}");
     let answered = receiver.received()[0].at + Duration::from_millis(1500);
     assert!(Instant::now() >= answered, "exited before the answer");
@@ -91,8 +92,7 @@ async fn shutdown_waits_at_most_the_grace_and_a_second_signal_exits_at_once() {
         || async { !receiver.received().is_empty() },
     )
     .await;
-    server.signal("TERM");
-    let (status, took) = exit_within(&mut server, Duration::from_secs(10)).await;
+    let (status, took) = signal_and_wait(&mut server, "TERM", Duration::from_secs(10)).await;
     assert!(status.success(), "{status:?}");
     assert!(took >= Duration::from_millis(900), "{took:?}");
     assert!(took < Duration::from_secs(5), "{took:?}");
@@ -114,8 +114,7 @@ async fn shutdown_waits_at_most_the_grace_and_a_second_signal_exits_at_once() {
         async move { tokio::net::TcpStream::connect(address).await.is_err() }
     })
     .await;
-    server.signal("TERM");
-    let (status, took) = exit_within(&mut server, Duration::from_secs(10)).await;
+    let (status, took) = signal_and_wait(&mut server, "TERM", Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(130), "{status:?}");
     assert!(took < Duration::from_secs(5), "{took:?}");
 }
@@ -124,6 +123,13 @@ async fn shutdown_waits_at_most_the_grace_and_a_second_signal_exits_at_once() {
 async fn a_second_server_on_the_same_data_directory_refuses_to_start() {
     let deployment = Deployment::new(Backend::Embedded).await;
     let first = HeraldProcess::start(&deployment).await;
+    // The first answers a call, so it has opened (and locked) its store: the "listening" line
+    // comes before that.
+    connect(first.address)
+        .await
+        .list_subscriptions(proto::ListSubscriptionsRequest::default())
+        .await
+        .unwrap();
     let output = tokio::time::timeout(
         Duration::from_secs(20),
         tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
@@ -178,7 +184,9 @@ async fn timeouts_and_redirects_fail_and_retry_after_applies_only_to_429_and_503
     for (path, topic) in [("timeout", "a"), ("redirect", "b"), ("retry-after", "c")] {
         let mut request = subscribe_request(&format!("{}/{path}", receiver.url()), &[topic]);
         let policy = request.retry_policy.as_mut().unwrap();
-        policy.request_timeout = Some(millis(300));
+        // Only the hanging attempt should time out; the answered ones get room on a busy
+        // machine, since a late answer would mean a third attempt.
+        policy.request_timeout = Some(millis(if path == "timeout" { 1000 } else { 10_000 }));
         policy.initial_backoff = Some(millis(10));
         policy.max_backoff = Some(millis(10_000));
         client.subscribe(request).await.unwrap();
@@ -198,10 +206,10 @@ async fn timeouts_and_redirects_fail_and_retry_after_applies_only_to_429_and_503
         assert_eq!(times.len(), 2, "{path}: one failure, then a success");
     }
     let gap = |path: &str| attempts[path][1] - attempts[path][0];
-    // The timeout took its 300 ms (counted from before the request reached the receiver, so
-    // the gap seen there can be a little shorter); the retry followed within the backoff cap.
-    assert!(gap("/hook/timeout") >= Duration::from_millis(150));
-    assert!(gap("/hook/timeout") < Duration::from_secs(3));
+    // The timeout took its 1 s (counted from before the request reached the receiver, so the
+    // gap seen there can be a little shorter); the retry followed within the backoff cap.
+    assert!(gap("/hook/timeout") >= Duration::from_millis(850));
+    assert!(gap("/hook/timeout") < Duration::from_secs(4));
     assert!(gap("/hook/redirect") < Duration::from_secs(3));
     // A Retry-After of 30 s on a 500 is ignored (honoured, it would mean 10 s here).
     assert!(gap("/hook/retry-after") < Duration::from_secs(3));

@@ -94,7 +94,12 @@ async fn metrics_count_a_known_run_and_pass_promtool() {
             .iter()
             .filter(|delivery| delivery.dead_lettered)
             .count();
-        flaky.delivered_count() == 3 && dead_lettered == 3
+        // The receivers count a request when it arrives, the server once the answer is back
+        // (and a dead letter once it is recorded): a moment later.
+        let text = scrape(&url).await;
+        let counted = sample(&text, "herald_delivery_attempt_duration_seconds_count") >= Some(9.0)
+            && sample(&text, "herald_deliveries_dead_lettered_total") >= Some(3.0);
+        flaky.delivered_count() == 3 && dead_lettered == 3 && counted
     })
     .await;
     let text = scrape(&url).await;

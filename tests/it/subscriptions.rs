@@ -373,10 +373,24 @@ async fn pacing_holds_the_rate_and_the_requests_in_flight(backend: Backend) {
         .map(|received| received.at)
         .collect();
     assert_eq!(arrivals.len(), 100, "no retries: pacing is not failing");
+    // Never faster than the limit, in any second (one more for arrival jitter): a limiter
+    // without bursts allows at most 51 starts in a 1 s window. A loaded machine can only make
+    // it slower, and late turns are not made up, so the floor only shows the limiter does not
+    // hold deliveries back far below the limit.
+    let busiest = (0..arrivals.len())
+        .map(|first| {
+            arrivals[first..]
+                .iter()
+                .take_while(|at| at.duration_since(arrivals[first]) < Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(busiest <= 52, "{busiest} requests within one second");
     let span = arrivals[99].duration_since(arrivals[0]).as_secs_f64();
     let rate = 99.0 / span;
     assert!(
-        (45.0..=55.0).contains(&rate),
+        (25.0..=52.0).contains(&rate),
         "{rate:.1} requests per second"
     );
 
