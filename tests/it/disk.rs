@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use herald::proto::broker_service_client::BrokerServiceClient;
 use tonic::Code;
+use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -63,6 +65,23 @@ impl Drop for SmallFilesystem {
     }
 }
 
+/// Publishes `payload` on topic `t` until a publish is refused (at most `attempts` times),
+/// adding the acknowledged sequences to `acknowledged`; returns the refusal.
+async fn publish_until_refused(
+    client: &mut BrokerServiceClient<Channel>,
+    payload: &[u8],
+    attempts: usize,
+    acknowledged: &mut Vec<u64>,
+) -> Option<tonic::Status> {
+    for _ in 0..attempts {
+        match client.publish(publish_request("t", payload.to_vec())).await {
+            Ok(response) => acknowledged.push(response.into_inner().sequence),
+            Err(status) => return Some(status),
+        }
+    }
+    None
+}
+
 async fn broker_health(address: std::net::SocketAddr) -> i32 {
     let channel = tonic::transport::Channel::from_shared(format!("http://{address}"))
         .unwrap()
@@ -98,17 +117,9 @@ async fn a_full_disk_fails_publishes_and_flips_health_until_space_is_freed() {
     let filler = filesystem.fill(1024 * 1024);
     let mut acknowledged = Vec::new();
     let payload = vec![b'x'; 32 * 1024];
-    let mut refused = None;
-    for _ in 0..400 {
-        match client.publish(publish_request("t", payload.clone())).await {
-            Ok(response) => acknowledged.push(response.into_inner().sequence),
-            Err(status) => {
-                refused = Some(status);
-                break;
-            }
-        }
-    }
-    let refused = refused.expect("a publish is refused once the disk is full");
+    let refused = publish_until_refused(&mut client, &payload, 400, &mut acknowledged)
+        .await
+        .expect("a publish is refused once the disk is full");
     assert!(
         !acknowledged.is_empty(),
         "some publishes fit in the headroom"
@@ -134,18 +145,10 @@ async fn a_full_disk_fails_publishes_and_flips_health_until_space_is_freed() {
     // Still refused while full. A publish may fit in pages the store's file already holds (the
     // failed batch's, given back when the file was reopened): it is acknowledged and must be
     // delivered like the others, but the disk cannot take many.
-    let mut refused_again = None;
     let acknowledged_before = acknowledged.len();
-    for _ in 0..50 {
-        match client.publish(publish_request("t", payload.clone())).await {
-            Ok(response) => acknowledged.push(response.into_inner().sequence),
-            Err(status) => {
-                refused_again = Some(status);
-                break;
-            }
-        }
-    }
-    let refused_again = refused_again.expect("publishes are refused while the disk stays full");
+    let refused_again = publish_until_refused(&mut client, &payload, 50, &mut acknowledged)
+        .await
+        .expect("publishes are refused while the disk stays full");
     assert_eq!(
         refused_again.code(),
         Code::ResourceExhausted,
