@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use herald::proto;
 
 use crate::support::{
-    Backend, Receiver, Reply, all_pending, eventually, millis, publish_request, spawn_app,
-    subscribe_request,
+    Backend, Receiver, Reply, all_pending, eventually, eventually_pending, millis, publish_request,
+    spawn_app, subscribe_request,
 };
 
 /// Asserts that, per topic, the successful deliveries arrived in increasing sequence order with
@@ -411,14 +411,12 @@ async fn dead_letter_parks_the_event_and_the_partition_continues(backend: Backen
     assert_eq!(poison_attempts, 3);
 
     // The last completion may still be on its way to the store.
-    eventually(
+    eventually_pending(
+        &client,
+        &subscription.id,
         Duration::from_secs(10),
         "only the dead letter pending",
-        || {
-            let mut client = client.clone();
-            let id = subscription.id.clone();
-            async move { all_pending(&mut client, &id).await.len() == 1 }
-        },
+        |pending| pending.len() == 1,
     )
     .await;
     let pending = all_pending(&mut client, &subscription.id).await;
@@ -512,14 +510,12 @@ async fn block_holds_the_partition_until_the_event_succeeds(backend: Backend) {
     );
 
     // The first event's completion may still be on its way to the store.
-    eventually(
+    eventually_pending(
+        &client,
+        &subscription.id,
         Duration::from_secs(10),
         "the first completion recorded",
-        || {
-            let mut client = client.clone();
-            let id = subscription.id.clone();
-            async move { all_pending(&mut client, &id).await.len() == 2 }
-        },
+        |pending| pending.len() == 2,
     )
     .await;
     let pending = all_pending(&mut client, &subscription.id).await;
@@ -540,11 +536,13 @@ async fn block_holds_the_partition_until_the_event_succeeds(backend: Backend) {
         .map(|received| received.sequence)
         .collect();
     assert_eq!(delivered, [first.sequence, poison.sequence, third.sequence]);
-    eventually(Duration::from_secs(5), "nothing pending", || {
-        let mut client = client.clone();
-        let id = subscription.id.clone();
-        async move { all_pending(&mut client, &id).await.is_empty() }
-    })
+    eventually_pending(
+        &client,
+        &subscription.id,
+        Duration::from_secs(5),
+        "nothing pending",
+        |pending| pending.is_empty(),
+    )
     .await;
     app.stop().await;
 }

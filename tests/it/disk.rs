@@ -12,8 +12,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::support::{
-    Backend, Receiver, Reply, all_pending, eventually, publish_request, spawn_app,
-    subscribe_request,
+    Backend, Receiver, Reply, all_pending, eventually, eventually_pending, publish_request,
+    spawn_app, subscribe_request,
 };
 
 /// A small tmpfs mounted for one test, unmounted when dropped (the tests run as root, as CI
@@ -204,11 +204,13 @@ async fn a_full_disk_fails_publishes_and_flips_health_until_space_is_freed() {
         assert!(first_deliveries.contains(sequence), "{sequence} lost");
     }
     let mut client = app.client.clone();
-    eventually(Duration::from_secs(10), "nothing pending", || {
-        let mut client = client.clone();
-        let id = subscription.id.clone();
-        async move { all_pending(&mut client, &id).await.is_empty() }
-    })
+    eventually_pending(
+        &client,
+        &subscription.id,
+        Duration::from_secs(10),
+        "nothing pending",
+        |pending| pending.is_empty(),
+    )
     .await;
     assert!(all_pending(&mut client, &subscription.id).await.is_empty());
     app.stop().await;

@@ -12,8 +12,8 @@ use tonic::Code;
 use crate::support::faulty::FaultyStore;
 use crate::support::receiver::Received;
 use crate::support::{
-    Backend, Deployment, HeraldProcess, Receiver, Reply, all_pending, connect, eventually, millis,
-    publish_request, spawn_app_with_store, subscribe_request,
+    Backend, Deployment, HeraldProcess, Receiver, Reply, all_pending, connect, eventually,
+    eventually_pending, millis, publish_request, spawn_app_with_store, subscribe_request,
 };
 
 /// The test deployment's `--partition-lease` and `--rescan-interval` (see `support`).
@@ -325,11 +325,13 @@ async fn failed_bookkeeping_keeps_the_retry_policy(backend: Backend) {
     .await;
     // The last completion may still be on its way to the store.
     let mut client = app.client.clone();
-    eventually(Duration::from_secs(10), "only the dead letter left", || {
-        let mut client = client.clone();
-        let id = subscription.id.clone();
-        async move { all_pending(&mut client, &id).await.len() == 1 }
-    })
+    eventually_pending(
+        &client,
+        &subscription.id,
+        Duration::from_secs(10),
+        "only the dead letter left",
+        |pending| pending.len() == 1,
+    )
     .await;
     let pending = all_pending(&mut client, &subscription.id).await;
     assert!(pending[0].dead_lettered);
