@@ -29,13 +29,14 @@ impl BrokerApi {
         BrokerApi { broker, rates }
     }
 
-    /// For a key limited to some topics: fails unless the subscription is within them (an
-    /// unknown subscription is left to the call itself to report).
+    /// For a key limited to some topics: fails unless the subscription is within them. Fails
+    /// closed: a subscription that cannot be read is the call's error (`NotFound` for an
+    /// unknown one, `Unavailable` while the store is), never a pass.
     async fn require_subscription(&self, caller: &Caller, id: &str) -> Result<(), Status> {
         if let Caller::Key(key) = caller
             && !key.topics.is_empty()
-            && let Ok(subscription) = self.broker.get_subscription(id).await
         {
+            let subscription = self.broker.get_subscription(id).await?;
             caller.require_subscription(&subscription)?;
         }
         Ok(())

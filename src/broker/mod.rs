@@ -249,16 +249,24 @@ impl Broker {
             .await?)
     }
 
-    /// Deletes a subscription; returns the number of pending deliveries dropped.
+    /// Deletes a subscription; returns the number of pending deliveries dropped. Once it
+    /// returns, this instance's partition tasks send the subscription nothing more (an attempt
+    /// already in flight may finish): they read it again before their next attempt and stop.
     pub async fn unsubscribe(&self, id: &str) -> Result<u64, Error> {
         require_id("id", id)?;
         // In its own task, so that a client giving up does not stop it halfway.
         let subscriptions = self.subscriptions.clone();
+        let engine = self.engine.clone();
         let id = id.to_string();
-        tokio::spawn(async move { subscriptions.delete_subscription(&id).await })
-            .await
-            .map_err(|error| Error::Internal(format!("unsubscribe task failed: {error}")))?
-            .map_err(Error::from)
+        tokio::spawn(async move {
+            let dropped = subscriptions.delete_subscription(&id).await;
+            // Told even after an error: the deletion may have committed before it.
+            engine.subscription_changed(&id);
+            dropped
+        })
+        .await
+        .map_err(|error| Error::Internal(format!("unsubscribe task failed: {error}")))?
+        .map_err(Error::from)
     }
 
     /// Lists a subscription's pending deliveries, paged.

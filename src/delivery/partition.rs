@@ -45,6 +45,9 @@ pub enum Stop {
     Shutdown,
     /// The subscription is gone.
     SubscriptionGone,
+    /// The subscription no longer receives the partition's topic (an update removed it): what
+    /// is left of its backlog is being removed, not sent.
+    TopicRemoved,
     /// The lease was lost or could not be kept.
     Lease(LeaseEnded),
 }
@@ -69,8 +72,8 @@ struct Paced {
 enum Outcome {
     /// These deliveries succeeded (in order).
     Completed(Vec<u64>),
-    /// This one failed.
-    Failed(u64, String, FailureOutcome),
+    /// This one failed: its sequence, the attempt's number, the error and what follows.
+    Failed(u64, u32, String, FailureOutcome),
 }
 
 /// The state of one partition's delivery loop.
@@ -186,6 +189,9 @@ impl<'a> PartitionWorker<'a> {
                     self.wait_while_paused().await?;
                     continue 'batch;
                 }
+                // Every wait above may have ended at the moment shutdown began: no attempt
+                // starts after it.
+                self.check_shutdown()?;
                 let started = Instant::now();
                 let attempt = self.attempt(&delivery).await?;
                 drop(permit);
@@ -238,7 +244,7 @@ impl<'a> PartitionWorker<'a> {
                         }
                         // After the successes before it, in order.
                         self.flush().await?;
-                        self.record(Outcome::Failed(sequence, error, outcome))
+                        self.record(Outcome::Failed(sequence, failures, error, outcome))
                             .await?;
                         if outcome == FailureOutcome::DeadLetter {
                             self.inner.config.metrics.dead_lettered();
@@ -373,7 +379,7 @@ impl<'a> PartitionWorker<'a> {
     }
 
     /// Whether the partition may send now: neither it nor its subscription is paused or
-    /// disabled. The subscription is read again first if it was changed through this
+    /// disabled; stops the worker if the subscription is gone or no longer receives the topic. The subscription is read again first if it was changed through this
     /// instance, and on a shared store always (from the store's short-lived copy), so a
     /// pause through another instance holds before the next attempt.
     async fn may_send(&mut self) -> Result<bool, Stop> {
@@ -407,6 +413,10 @@ impl<'a> PartitionWorker<'a> {
                     return Ok(false);
                 }
             }
+        }
+        if !self.subscription.matches(&self.partition.topic) {
+            tracing::info!(partition = %self.partition, "stopping: the subscription no longer receives the topic");
+            return Err(Stop::TopicRemoved);
         }
         Ok(self.subscription.control.sends(&self.partition.topic))
     }
@@ -443,20 +453,24 @@ impl<'a> PartitionWorker<'a> {
         tokio::pin!(turn);
         loop {
             let mut shutdown = self.inner.shutdown.clone();
+            // Shutdown first: a turn that comes due as shutdown begins is not taken.
             tokio::select! {
+                biased;
+                _ = shutdown.fired() => return Err(Stop::Shutdown),
                 permit = &mut turn => return Ok(Some(Paced { _in_flight: permit })),
                 _ = self.signal.wake.notified() => return Ok(None),
                 _ = tokio::time::sleep_until(self.renewal_due()) => self.hold_lease().await?,
-                _ = shutdown.fired() => return Err(Stop::Shutdown),
             }
         }
     }
 
     async fn slot(&self) -> Result<SemaphorePermit<'a>, Stop> {
         let mut shutdown = self.inner.shutdown.clone();
+        // Shutdown first: a slot freed as shutdown begins is not taken.
         tokio::select! {
-            permit = self.inner.permits.acquire() => Ok(permit.expect("semaphore never closes")),
+            biased;
             _ = shutdown.fired() => Err(Stop::Shutdown),
+            permit = self.inner.permits.acquire() => Ok(permit.expect("semaphore never closes")),
         }
     }
 
@@ -556,9 +570,9 @@ impl<'a> PartitionWorker<'a> {
                     log.complete_deliveries(self.partition, sequences, fence)
                         .await,
                 ),
-                Outcome::Failed(sequence, error, failure) => (
+                Outcome::Failed(sequence, attempt, error, failure) => (
                     *sequence,
-                    log.record_failure(self.partition, *sequence, error, *failure, fence)
+                    log.record_failure(self.partition, *sequence, *attempt, error, *failure, fence)
                         .await,
                 ),
             };

@@ -193,6 +193,7 @@ impl DeliveryLog for MemoryLog {
         &self,
         _: &PartitionKey,
         sequence: u64,
+        attempt: u32,
         error: &str,
         outcome: FailureOutcome,
         _: Option<&LeaseToken>,
@@ -202,7 +203,7 @@ impl DeliveryLog for MemoryLog {
             .iter_mut()
             .find(|delivery| delivery.event.sequence == sequence)
             .expect("pending");
-        delivery.state.attempts += 1;
+        delivery.state.attempts = attempt;
         delivery.last_error = Some(error.to_string());
         match outcome {
             FailureOutcome::RetryAt(at) => delivery.state.next_attempt_at = at,
@@ -408,4 +409,46 @@ async fn an_exhausted_event_is_dead_lettered_and_the_next_goes_at_once() {
         Some((1, FailureOutcome::DeadLetter, _))
     ));
     assert_eq!(*log.completed.lock().unwrap(), [2]);
+}
+
+/// A delivery slot freed at the moment shutdown begins is not taken: no attempt starts after
+/// shutdown. The partition waits for the only slot (held here); shutdown fires and the slot is
+/// freed in the same step, so the task sees both ready. Repeated, since an unordered choice
+/// between them would pass by chance half the time.
+#[tokio::test(start_paused = true)]
+async fn no_attempt_starts_after_shutdown_when_a_slot_frees_at_the_same_moment() {
+    for _ in 0..32 {
+        let log = MemoryLog::new(policy(6), OnExhausted::DeadLetter, &[1]);
+        let script = Script::new(Vec::new());
+        let (trigger, shutdown) = crate::shutdown::channel();
+        let engine = Engine::with_transport(
+            log.clone(),
+            EngineConfig {
+                concurrency: 1,
+                lease: Duration::from_secs(10),
+                rescan: None,
+                endpoint_rules: Default::default(),
+                metrics: Default::default(),
+                auto_disable_after: None,
+            },
+            shutdown,
+            script.clone(),
+        );
+        let held = engine
+            .shared()
+            .permits
+            .try_acquire()
+            .expect("the only slot");
+        engine.notify(&[partition()]);
+        // In paused time this returns once every task is idle: the partition waits for a slot.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(script.attempts.lock().unwrap().is_empty());
+        trigger.fire();
+        drop(held);
+        assert!(engine.drain(Duration::from_secs(5)).await);
+        assert!(
+            script.attempts.lock().unwrap().is_empty(),
+            "an attempt started after shutdown"
+        );
+    }
 }

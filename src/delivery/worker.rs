@@ -196,6 +196,12 @@ impl Engine {
         }
     }
 
+    /// The state the partition tasks share (tests drive it directly).
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
     /// The server's metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.config.metrics

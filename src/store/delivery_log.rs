@@ -95,14 +95,17 @@ pub trait DeliveryLog: Send + Sync {
         Ok(())
     }
 
-    /// Records a failed attempt at the delivery of `sequence`: increments its attempt count,
-    /// stores `error`, and either schedules the next attempt or dead-letters it (which moves the
-    /// partition's head past it). A no-op if the delivery is not pending. `LeaseLost` if
-    /// `fence` is given and is no longer the partition's lease.
+    /// Records that attempt number `attempt` (1 for the first) at the delivery of `sequence`
+    /// failed: sets its attempt count to `attempt`, stores `error`, and either schedules the
+    /// next attempt or dead-letters it (which moves the partition's head past it). A no-op if
+    /// the delivery is not pending or has `attempt` attempts recorded already, so a call
+    /// repeated after an ambiguous error counts the attempt once. `LeaseLost` if `fence` is
+    /// given and is no longer the partition's lease.
     async fn record_failure(
         &self,
         partition: &PartitionKey,
         sequence: u64,
+        attempt: u32,
         error: &str,
         outcome: FailureOutcome,
         fence: Option<&LeaseToken>,

@@ -168,6 +168,7 @@ impl DeliveryLog for Instrumented {
         &self,
         partition: &PartitionKey,
         sequence: u64,
+        attempt: u32,
         error: &str,
         outcome: FailureOutcome,
         fence: Option<&LeaseToken>,
@@ -176,7 +177,7 @@ impl DeliveryLog for Instrumented {
             &self.metrics,
             "record_failure",
             self.inner
-                .record_failure(partition, sequence, error, outcome, fence),
+                .record_failure(partition, sequence, attempt, error, outcome, fence),
         )
         .await
     }

@@ -799,6 +799,7 @@ async fn the_rescan_probes_changed_topics_and_partitions_whose_lease_ran_out() {
             .record_failure(
                 &quiet,
                 sequence,
+                1,
                 "late",
                 FailureOutcome::DeadLetter,
                 Some(&first)
@@ -819,6 +820,7 @@ async fn the_rescan_probes_changed_topics_and_partitions_whose_lease_ran_out() {
         .record_failure(
             &quiet,
             sequence,
+            1,
             "HTTP 500",
             FailureOutcome::RetryAt(now_millis()),
             Some(&third),

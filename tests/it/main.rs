@@ -6,6 +6,7 @@ mod api;
 mod auth;
 mod chaos;
 mod cli;
+mod correctness;
 mod crash;
 mod delivery;
 mod disk;

@@ -255,6 +255,7 @@ impl DeliveryLog for DynamoStore {
         &self,
         partition: &PartitionKey,
         sequence: u64,
+        attempt: u32,
         error: &str,
         outcome: FailureOutcome,
         fence: Option<&LeaseToken>,
@@ -269,10 +270,12 @@ impl DeliveryLog for DynamoStore {
                     .table_name(&self.table)
                     .set_key(Some(schema::delivery_key(partition, sequence)))
                     .update_expression(
-                        "SET attempts = attempts + :one, next_attempt_at = :at, last_error = :error",
+                        "SET attempts = :attempt, next_attempt_at = :at, last_error = :error",
                     )
-                    .condition_expression("attribute_exists(pk)")
-                    .expression_attribute_values(":one", n(1))
+                    // Not yet recorded: a call repeated after an ambiguous error (its first
+                    // try committed) counts the attempt once.
+                    .condition_expression("attribute_exists(pk) AND attempts < :attempt")
+                    .expression_attribute_values(":attempt", n(attempt))
                     .expression_attribute_values(":at", n(at))
                     .expression_attribute_values(":error", s(error))
                     .build()
@@ -289,9 +292,12 @@ impl DeliveryLog for DynamoStore {
                 else {
                     return Ok(());
                 };
+                if get_n(&item, "attempts")? >= u64::from(attempt) {
+                    return Ok(());
+                }
                 let mut dead = item.clone();
                 dead.extend(schema::dead_key(partition, sequence));
-                dead.insert("attempts".into(), n(get_n(&item, "attempts")? + 1));
+                dead.insert("attempts".into(), n(attempt));
                 dead.insert("last_error".into(), s(error));
                 let mut items = self.bury(partition, sequence, dead);
                 items.push(self.failure_stats(partition, true));

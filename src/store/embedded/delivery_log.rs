@@ -11,7 +11,7 @@ use super::schema::{
     DEAD_LETTERS, DELIVERIES, EVENTS, PARTITIONS, PENDING_PARTITIONS, SUBSCRIPTIONS,
 };
 use super::unavailable;
-use super::writer::Command;
+use super::writer::{Command, Failure};
 use crate::model::{
     FailureOutcome, HeadStatus, NewEvent, Page, PartitionKey, PartitionStatus, PendingDelivery,
     Published, Redelivery, ReplayRange, Replayed,
@@ -100,13 +100,19 @@ impl DeliveryLog for EmbeddedStore {
         &self,
         partition: &PartitionKey,
         sequence: u64,
+        attempt: u32,
         error: &str,
         outcome: FailureOutcome,
         _fence: Option<&LeaseToken>,
     ) -> Result<(), StoreError> {
+        let failure = Failure {
+            sequence,
+            attempt,
+            error: error.to_string(),
+            outcome,
+        };
         let partition = partition.clone();
-        let error = error.to_string();
-        self.submit(|reply| Command::Failure(partition, sequence, error, outcome, reply))
+        self.submit(|reply| Command::Failure(partition, failure, reply))
             .await
     }
 

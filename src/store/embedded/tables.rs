@@ -11,6 +11,7 @@ use super::schema::{
     IDEMPOTENCY_EXPIRY, PARTITIONS, PENDING_PARTITIONS, SUBSCRIPTIONS, TOPICS,
 };
 use super::unavailable;
+use super::writer::Failure;
 use crate::model::{
     Event, FailureOutcome, NewEvent, PartitionKey, Published, Redelivery, ReplayRange, Replayed,
     Subscription, now_micros, now_millis,
@@ -492,16 +493,24 @@ impl<'transaction> Tables<'transaction> {
     pub(super) fn record_failure(
         &mut self,
         partition: &PartitionKey,
-        sequence: u64,
-        error: &str,
-        outcome: &FailureOutcome,
+        failure: &Failure,
     ) -> Result<(), StoreError> {
+        let Failure {
+            sequence,
+            attempt,
+            ref error,
+            ref outcome,
+        } = *failure;
         let partition_key = partition.encode();
         let Some(mut delivery) = self.delivery(&partition_key, sequence)? else {
             return Ok(());
         };
+        if delivery.attempts >= attempt {
+            // Recorded already, by a call whose answer was lost.
+            return Ok(());
+        }
         let was_dead = delivery.dead_lettered;
-        delivery.attempts += 1;
+        delivery.attempts = attempt;
         delivery.set_error(error);
         let subscription_id = partition.subscription_id.as_str();
         let topic = partition.topic.as_str();

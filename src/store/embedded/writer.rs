@@ -38,7 +38,7 @@ pub(super) enum Command {
     DeleteSubscription(String, Reply<u64>),
     Publish(NewEvent, Duration, Reply<Published>),
     Complete(PartitionKey, Vec<u64>, Reply<()>),
-    Failure(PartitionKey, u64, String, FailureOutcome, Reply<()>),
+    Failure(PartitionKey, Failure, Reply<()>),
     UpdateSubscription(String, SubscriptionUpdate, Reply<Updated>),
     RetryNow(PartitionKey, Reply<Option<u64>>),
     SkipHead(PartitionKey, u64, Reply<()>),
@@ -47,11 +47,26 @@ pub(super) enum Command {
     Replay(PartitionKey, ReplayRange, Reply<Replayed>),
 }
 
+/// A failed attempt to record (see [`crate::store::DeliveryLog::record_failure`]).
+pub(super) struct Failure {
+    pub sequence: u64,
+    /// The attempt's number, 1 for the first.
+    pub attempt: u32,
+    pub error: String,
+    pub outcome: FailureOutcome,
+}
+
 impl Command {
-    /// Completions and failure records may be lost in a crash (the delivery is then retried);
-    /// everything else is acknowledged only once synced.
+    /// Completions and failures that leave the delivery pending may be lost in a crash (the
+    /// delivery is then sent again, in order: a repeat). Everything else is acknowledged only
+    /// once synced; a dead letter above all, since the partition's next event is sent after
+    /// it: lost, it would be sent again after its successor.
     fn needs_sync(&self) -> bool {
-        !matches!(self, Command::Complete(..) | Command::Failure(..))
+        match self {
+            Command::Complete(..) => false,
+            Command::Failure(_, failure, _) => failure.outcome == FailureOutcome::DeadLetter,
+            _ => true,
+        }
     }
 }
 
@@ -356,10 +371,9 @@ impl Writer {
                     Command::Complete(partition, sequences, reply) => {
                         Outcome::Unit(reply, Ok(tables.complete(&partition, &sequences)?))
                     }
-                    Command::Failure(partition, sequence, error, outcome, reply) => Outcome::Unit(
-                        reply,
-                        Ok(tables.record_failure(&partition, sequence, &error, &outcome)?),
-                    ),
+                    Command::Failure(partition, failure, reply) => {
+                        Outcome::Unit(reply, Ok(tables.record_failure(&partition, &failure)?))
+                    }
                     Command::UpdateSubscription(id, update, reply) => {
                         let result = tables.update_subscription(&id, &update)?;
                         if let Ok((old, updated)) = &result

@@ -45,6 +45,7 @@ async fn a_redriven_dead_letter_stays_ahead_of_a_later_dead_letter(store: Arc<dy
         .record_failure(
             &partition,
             sequences[0],
+            1,
             "HTTP 500",
             FailureOutcome::DeadLetter,
             None,
@@ -57,6 +58,7 @@ async fn a_redriven_dead_letter_stays_ahead_of_a_later_dead_letter(store: Arc<dy
         .record_failure(
             &partition,
             sequences[1],
+            1,
             "HTTP 500",
             FailureOutcome::DeadLetter,
             None,
@@ -278,6 +280,7 @@ async fn completion_and_failure_move_the_partition_head(store: Arc<dyn Store>) {
         .record_failure(
             &partition,
             sequences[1],
+            1,
             "HTTP 500",
             FailureOutcome::RetryAt(retry_at),
             None,
@@ -292,11 +295,27 @@ async fn completion_and_failure_move_the_partition_head(store: Arc<dyn Store>) {
     assert_eq!(head[0].state.attempts, 1);
     assert_eq!(head[0].state.next_attempt_at, retry_at);
     assert_eq!(head[0].last_error.as_deref(), Some("HTTP 500"));
+    // The same record again, as a worker repeats it after an ambiguous error (its first try
+    // committed): the attempt is counted once.
+    store
+        .record_failure(
+            &partition,
+            sequences[1],
+            1,
+            "HTTP 500",
+            FailureOutcome::RetryAt(retry_at),
+            None,
+        )
+        .await
+        .unwrap();
+    let head = store.next_deliveries(&partition, 10).await.unwrap();
+    assert_eq!(head[0].state.attempts, 1, "a repeated record counts once");
 
     store
         .record_failure(
             &partition,
             sequences[1],
+            2,
             "HTTP 502",
             FailureOutcome::DeadLetter,
             None,
@@ -314,9 +333,21 @@ async fn completion_and_failure_move_the_partition_head(store: Arc<dyn Store>) {
         "dead-lettered events leave the head"
     );
     assert_eq!(head[0].previous_sequence, sequences[1]);
+    // A repeated dead-letter record changes nothing either.
+    store
+        .record_failure(
+            &partition,
+            sequences[1],
+            2,
+            "HTTP 502",
+            FailureOutcome::DeadLetter,
+            None,
+        )
+        .await
+        .unwrap();
     // Failures of events that are not pending are ignored.
     store
-        .record_failure(&partition, 12345, "x", FailureOutcome::DeadLetter, None)
+        .record_failure(&partition, 12345, 1, "x", FailureOutcome::DeadLetter, None)
         .await
         .unwrap();
     store
@@ -365,6 +396,7 @@ async fn list_pending_pages_over_topics_and_includes_dead_letters(store: Arc<dyn
         .record_failure(
             &PartitionKey::new(&dead.0, "sub_1"),
             dead.1,
+            1,
             "gone",
             FailureOutcome::DeadLetter,
             None,

@@ -122,6 +122,7 @@ async fn writes_fenced_by_a_replaced_token_are_refused(store: Arc<dyn Store>) {
         .record_failure(
             &partition,
             first,
+            1,
             "late",
             FailureOutcome::DeadLetter,
             Some(&old),
@@ -145,6 +146,7 @@ async fn writes_fenced_by_a_replaced_token_are_refused(store: Arc<dyn Store>) {
         .record_failure(
             &partition,
             second,
+            1,
             "boom",
             FailureOutcome::RetryAt(1),
             Some(&current),
@@ -215,6 +217,7 @@ async fn a_fenced_write_extends_the_lease(store: Arc<dyn Store>) {
         .record_failure(
             &partition,
             sequences[1],
+            1,
             "503",
             FailureOutcome::RetryAt(0),
             Some(&token),

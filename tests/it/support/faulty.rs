@@ -16,7 +16,8 @@ use herald::store::{
 };
 
 /// Wraps a real store; `fail_completions(n)` / `fail_failures(n)` make the next `n` calls of
-/// `complete_delivery` or `complete_deliveries` / `record_failure` fail with `Unavailable` without reaching the store;
+/// `complete_delivery` or `complete_deliveries` / `record_failure` fail with `Unavailable` without reaching the store
+/// (`fail_subscription_reads(n)` the same for `get_subscription`);
 /// `delay_after_publish(d)` makes every publish return `d` after its commit (a client deadline
 /// shorter than that then always fires after the commit).
 pub struct FaultyStore {
@@ -24,6 +25,7 @@ pub struct FaultyStore {
     publish_delay_millis: AtomicU32,
     completions_to_fail: AtomicU32,
     failures_to_fail: AtomicU32,
+    subscription_reads_to_fail: AtomicU32,
     /// Calls refused so far, per method.
     pub refused_completions: AtomicU32,
     pub refused_failures: AtomicU32,
@@ -36,6 +38,7 @@ impl FaultyStore {
             publish_delay_millis: AtomicU32::new(0),
             completions_to_fail: AtomicU32::new(0),
             failures_to_fail: AtomicU32::new(0),
+            subscription_reads_to_fail: AtomicU32::new(0),
             refused_completions: AtomicU32::new(0),
             refused_failures: AtomicU32::new(0),
         })
@@ -52,6 +55,13 @@ impl FaultyStore {
 
     pub fn fail_failures(&self, count: u32) {
         self.failures_to_fail.store(count, Ordering::SeqCst);
+    }
+
+    /// The next `count` reads of one subscription fail with `Unavailable`, as while the
+    /// subscription set cannot be loaded.
+    pub fn fail_subscription_reads(&self, count: u32) {
+        self.subscription_reads_to_fail
+            .store(count, Ordering::SeqCst);
     }
 }
 
@@ -87,6 +97,9 @@ impl SubscriptionStore for FaultyStore {
     }
 
     async fn get_subscription(&self, id: &str) -> Result<Subscription, StoreError> {
+        if take(&self.subscription_reads_to_fail) {
+            return Err(injected());
+        }
         self.inner.get_subscription(id).await
     }
 
@@ -177,6 +190,7 @@ impl DeliveryLog for FaultyStore {
         &self,
         partition: &PartitionKey,
         sequence: u64,
+        attempt: u32,
         error: &str,
         outcome: FailureOutcome,
         fence: Option<&LeaseToken>,
@@ -186,7 +200,7 @@ impl DeliveryLog for FaultyStore {
             return Err(injected());
         }
         self.inner
-            .record_failure(partition, sequence, error, outcome, fence)
+            .record_failure(partition, sequence, attempt, error, outcome, fence)
             .await
     }
 
