@@ -1068,3 +1068,41 @@ async fn an_event_too_large_for_an_item_is_refused_as_invalid_and_others_commit(
         .collect();
     assert_eq!(pending, committed);
 }
+
+/// Many callers finding no current copy of the subscription set at once (every partition
+/// delivering, right after a change) share one reload: one Query of the subscriptions, not
+/// one per caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_readers_of_an_expired_subscription_set_share_one_reload() {
+    let endpoint = dynamo::endpoint();
+    let table = dynamo::fresh_table(&endpoint).await;
+    let writer = DynamoStore::new(dynamo::client(&endpoint), &table);
+    for index in 0..5 {
+        writer
+            .create_subscription(
+                &plain_subscription(&format!("sub_{index}"), "t"),
+                &herald::store::SubscriptionLimits::NONE,
+            )
+            .await
+            .unwrap();
+    }
+    // A new instance has no copy: its first readers all find none.
+    let reader = Arc::new(DynamoStore::new(dynamo::client(&endpoint), &table));
+    let counts = reader.request_counters();
+    let mut readers = tokio::task::JoinSet::new();
+    for index in 0..50 {
+        let reader = reader.clone();
+        readers.spawn(async move {
+            reader
+                .get_subscription(&format!("sub_{}", index % 5))
+                .await
+                .unwrap()
+        });
+    }
+    while let Some(read) = readers.join_next().await {
+        read.unwrap();
+    }
+    let queries = counts.snapshot().get("Query").copied().unwrap_or(0);
+    println!("requests for 50 concurrent reads: {:?}", counts.snapshot());
+    assert_eq!(queries, 1, "one reload for all: {:?}", counts.snapshot());
+}

@@ -157,13 +157,28 @@ impl Inner {
     /// subscription if the version moved). A publish fanned out from this set reaches every
     /// subscription whose Subscribe returned before the call, since Subscribe waits out the
     /// validity of every copy read before its change.
+    /// Callers that find the copy expired at once (every partition delivering, after a
+    /// change) wait for one reload and share it.
     pub(super) async fn subscription_set(&self) -> Result<Arc<SubscriptionSet>, StoreError> {
-        if let Some(cached) = self.subscriptions.lock().expect("cache lock").as_ref()
-            && cached.confirmed.elapsed() < cached.set.validity
-        {
-            return Ok(cached.set.clone());
+        if let Some(set) = self.young_set() {
+            return Ok(set);
         }
-        self.refresh_subscriptions().await
+        let _one_at_a_time = self.refreshing.lock().await;
+        // Reloaded by the caller this one waited for.
+        if let Some(set) = self.young_set() {
+            return Ok(set);
+        }
+        self.reload_subscriptions().await
+    }
+
+    /// The cached copy, while it may still be used.
+    fn young_set(&self) -> Option<Arc<SubscriptionSet>> {
+        self.subscriptions
+            .lock()
+            .expect("cache lock")
+            .as_ref()
+            .filter(|cached| cached.confirmed.elapsed() < cached.set.validity)
+            .map(|cached| cached.set.clone())
     }
 
     /// When `set` was last found current, if it is still the cached copy.
@@ -177,8 +192,21 @@ impl Inner {
     }
 
     /// Reads the version item and, if the version moved since the cached copy (or there is
-    /// none), every subscription.
+    /// none), every subscription; a reload by another caller that began after this call
+    /// serves it too.
     pub(super) async fn refresh_subscriptions(&self) -> Result<Arc<SubscriptionSet>, StoreError> {
+        let called = Instant::now();
+        let _one_at_a_time = self.refreshing.lock().await;
+        if let Some(cached) = self.subscriptions.lock().expect("cache lock").as_ref()
+            && cached.confirmed >= called
+        {
+            return Ok(cached.set.clone());
+        }
+        self.reload_subscriptions().await
+    }
+
+    /// [`Inner::refresh_subscriptions`] for a caller holding `refreshing`.
+    async fn reload_subscriptions(&self) -> Result<Arc<SubscriptionSet>, StoreError> {
         let started = Instant::now();
         let meta = self.read_meta().await?;
         let cached = self
