@@ -62,13 +62,38 @@ async fn calls_need_a_known_key_while_health_and_reflection_stay_open() {
         .connect()
         .await
         .unwrap();
-    let health = tonic_health::pb::health_client::HealthClient::new(channel)
+    let health = tonic_health::pb::health_client::HealthClient::new(channel.clone())
         .check(tonic_health::pb::HealthCheckRequest {
             service: "herald.v1.BrokerService".into(),
         })
         .await
         .expect("health needs no key");
     assert_eq!(health.into_inner().status, 1);
+
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let request_stream = tokio_stream::iter([ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    }]);
+    let listed = ServerReflectionClient::new(channel)
+        .server_reflection_info(request_stream)
+        .await
+        .expect("reflection needs no key")
+        .into_inner()
+        .message()
+        .await
+        .expect("a reflection answer")
+        .expect("one message");
+    assert!(
+        matches!(
+            listed.message_response,
+            Some(MessageResponse::ListServicesResponse(_))
+        ),
+        "{listed:?}"
+    );
     app.stop().await;
 }
 
@@ -383,5 +408,167 @@ async fn each_key_has_its_own_publish_and_subscribe_rate() {
         outcomes.contains(&Err(Code::ResourceExhausted)),
         "{outcomes:?}"
     );
+    app.stop().await;
+}
+
+/// Every operator control, called with `key`: the status of each call, by RPC name.
+async fn operator_controls(
+    client: &mut BrokerServiceClient<tonic::transport::Channel>,
+    key: &str,
+    id: &str,
+    head: u64,
+) -> Vec<(&'static str, Result<(), tonic::Status>)> {
+    let id = id.to_string();
+    let topic = "t".to_string();
+    vec![
+        (
+            "PauseSubscription",
+            client
+                .pause_subscription(with_key(
+                    proto::PauseSubscriptionRequest {
+                        subscription_id: id.clone(),
+                        ..Default::default()
+                    },
+                    key,
+                ))
+                .await
+                .map(drop),
+        ),
+        (
+            "ResumeSubscription",
+            client
+                .resume_subscription(with_key(
+                    proto::ResumeSubscriptionRequest {
+                        subscription_id: id.clone(),
+                        ..Default::default()
+                    },
+                    key,
+                ))
+                .await
+                .map(drop),
+        ),
+        (
+            "RetryNow",
+            client
+                .retry_now(with_key(
+                    proto::RetryNowRequest {
+                        subscription_id: id.clone(),
+                        topic: topic.clone(),
+                    },
+                    key,
+                ))
+                .await
+                .map(drop),
+        ),
+        (
+            "SkipHead",
+            client
+                .skip_head(with_key(
+                    proto::SkipHeadRequest {
+                        subscription_id: id.clone(),
+                        topic: topic.clone(),
+                        sequence: head,
+                    },
+                    key,
+                ))
+                .await
+                .map(drop),
+        ),
+        (
+            "RedriveDeadLetters",
+            client
+                .redrive_dead_letters(with_key(
+                    proto::RedriveDeadLettersRequest {
+                        subscription_id: id.clone(),
+                        topic: topic.clone(),
+                        sequences: Vec::new(),
+                    },
+                    key,
+                ))
+                .await
+                .map(drop),
+        ),
+        (
+            "PurgeDeadLetters",
+            client
+                .purge_dead_letters(with_key(
+                    proto::PurgeDeadLettersRequest {
+                        subscription_id: id.clone(),
+                        topic: topic.clone(),
+                        sequences: Vec::new(),
+                    },
+                    key,
+                ))
+                .await
+                .map(drop),
+        ),
+        (
+            "Replay",
+            client
+                .replay(with_key(
+                    proto::ReplayRequest {
+                        subscription_id: id.clone(),
+                        topic: topic.clone(),
+                        start: Some(proto::replay_request::Start::FromSequence(1)),
+                        ..Default::default()
+                    },
+                    key,
+                ))
+                .await
+                .map(drop),
+        ),
+    ]
+}
+
+/// The operator controls need the `operate` role: read and subscribe keys (even unlimited
+/// ones) are refused naming the role, an operate key is let through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_controls_need_the_operate_role() {
+    let (reader, reader_entry) = key("dashboard", &["read"], &[]);
+    let (manager, manager_entry) = key("platform", &["subscribe", "publish", "read"], &[]);
+    let (operator, operator_entry) = key("on-call", &["operate"], &[]);
+    let keys = key_set(&[&reader_entry, &manager_entry, &operator_entry]);
+    let app = spawn_app(Backend::Embedded, |config| config.api_keys = Some(keys)).await;
+    let mut client = app.client.clone();
+    let subscription = client
+        .subscribe(with_key(
+            subscribe_request("http://127.0.0.1:9/hook", &["t"]),
+            &manager,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let head = client
+        .publish(with_key(publish_request("t", "x"), &manager))
+        .await
+        .unwrap()
+        .into_inner()
+        .sequence;
+    for (name, key) in [("dashboard", &reader), ("platform", &manager)] {
+        for (call, result) in operator_controls(&mut client, key, &subscription.id, head).await {
+            let status = result.expect_err(call);
+            assert_eq!(
+                status.code(),
+                Code::PermissionDenied,
+                "{name} {call}: {status:?}"
+            );
+            assert!(
+                status.message().contains(name) && status.message().contains("operate"),
+                "{call}: {}",
+                status.message()
+            );
+        }
+    }
+    for (call, result) in operator_controls(&mut client, &operator, &subscription.id, head).await {
+        if let Err(status) = result {
+            assert!(
+                !matches!(
+                    status.code(),
+                    Code::PermissionDenied | Code::Unauthenticated
+                ),
+                "operate key {call}: {status:?}"
+            );
+        }
+    }
     app.stop().await;
 }

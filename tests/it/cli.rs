@@ -143,3 +143,37 @@ async fn the_readme_walk_through_works_with_the_cli_and_the_sink() {
     );
     server.kill_9().await;
 }
+
+/// `herald keys generate` without `--topic` makes a key for every topic, as its help says, and
+/// the entry it prints is accepted by a server; a bad pattern is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_generate_defaults_to_every_topic() {
+    let output = herald("", &["keys", "generate", "--name", "ops", "--role", "read"]).await;
+    let mut lines = output.lines().filter(|line| !line.is_empty());
+    let key = lines.nth(1).expect("the key").to_string();
+    let entry: serde_json::Value =
+        serde_json::from_str(lines.last().expect("the entry")).expect("JSON entry");
+    assert_eq!(entry["topics"], serde_json::json!([]), "{entry}");
+    assert!(key.starts_with("hrld_"), "{key}");
+    let keys = serde_json::json!({ "keys": [entry] }).to_string();
+    let app =
+        crate::support::spawn_app(Backend::Embedded, |config| config.api_keys = Some(keys)).await;
+    let mut request = tonic::Request::new(herald::proto::ListSubscriptionsRequest::default());
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    app.client
+        .clone()
+        .list_subscriptions(request)
+        .await
+        .expect("the generated key reads");
+    app.stop().await;
+
+    let refused = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["keys", "generate", "--name", "ops", "--role", "read"])
+        .args(["--topic", "bad pattern"])
+        .output()
+        .await
+        .expect("run herald");
+    assert!(!refused.status.success());
+}

@@ -13,6 +13,7 @@ mod disk;
 mod documented;
 mod dynamodb;
 mod faults;
+mod grpcurl;
 mod observability;
 mod operate;
 mod security;
