@@ -152,7 +152,7 @@ async fn keys_generate_defaults_to_every_topic() {
     let mut lines = output.lines().filter(|line| !line.is_empty());
     let key = lines.nth(1).expect("the key").to_string();
     let entry: serde_json::Value =
-        serde_json::from_str(lines.last().expect("the entry")).expect("JSON entry");
+        serde_json::from_str(lines.next_back().expect("the entry")).expect("JSON entry");
     assert_eq!(entry["topics"], serde_json::json!([]), "{entry}");
     assert!(key.starts_with("hrld_"), "{key}");
     let keys = serde_json::json!({ "keys": [entry] }).to_string();
