@@ -399,3 +399,106 @@ async fn a_dead_letter_survives_a_crash_right_after_it() {
         "the dead-lettered event was sent again after the crash: attempts {first_again:?}"
     );
 }
+
+/// Embedded store: a delivery record that does not decode (here a format version from the
+/// future, as after a downgrade) fails only the command that read it. The other commands of
+/// its writer batch commit, the store stays healthy, and the record becomes a dead letter
+/// whose error names where its bytes are kept.
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_delivery_record_fails_only_its_own_command() {
+    use herald::model::{FailureOutcome, PartitionKey, now_millis};
+    use herald::store::{DeliveryLog, EmbeddedStore, Store, StoreError, SubscriptionStore};
+
+    use crate::store_conformance::{event, subscription};
+
+    let directory = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(EmbeddedStore::open(directory.path()).unwrap());
+    let day = Duration::from_secs(86400);
+    for (id, topic) in [("sub_a", "t"), ("sub_b", "u")] {
+        store
+            .create_subscription(
+                &subscription(id, &[topic]),
+                &herald::store::SubscriptionLimits::NONE,
+            )
+            .await
+            .unwrap();
+    }
+    let mut sequences = Vec::new();
+    for index in 0..3 {
+        let published = store
+            .publish(&event(&format!("evt_t{index}"), "t", None), day)
+            .await
+            .unwrap();
+        sequences.push(published.sequence);
+    }
+    let other = store
+        .publish(&event("evt_u", "u", None), day)
+        .await
+        .unwrap()
+        .sequence;
+    let damaged = PartitionKey::new("t", "sub_a");
+    let healthy = PartitionKey::new("u", "sub_b");
+    store.damage_delivery(&damaged, sequences[0]).unwrap();
+
+    // The stall holds the writer while both commands queue: they meet in one batch.
+    store.inject_writer_stall(Duration::from_millis(500));
+    let failure = {
+        let store = store.clone();
+        let damaged = damaged.clone();
+        let head = sequences[0];
+        tokio::spawn(async move {
+            let at = now_millis() + 60_000;
+            store
+                .record_failure(
+                    &damaged,
+                    head,
+                    1,
+                    "HTTP 500",
+                    FailureOutcome::RetryAt(at),
+                    None,
+                )
+                .await
+        })
+    };
+    let completion = {
+        let store = store.clone();
+        let healthy = healthy.clone();
+        tokio::spawn(async move { store.complete_deliveries(&healthy, &[other], None).await })
+    };
+    let failure = failure.await.unwrap();
+    assert!(
+        matches!(failure, Err(StoreError::Corrupt(_))),
+        "the command that read the damaged record: {failure:?}"
+    );
+    completion
+        .await
+        .unwrap()
+        .expect("the other command of the batch commits");
+    assert!(*store.health().expect("health").borrow(), "still healthy");
+    assert!(
+        store
+            .next_deliveries(&healthy, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // The damaged delivery is a dead letter now; the partition goes on with the next one.
+    let next: Vec<u64> = store
+        .next_deliveries(&damaged, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|delivery| delivery.event.sequence)
+        .collect();
+    assert_eq!(next, sequences[1..]);
+    let pending = store
+        .list_pending("sub_a", None, true, 10, None)
+        .await
+        .unwrap();
+    assert_eq!(pending.items.len(), 1);
+    assert_eq!(pending.items[0].event.sequence, sequences[0]);
+    let error = pending.items[0].last_error.clone().unwrap_or_default();
+    assert!(error.contains("quarantine table"), "{error}");
+}

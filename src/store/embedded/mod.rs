@@ -10,6 +10,7 @@
 //! One process owns the file, so the store has no partition leases.
 
 mod delivery_log;
+mod quarantine;
 mod readers;
 mod schema;
 mod subscriptions;
@@ -152,6 +153,28 @@ impl EmbeddedStore {
             duration.as_millis() as u64,
             std::sync::atomic::Ordering::SeqCst,
         );
+    }
+
+    /// Overwrites the stored record of a pending delivery with bytes no version of Herald
+    /// decodes (a format version from the future), as a downgrade or damage on disk would
+    /// leave it. Test-only (feature `fault-injection`).
+    #[cfg(feature = "fault-injection")]
+    pub fn damage_delivery(
+        &self,
+        partition: &crate::model::PartitionKey,
+        sequence: u64,
+    ) -> Result<(), StoreError> {
+        let database = current(&self.database)?;
+        let transaction = database.begin_write().map_err(unavailable)?;
+        {
+            let mut deliveries = transaction
+                .open_table(schema::DELIVERIES)
+                .map_err(unavailable)?;
+            deliveries
+                .insert((partition.encode().as_str(), sequence), &[9u8, 0, 0][..])
+                .map_err(unavailable)?;
+        }
+        transaction.commit().map_err(unavailable)
     }
 
     /// Queues a command for the writer and waits for its result. A full queue is backpressure:

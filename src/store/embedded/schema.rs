@@ -44,6 +44,10 @@ pub(super) const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> =
 pub(super) const IDEMPOTENCY_EXPIRY: TableDefinition<(u64, &str, &str), ()> =
     TableDefinition::new("idempotency_expiry");
 
+/// `{table}/{partition key}/{sequence}` -> the bytes of a delivery record that did not decode,
+/// kept for inspection (see `quarantine`).
+pub(super) const QUARANTINE: TableDefinition<&str, &[u8]> = TableDefinition::new("quarantine");
+
 /// One row the writer rewrites to check that the file can be written again after an error.
 pub(super) const PROBES: TableDefinition<&str, u64> = TableDefinition::new("probes");
 
@@ -94,6 +98,7 @@ fn create_tables(transaction: &WriteTransaction) -> Result<(), redb::Error> {
     transaction.open_table(IDEMPOTENCY)?;
     transaction.open_table(IDEMPOTENCY_EXPIRY)?;
     transaction.open_table(PROBES)?;
+    transaction.open_table(QUARANTINE)?;
     Ok(())
 }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 
+use super::quarantine::{Damaged, DeliveryTable};
 use super::schema::{
     DEAD_LETTERS, DELIVERIES, EVENT_EXPIRY, EVENT_REFERENCES, EVENTS, IDEMPOTENCY,
     IDEMPOTENCY_EXPIRY, PARTITIONS, PENDING_PARTITIONS, SUBSCRIPTIONS, TOPICS,
@@ -62,6 +63,8 @@ pub(super) struct Tables<'transaction> {
     /// owned strings are looked up by borrowed ones, so the hot path allocates a key only for
     /// a partition the batch has not touched yet, and they settle in the table's key order.
     partition_records: BTreeMap<String, BTreeMap<String, PartitionRecord>>,
+    /// The last delivery record that did not decode, for the writer to quarantine.
+    damaged: std::cell::RefCell<Option<Damaged>>,
 }
 
 /// The value under `key`, inserted as the default if absent; allocates the key only then.
@@ -92,9 +95,47 @@ impl<'transaction> Tables<'transaction> {
             idempotency_expiry: transaction.open_table(IDEMPOTENCY_EXPIRY)?,
             releases: BTreeMap::new(),
             partition_records: BTreeMap::new(),
+            damaged: std::cell::RefCell::new(None),
         })
     }
 
+    /// The delivery record that failed the batch by not decoding, if one did.
+    pub(super) fn take_damaged(&self) -> Option<Damaged> {
+        self.damaged.borrow_mut().take()
+    }
+
+    /// Decodes a delivery record read from `table` at (`partition_key`, `sequence`),
+    /// remembering where a damaged one lies.
+    fn decode_delivery(
+        &self,
+        table: DeliveryTable,
+        partition_key: &str,
+        sequence: u64,
+        bytes: &[u8],
+    ) -> Result<DeliveryRecord, StoreError> {
+        decode_delivery(&self.damaged, table, partition_key, sequence, bytes)
+    }
+}
+
+/// [`Tables::decode_delivery`], for a caller that holds another field of the tables mutably.
+fn decode_delivery(
+    damaged: &std::cell::RefCell<Option<Damaged>>,
+    table: DeliveryTable,
+    partition_key: &str,
+    sequence: u64,
+    bytes: &[u8],
+) -> Result<DeliveryRecord, StoreError> {
+    DeliveryRecord::decode(bytes).inspect_err(|_| {
+        *damaged.borrow_mut() = Some(Damaged {
+            table,
+            partition_key: partition_key.to_string(),
+            sequence,
+            bytes: bytes.to_vec(),
+        });
+    })
+}
+
+impl Tables<'_> {
     pub(super) fn create_subscription(
         &mut self,
         subscription: &Subscription,
@@ -401,7 +442,12 @@ impl<'transaction> Tables<'transaction> {
             .get((partition_key, sequence))
             .map_err(unavailable)?
         {
-            Some(bytes) => Ok(Some(DeliveryRecord::decode(bytes.value())?)),
+            Some(bytes) => Ok(Some(self.decode_delivery(
+                DeliveryTable::Deliveries,
+                partition_key,
+                sequence,
+                bytes.value(),
+            )?)),
             None => Ok(None),
         }
     }
@@ -425,7 +471,16 @@ impl<'transaction> Tables<'transaction> {
                 .remove((partition_key.as_str(), sequence))
                 .map_err(unavailable)?
             {
-                Some(removed) => DeliveryRecord::decode(removed.value())?.dead_lettered,
+                Some(removed) => {
+                    decode_delivery(
+                        &self.damaged,
+                        DeliveryTable::Deliveries,
+                        &partition_key,
+                        sequence,
+                        removed.value(),
+                    )?
+                    .dead_lettered
+                }
                 None => {
                     let removed = self
                         .dead_letters
@@ -593,8 +648,15 @@ impl<'transaction> Tables<'transaction> {
                     .map_err(unavailable)?
                 {
                     let (entry_key, value) = entry.map_err(unavailable)?;
-                    if DeliveryRecord::decode(value.value())?.dead_lettered {
-                        all.push(entry_key.value().1);
+                    let sequence = entry_key.value().1;
+                    let delivery = self.decode_delivery(
+                        DeliveryTable::Deliveries,
+                        &key,
+                        sequence,
+                        value.value(),
+                    )?;
+                    if delivery.dead_lettered {
+                        all.push(sequence);
                     }
                 }
                 all
@@ -606,7 +668,13 @@ impl<'transaction> Tables<'transaction> {
                 .get((key.as_str(), sequence))
                 .map_err(unavailable)?
             {
-                found.push((sequence, DeliveryRecord::decode(bytes.value())?, true));
+                let delivery = self.decode_delivery(
+                    DeliveryTable::DeadLetters,
+                    &key,
+                    sequence,
+                    bytes.value(),
+                )?;
+                found.push((sequence, delivery, true));
                 continue;
             }
             match self.delivery(&key, sequence)? {
@@ -871,9 +939,11 @@ impl<'transaction> Tables<'transaction> {
             .map_err(unavailable)?
         {
             let (entry_key, value) = entry.map_err(unavailable)?;
-            let delivery = DeliveryRecord::decode(value.value())?;
+            let sequence = entry_key.value().1;
+            let delivery =
+                self.decode_delivery(DeliveryTable::Deliveries, &key, sequence, value.value())?;
             if !delivery.dead_lettered {
-                return Ok(Some((entry_key.value().1, delivery)));
+                return Ok(Some((sequence, delivery)));
             }
         }
         Ok(None)

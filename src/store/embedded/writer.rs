@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use redb::Durability;
 use tokio::sync::{oneshot, watch};
 
+use super::quarantine::{self, Damaged};
 use super::schema::{PROBES, load_index, open_database};
 use super::tables::Tables;
 use super::{DatabaseSlot, current, unavailable};
@@ -70,41 +71,88 @@ impl Command {
     }
 }
 
-/// A command's result, held until the batch commits.
-enum Outcome {
-    Unit(Reply<()>, Result<(), StoreError>),
-    Count(Reply<u64>, Result<u64, StoreError>),
-    Published(Reply<Published>, Result<Published, StoreError>),
-    Updated(Reply<Updated>, Result<Box<Updated>, StoreError>),
-    Head(Reply<Option<u64>>, Result<Option<u64>, StoreError>),
-    Replayed(Reply<Replayed>, Result<Replayed, StoreError>),
+/// A command's result, held until its batch commits.
+enum Answer {
+    Unit(Result<(), StoreError>),
+    Count(Result<u64, StoreError>),
+    Published(Result<Published, StoreError>),
+    Updated(Result<Box<Updated>, StoreError>),
+    Head(Result<Option<u64>, StoreError>),
+    Replayed(Result<Replayed, StoreError>),
 }
 
-impl Outcome {
-    fn send(self, batch_error: Option<&StoreError>) {
-        // A receiver that went away (client cancelled) needs no answer.
+impl Command {
+    /// Sends the command its answer. A receiver that went away (a client that gave up) needs
+    /// none.
+    fn answer(self, answer: Answer) {
+        match (self, answer) {
+            (
+                Command::CreateSubscription(.., reply)
+                | Command::Complete(.., reply)
+                | Command::Failure(.., reply)
+                | Command::SkipHead(.., reply),
+                Answer::Unit(result),
+            ) => {
+                let _ = reply.send(result);
+            }
+            (
+                Command::DeleteSubscription(.., reply)
+                | Command::Redrive(.., reply)
+                | Command::Purge(.., reply),
+                Answer::Count(result),
+            ) => {
+                let _ = reply.send(result);
+            }
+            (Command::Publish(.., reply), Answer::Published(result)) => {
+                let _ = reply.send(result);
+            }
+            (Command::UpdateSubscription(.., reply), Answer::Updated(result)) => {
+                let _ = reply.send(result.map(|updated| *updated));
+            }
+            (Command::RetryNow(.., reply), Answer::Head(result)) => {
+                let _ = reply.send(result);
+            }
+            (Command::Replay(.., reply), Answer::Replayed(result)) => {
+                let _ = reply.send(result);
+            }
+            _ => unreachable!("each command is answered by the kind its apply produced"),
+        }
+    }
+
+    /// Answers the command with `error`.
+    fn fail(self, error: StoreError) {
         match self {
-            Outcome::Unit(reply, result) => {
-                let _ = reply.send(batch_error.map_or(result, |error| Err(error.clone())));
+            Command::CreateSubscription(.., reply)
+            | Command::Complete(.., reply)
+            | Command::Failure(.., reply)
+            | Command::SkipHead(.., reply) => {
+                let _ = reply.send(Err(error));
             }
-            Outcome::Count(reply, result) => {
-                let _ = reply.send(batch_error.map_or(result, |error| Err(error.clone())));
+            Command::DeleteSubscription(.., reply)
+            | Command::Redrive(.., reply)
+            | Command::Purge(.., reply) => {
+                let _ = reply.send(Err(error));
             }
-            Outcome::Published(reply, result) => {
-                let _ = reply.send(batch_error.map_or(result, |error| Err(error.clone())));
+            Command::Publish(.., reply) => {
+                let _ = reply.send(Err(error));
             }
-            Outcome::Updated(reply, result) => {
-                let result = result.map(|updated| *updated);
-                let _ = reply.send(batch_error.map_or(result, |error| Err(error.clone())));
+            Command::UpdateSubscription(.., reply) => {
+                let _ = reply.send(Err(error));
             }
-            Outcome::Head(reply, result) => {
-                let _ = reply.send(batch_error.map_or(result, |error| Err(error.clone())));
+            Command::RetryNow(.., reply) => {
+                let _ = reply.send(Err(error));
             }
-            Outcome::Replayed(reply, result) => {
-                let _ = reply.send(batch_error.map_or(result, |error| Err(error.clone())));
+            Command::Replay(.., reply) => {
+                let _ = reply.send(Err(error));
             }
         }
     }
+}
+
+/// How a batch failed: the error, and, if one command's damaged record caused it, which.
+struct BatchFailure {
+    error: StoreError,
+    damaged: Option<(usize, Damaged)>,
 }
 
 /// The single writer: owns the topic index and applies command batches.
@@ -191,29 +239,61 @@ impl Writer {
         }
     }
 
-    fn apply_batch(&mut self, batch: Vec<Command>) {
+    fn apply_batch(&mut self, mut batch: Vec<Command>) {
         let sync = batch.is_empty()
             || batch.iter().any(Command::needs_sync)
             || self.last_sync.elapsed() >= MAX_LAZY_INTERVAL;
-        let mut outcomes = Vec::with_capacity(batch.len());
-        let mut index_changed = false;
-        let result = self.write_batch(batch, sync, &mut outcomes, &mut index_changed);
-        let error = result.err();
-        if let Some(error) = &error {
-            tracing::error!(%error, "store batch failed; nothing in it was written");
-            self.set_healthy(false);
-            self.recover(index_changed);
-        } else {
-            self.set_healthy(true);
-            if sync {
-                self.last_sync = Instant::now();
-                self.unsynced = false;
-            } else {
-                self.unsynced = true;
+        loop {
+            let mut index_changed = false;
+            match self.write_batch(&batch, sync, &mut index_changed) {
+                Ok(answers) => {
+                    self.set_healthy(true);
+                    if sync {
+                        self.last_sync = Instant::now();
+                        self.unsynced = false;
+                    } else {
+                        self.unsynced = true;
+                    }
+                    for (command, answer) in batch.into_iter().zip(answers) {
+                        command.answer(answer);
+                    }
+                    return;
+                }
+                Err(BatchFailure {
+                    error,
+                    damaged: Some((index, damaged)),
+                }) => {
+                    // Nothing was written: the topic index follows what is stored again, the
+                    // command that met the record fails alone, and the rest is applied again.
+                    self.recover(index_changed);
+                    self.quarantine(&damaged, &error);
+                    batch.remove(index).fail(error);
+                }
+                Err(BatchFailure { error, .. }) => {
+                    tracing::error!(%error, "store batch failed; nothing in it was written");
+                    self.set_healthy(false);
+                    self.recover(index_changed);
+                    for command in batch {
+                        command.fail(error.clone());
+                    }
+                    return;
+                }
             }
         }
-        for outcome in outcomes {
-            outcome.send(error.as_ref());
+    }
+
+    /// Moves a damaged delivery record aside (see [`super::quarantine`]).
+    fn quarantine(&self, damaged: &Damaged, error: &StoreError) {
+        let key = damaged.quarantine_key();
+        let result = current(&self.database)
+            .and_then(|database| quarantine::quarantine(&database, damaged, &error.to_string()));
+        match result {
+            Ok(()) => {
+                tracing::error!(%error, quarantined = %key, "a delivery record did not decode: kept in the quarantine table, a dead letter in its place")
+            }
+            Err(quarantine_error) => {
+                tracing::error!(%error, %quarantine_error, record = %key, "a delivery record did not decode and cannot be quarantined")
+            }
         }
     }
 
@@ -313,16 +393,21 @@ impl Writer {
         }
     }
 
+    /// Applies `batch` in one transaction and commits it; returns each command's answer.
     fn write_batch(
         &mut self,
-        batch: Vec<Command>,
+        batch: &[Command],
         sync: bool,
-        outcomes: &mut Vec<Outcome>,
         index_changed: &mut bool,
-    ) -> Result<(), StoreError> {
-        let mut transaction = current(&self.database)?
+    ) -> Result<Vec<Answer>, BatchFailure> {
+        let failed = |error: StoreError| BatchFailure {
+            error,
+            damaged: None,
+        };
+        let mut transaction = current(&self.database)
+            .map_err(failed)?
             .begin_write()
-            .map_err(unavailable)?;
+            .map_err(|error| failed(unavailable(error)))?;
         let durability = if sync {
             Durability::Immediate
         } else {
@@ -330,88 +415,107 @@ impl Writer {
         };
         transaction
             .set_durability(durability)
-            .map_err(|error| StoreError::Internal(error.to_string()))?;
+            .map_err(|error| failed(StoreError::Internal(error.to_string())))?;
         // Saves the allocator state with each synced commit, so that reopening after a crash
         // does not walk the whole file.
         transaction.set_quick_repair(sync);
+        let mut answers = Vec::with_capacity(batch.len());
         {
             let retention = self.retention_ms.load(std::sync::atomic::Ordering::Relaxed);
-            let mut tables = Tables::open(&transaction, retention).map_err(unavailable)?;
+            let mut tables = Tables::open(&transaction, retention)
+                .map_err(|error| failed(unavailable(error)))?;
             let now = now_millis();
-            for command in batch {
-                if !matches!(
-                    command,
-                    Command::Complete(..) | Command::Failure(..) | Command::Publish(..)
-                ) {
-                    // It reads and writes the tables directly.
-                    tables.settle()?;
-                }
-                let outcome = match command {
-                    Command::CreateSubscription(subscription, limits, reply) => {
-                        let result =
-                            tables.create_subscription(&subscription, &limits, &self.index);
-                        if matches!(result, Ok(Ok(()))) {
-                            self.index.add(&subscription);
-                            *index_changed = true;
-                        }
-                        Outcome::Unit(reply, result?)
-                    }
-                    Command::DeleteSubscription(id, reply) => {
-                        let result = tables.delete_subscription(&id);
-                        if let Ok(Ok((subscription, _))) = &result {
-                            self.index.remove(subscription);
-                            *index_changed = true;
-                        }
-                        Outcome::Count(reply, result?.map(|(_, count)| count))
-                    }
-                    Command::Publish(event, window, reply) => {
-                        let result = tables.publish(&self.index, &event, window, now);
-                        Outcome::Published(reply, result?)
-                    }
-                    Command::Complete(partition, sequences, reply) => {
-                        Outcome::Unit(reply, Ok(tables.complete(&partition, &sequences)?))
-                    }
-                    Command::Failure(partition, failure, reply) => {
-                        Outcome::Unit(reply, Ok(tables.record_failure(&partition, &failure)?))
-                    }
-                    Command::UpdateSubscription(id, update, reply) => {
-                        let result = tables.update_subscription(&id, &update)?;
-                        if let Ok((old, updated)) = &result
-                            && (old.topics != updated.subscription.topics
-                                || old.filter != updated.subscription.filter)
-                        {
-                            self.index.remove(old);
-                            self.index.add(&updated.subscription);
-                            *index_changed = true;
-                        }
-                        Outcome::Updated(reply, result.map(|(_, updated)| Box::new(updated)))
-                    }
-                    Command::RetryNow(partition, reply) => {
-                        Outcome::Head(reply, tables.retry_now(&partition, now)?)
-                    }
-                    Command::SkipHead(partition, sequence, reply) => {
-                        Outcome::Unit(reply, tables.skip_head(&partition, sequence)?)
-                    }
-                    Command::Redrive(partition, sequences, reply) => Outcome::Count(
-                        reply,
-                        tables.redrive(&partition, sequences.as_deref(), now)?,
-                    ),
-                    Command::Purge(partition, sequences, reply) => {
-                        Outcome::Count(reply, tables.purge(&partition, sequences.as_deref())?)
-                    }
-                    Command::Replay(partition, range, reply) => {
-                        Outcome::Replayed(reply, tables.replay(&partition, &range, now)?)
-                    }
-                };
-                outcomes.push(outcome);
+            for (index, command) in batch.iter().enumerate() {
+                let answer = self
+                    .apply(&mut tables, command, now, index_changed)
+                    .map_err(|error| BatchFailure {
+                        damaged: tables.take_damaged().map(|damaged| (index, damaged)),
+                        error,
+                    })?;
+                answers.push(answer);
             }
-            tables.settle()?;
+            tables.settle().map_err(failed)?;
             if self.last_sweep.elapsed() >= SWEEP_INTERVAL {
-                tables.expire_idempotency_keys(now)?;
-                tables.expire_events(now)?;
+                tables.expire_idempotency_keys(now).map_err(failed)?;
+                tables.expire_events(now).map_err(failed)?;
                 self.last_sweep = Instant::now();
             }
         }
+        self.commit(transaction).map_err(failed)?;
+        Ok(answers)
+    }
+
+    /// Applies one command; an error fails the whole batch.
+    fn apply(
+        &mut self,
+        tables: &mut Tables,
+        command: &Command,
+        now: u64,
+        index_changed: &mut bool,
+    ) -> Result<Answer, StoreError> {
+        if !matches!(
+            command,
+            Command::Complete(..) | Command::Failure(..) | Command::Publish(..)
+        ) {
+            // It reads and writes the tables directly.
+            tables.settle()?;
+        }
+        Ok(match command {
+            Command::CreateSubscription(subscription, limits, _) => {
+                let result = tables.create_subscription(subscription, limits, &self.index);
+                if matches!(result, Ok(Ok(()))) {
+                    self.index.add(subscription);
+                    *index_changed = true;
+                }
+                Answer::Unit(result?)
+            }
+            Command::DeleteSubscription(id, _) => {
+                let result = tables.delete_subscription(id);
+                if let Ok(Ok((subscription, _))) = &result {
+                    self.index.remove(subscription);
+                    *index_changed = true;
+                }
+                Answer::Count(result?.map(|(_, count)| count))
+            }
+            Command::Publish(event, window, _) => {
+                Answer::Published(tables.publish(&self.index, event, *window, now)?)
+            }
+            Command::Complete(partition, sequences, _) => {
+                Answer::Unit(Ok(tables.complete(partition, sequences)?))
+            }
+            Command::Failure(partition, failure, _) => {
+                Answer::Unit(Ok(tables.record_failure(partition, failure)?))
+            }
+            Command::UpdateSubscription(id, update, _) => {
+                let result = tables.update_subscription(id, update)?;
+                if let Ok((old, updated)) = &result
+                    && (old.topics != updated.subscription.topics
+                        || old.filter != updated.subscription.filter)
+                {
+                    self.index.remove(old);
+                    self.index.add(&updated.subscription);
+                    *index_changed = true;
+                }
+                Answer::Updated(result.map(|(_, updated)| Box::new(updated)))
+            }
+            Command::RetryNow(partition, _) => Answer::Head(tables.retry_now(partition, now)?),
+            Command::SkipHead(partition, sequence, _) => {
+                Answer::Unit(tables.skip_head(partition, *sequence)?)
+            }
+            Command::Redrive(partition, sequences, _) => {
+                Answer::Count(tables.redrive(partition, sequences.as_deref(), now)?)
+            }
+            Command::Purge(partition, sequences, _) => {
+                Answer::Count(tables.purge(partition, sequences.as_deref())?)
+            }
+            Command::Replay(partition, range, _) => {
+                Answer::Replayed(tables.replay(partition, range, now)?)
+            }
+        })
+    }
+
+    /// Commits; a failed commit's outcome is unknown.
+    fn commit(&self, transaction: redb::WriteTransaction) -> Result<(), StoreError> {
         // An error here may come after the data reached the file: the outcome is unknown.
         transaction.commit().map_err(|error| {
             let full = matches!(

@@ -8,7 +8,7 @@ use std::time::Duration;
 use herald::model::{NewEvent, OnExhausted, RetryPolicy, Subscription, now_millis};
 use herald::store::{EmbeddedStore, Store};
 
-fn subscription(id: &str, topics: &[&str]) -> Subscription {
+pub(crate) fn subscription(id: &str, topics: &[&str]) -> Subscription {
     Subscription {
         id: id.into(),
         endpoint: "http://127.0.0.1:9/hook".into(),
@@ -24,7 +24,7 @@ fn subscription(id: &str, topics: &[&str]) -> Subscription {
     }
 }
 
-fn event(id: &str, topic: &str, key: Option<&str>) -> NewEvent {
+pub(crate) fn event(id: &str, topic: &str, key: Option<&str>) -> NewEvent {
     NewEvent {
         id: id.into(),
         topic: topic.into(),
