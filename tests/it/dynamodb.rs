@@ -1106,3 +1106,91 @@ async fn concurrent_readers_of_an_expired_subscription_set_share_one_reload() {
     println!("requests for 50 concurrent reads: {:?}", counts.snapshot());
     assert_eq!(queries, 1, "one reload for all: {:?}", counts.snapshot());
 }
+
+/// A skip of a head whose event is still being fanned out is refused (retryable): the fan-out
+/// or its repair writes every delivery of the event and would bring the skipped one back.
+/// Once the fan-out is finished the skip goes through and stays done, and the event item is
+/// gone when the other partitions complete.
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn skipping_a_head_whose_fan_out_is_open_waits_for_the_fan_out() {
+    let endpoint = dynamo::endpoint();
+    let table = dynamo::fresh_table(&endpoint).await;
+    let publisher = Arc::new(
+        DynamoStore::new(dynamo::client(&endpoint), &table)
+            .with_repair_after(Duration::from_secs(3600)),
+    );
+    let repairer =
+        DynamoStore::new(dynamo::client(&endpoint), &table).with_repair_after(Duration::ZERO);
+    // Concurrent Subscribes share commits: 150 cost a few settle times, not 150.
+    let ids: Vec<String> = (0..150).map(|index| format!("sub_{index:03}")).collect();
+    let mut creates = tokio::task::JoinSet::new();
+    for id in &ids {
+        let (publisher, subscription) = (publisher.clone(), plain_subscription(id, "big"));
+        creates.spawn(async move {
+            publisher
+                .create_subscription(&subscription, &herald::store::SubscriptionLimits::NONE)
+                .await
+        });
+    }
+    while let Some(created) = creates.join_next().await {
+        created.unwrap().unwrap();
+    }
+    publisher.inject_fanout_failure();
+    let day = Duration::from_secs(86400);
+    let failed = publisher
+        .publish(&small_event("evt_half".into(), "big"), day)
+        .await;
+    assert!(
+        matches!(failed, Err(StoreError::Unavailable(_))),
+        "{failed:?}"
+    );
+    // A partition whose delivery the first transaction wrote.
+    let mut written = None;
+    for id in &ids {
+        let partition = PartitionKey::new("big", id.as_str());
+        if count_items(&endpoint, &table, &partition.encode()).await > 0 {
+            written = Some(partition);
+            break;
+        }
+    }
+    let partition = written.expect("the first transaction wrote some deliveries");
+    let sequence = publisher
+        .list_pending(&partition.subscription_id, None, false, 10, None)
+        .await
+        .unwrap()
+        .items[0]
+        .event
+        .sequence;
+
+    let refused = publisher.skip_head(&partition, sequence).await;
+    assert!(
+        matches!(&refused, Err(StoreError::Unavailable(message)) if message.contains("fanned out")),
+        "{refused:?}"
+    );
+    // Another instance finishes the fan-out; the skip then goes through and stays done.
+    let other = PartitionKey::new("big", ids.last().unwrap().as_str());
+    repairer.next_deliveries(&other, 1).await.unwrap();
+    publisher.skip_head(&partition, sequence).await.unwrap();
+    assert!(
+        repairer
+            .next_deliveries(&partition, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    for id in &ids {
+        let partition = PartitionKey::new("big", id.as_str());
+        for delivery in repairer.next_deliveries(&partition, 10).await.unwrap() {
+            repairer
+                .complete_delivery(&partition, delivery.event.sequence, None)
+                .await
+                .unwrap();
+        }
+    }
+    let dead = repairer
+        .list_pending(&partition.subscription_id, None, true, 10, None)
+        .await
+        .unwrap();
+    assert_eq!(dead.items.len(), 1, "the skipped delivery is a dead letter");
+}

@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aws_sdk_dynamodb::types::{Delete, Put, Select, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{ConditionCheck, Delete, Put, Select, TransactWriteItem, Update};
 
 use super::errors::{
     cancellation_reasons, conflict_pause, is_condition_failure, refused, sdk_error,
@@ -732,6 +732,9 @@ impl Inner {
         partition: &PartitionKey,
         sequence: u64,
     ) -> Result<(), StoreError> {
+        // An open fan-out old enough to be repaired is finished first, so that a skip retried
+        // after one that was refused below goes through.
+        self.delivery_horizon(&partition.topic).await?;
         let head = self.head_item(partition).await?;
         let head_sequence = head.as_ref().map(schema::get_sequence).transpose()?;
         let Some(item) = head.filter(|_| head_sequence == Some(sequence)) else {
@@ -745,8 +748,30 @@ impl Inner {
             partition,
             "ADD dead_letters :one SET last_failure_at = :now",
         ));
+        // The event's fan-out must be closed: while it is being written, it (or its repair)
+        // writes every delivery of the event, this one included, and would undo the skip.
+        let closed = items.len();
+        let check = ConditionCheck::builder()
+            .table_name(&self.table)
+            .set_key(Some(schema::topic_key(&partition.topic)))
+            .condition_expression(
+                "attribute_not_exists(open_fanouts) OR NOT contains(open_fanouts, :sequence)",
+            )
+            .expression_attribute_values(":sequence", n(sequence))
+            .build()
+            .expect("complete condition check");
+        items.push(TransactWriteItem::builder().condition_check(check).build());
         match self.transact_fenced(items, None).await? {
             None => Ok(()),
+            Some(reasons)
+                if reasons.get(closed).map(String::as_str) == Some("ConditionalCheckFailed") =>
+            {
+                Err(StoreError::Unavailable(format!(
+                    "sequence {sequence} of topic `{}` is still being fanned out to its \
+                     subscriptions; skip it again in a moment",
+                    partition.topic
+                )))
+            }
             // Completed (or dead-lettered) between the read and the write.
             Some(_) => Err(head_moved(partition, sequence, None)),
         }
