@@ -1194,3 +1194,69 @@ async fn skipping_a_head_whose_fan_out_is_open_waits_for_the_fan_out() {
         .unwrap();
     assert_eq!(dead.items.len(), 1, "the skipped delivery is a dead letter");
 }
+
+/// A topic removed from a subscription and added back while the removal is still to be
+/// worked off (its first try failed) keeps the events published after it came back, even from
+/// a publisher whose clock lags by a minute: the removal takes the deliveries planned before
+/// it by the subscription-set version, which the table decides, not by a clock reading.
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_topic_added_back_keeps_events_from_a_lagging_publisher() {
+    use herald::store::SubscriptionUpdate;
+    let endpoint = dynamo::endpoint();
+    let table = dynamo::fresh_table(&endpoint).await;
+    let updater =
+        DynamoStore::new(dynamo::client(&endpoint), &table).with_repair_after(Duration::ZERO);
+    let lagging = DynamoStore::new(dynamo::client(&endpoint), &table);
+    let day = Duration::from_secs(86400);
+    let subscription = plain_subscription("sub_back", "t");
+    updater
+        .create_subscription(&subscription, &herald::store::SubscriptionLimits::NONE)
+        .await
+        .unwrap();
+    let before = lagging
+        .publish(&small_event("evt_before".into(), "t"), day)
+        .await
+        .unwrap();
+    let topics = |topics: &[&str]| -> SubscriptionUpdate {
+        let topics: Vec<String> = topics.iter().map(|topic| topic.to_string()).collect();
+        Arc::new(move |subscription: &mut herald::model::Subscription| {
+            subscription.topics = topics.clone();
+            Ok(())
+        })
+    };
+    updater.inject_removal_failure();
+    let partial = updater
+        .update_subscription("sub_back", topics(&["u"]))
+        .await;
+    assert!(
+        matches!(partial, Err(StoreError::Partial(_))),
+        "{partial:?}"
+    );
+    updater
+        .update_subscription("sub_back", topics(&["t", "u"]))
+        .await
+        .unwrap();
+    lagging.inject_clock_skew(-60_000_000);
+    let after = lagging
+        .publish(&small_event("evt_after".into(), "t"), day)
+        .await
+        .unwrap();
+    let partition = PartitionKey::new("t", "sub_back");
+    assert!(after.partitions.contains(&partition), "{after:?}");
+    // The sweep works off the removal left behind.
+    updater.pending_partitions().await.unwrap();
+    let pending: Vec<u64> = updater
+        .next_deliveries(&partition, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|delivery| delivery.event.sequence)
+        .collect();
+    assert_eq!(
+        pending,
+        [after.sequence],
+        "the event from before the removal goes ({}), the one after it stays",
+        before.sequence
+    );
+}

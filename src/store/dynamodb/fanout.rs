@@ -152,6 +152,9 @@ impl Inner {
     ) -> Result<Vec<Item>, StoreError> {
         let due = get_n(event, "published_at")?;
         let ordinal = get_n(event, "ordinal")?;
+        // The set version the publisher planned with (unknown for an event written by a
+        // version of Herald that listed its fan-out instead).
+        let set_version = schema::fanout_record(event)?.map_or(0, |record| record.version);
         let delivery = |id: &str, previous: u64, ordinal: u64| {
             schema::delivery_item(
                 &PartitionKey::new(topic, id),
@@ -159,6 +162,7 @@ impl Inner {
                 previous,
                 due,
                 ordinal,
+                set_version,
             )
         };
         let corrupt = || StoreError::Corrupt(format!("fan-out record of {topic}/{sequence}"));

@@ -90,6 +90,9 @@ const MAX_CONFLICT_RETRIES: u32 = 64;
 struct Faults {
     fanout: AtomicBool,
     unsubscribe: AtomicBool,
+    removal: AtomicBool,
+    /// Microseconds added to this instance's clock where it numbers events.
+    clock_skew: std::sync::atomic::AtomicI64,
 }
 
 /// The DynamoDB store: a handle on state shared with the tasks it starts (one publish
@@ -223,6 +226,21 @@ impl DynamoStore {
         self.faults.unsubscribe.store(true, Ordering::SeqCst);
     }
 
+    /// Fails the next topic update right after its change has settled, before the deliveries
+    /// of the topics it removed are, leaving its removal record for a sweep. Test-only
+    /// (feature `fault-injection`).
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_removal_failure(&self) {
+        self.faults.removal.store(true, Ordering::SeqCst);
+    }
+
+    /// Shifts the clock this instance numbers events by (a lagging or hurrying machine).
+    /// Test-only (feature `fault-injection`).
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_clock_skew(&self, skew_micros: i64) {
+        self.faults.clock_skew.store(skew_micros, Ordering::SeqCst);
+    }
+
     /// Unfinished fan-outs this instance has completed.
     pub fn fanouts_repaired(&self) -> u64 {
         self.fanouts_repaired.load(Ordering::SeqCst)
@@ -255,6 +273,31 @@ impl Inner {
         #[cfg(not(feature = "fault-injection"))]
         {
             false
+        }
+    }
+
+    /// True (once) if a removal failure was injected.
+    fn injected_removal_failure(&self) -> bool {
+        #[cfg(feature = "fault-injection")]
+        {
+            self.faults.removal.swap(false, Ordering::SeqCst)
+        }
+        #[cfg(not(feature = "fault-injection"))]
+        {
+            false
+        }
+    }
+
+    /// The clock events are numbered by, in microseconds (skewed in tests).
+    fn sequence_clock(&self) -> u64 {
+        let now = crate::model::now_micros();
+        #[cfg(feature = "fault-injection")]
+        {
+            now.saturating_add_signed(self.faults.clock_skew.load(Ordering::SeqCst))
+        }
+        #[cfg(not(feature = "fault-injection"))]
+        {
+            now
         }
     }
 

@@ -171,6 +171,7 @@ impl Inner {
                 key: format!("{id}#topics#{}", meta.version + 1),
                 subscription: current.clone(),
                 kept: updated.topics.clone(),
+                version: meta.version + 1,
                 through: now_micros()
                     + super::subscriptions::settle_time(meta.validity).as_micros() as u64,
             });
@@ -531,6 +532,8 @@ impl Inner {
             }
         }
         let now = now_millis();
+        // Queued under the set as it is now: a topic removal older than that keeps them.
+        let set_version = self.read_meta().await?.version;
         let fresh: Vec<_> = chosen
             .into_iter()
             .filter(|(sequence, ..)| {
@@ -553,8 +556,14 @@ impl Inner {
                     .expression_attribute_values(":one", n(1))
                     .build()
                     .expect("complete update");
-                let mut delivery =
-                    schema::delivery_item(partition, *sequence, *previous, now, *ordinal);
+                let mut delivery = schema::delivery_item(
+                    partition,
+                    *sequence,
+                    *previous,
+                    now,
+                    *ordinal,
+                    set_version,
+                );
                 delivery.insert("redelivery".into(), s(Redelivery::Replay.name()));
                 let put = Put::builder()
                     .table_name(&self.table)
@@ -789,6 +798,13 @@ pub(super) async fn update_and_settle(
         tokio::time::sleep(super::subscriptions::settle_time(validity)).await;
     }
     let dropped = match removal {
+        Some(removal) if inner.injected_removal_failure() => {
+            return Err(StoreError::Partial(format!(
+                "subscription {id} is updated; the removal of its old topics' deliveries \
+                 failed (injected fault); any instance finishes it ({})",
+                removal.key
+            )));
+        }
         Some(removal) => inner.finish_removal(&removal).await?,
         None => 0,
     };

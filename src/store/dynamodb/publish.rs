@@ -21,7 +21,7 @@ use super::errors::{cancellation_reasons, conflict_pause, refused, sdk_error};
 use super::schema::{self, Item, get_n, get_s, n, s};
 use super::subscriptions::{SubscriptionSet, Tracking};
 use super::{Inner, MAX_CONFLICT_RETRIES, TRANSACTION_LIMIT};
-use crate::model::{Event, NewEvent, PartitionKey, Published, now_micros, now_millis};
+use crate::model::{Event, NewEvent, PartitionKey, Published, now_millis};
 use crate::store::StoreError;
 
 /// Publishes one transaction takes at most.
@@ -504,7 +504,7 @@ impl Inner {
             set.validity,
         );
         let now = now_millis();
-        let first_sequence = now_micros().max(state.last_sequence + 1);
+        let first_sequence = self.sequence_clock().max(state.last_sequence + 1);
         let subscribers: Vec<String> = set.index.matching(topic).into_iter().collect();
         let mut links = Links::start(&set, topic, &subscribers, &state);
         let filtered = subscribers.iter().any(|id| set.index.has_filter(id));
@@ -611,6 +611,7 @@ impl Inner {
                         *previous,
                         now,
                         *ordinal,
+                        set.version,
                     )
                 };
                 plan.rest = rest.iter().map(item_of).collect();

@@ -145,6 +145,9 @@ pub fn s(value: impl Into<String>) -> AttributeValue {
 }
 
 /// A number attribute.
+/// The attribute of a delivery item naming the subscription-set version it was planned with.
+pub const SET_VERSION: &str = "set_version";
+
 pub fn n(value: impl std::fmt::Display) -> AttributeValue {
     AttributeValue::N(value.to_string())
 }
@@ -281,16 +284,24 @@ pub fn event_from_item(topic: &str, item: &Item) -> Result<Event, StoreError> {
 }
 
 /// A new delivery item of the topic's `ordinal`-th event (0: unknown, not stored).
+///
+/// `set_version` is the subscription-set version the delivery was planned with (0 if unknown):
+/// a topic removal removes the deliveries planned before it by this number, which the table
+/// decides, not by a clock.
 pub fn delivery_item(
     partition: &PartitionKey,
     sequence: u64,
     previous: u64,
     due: u64,
     ordinal: u64,
+    set_version: u64,
 ) -> Item {
     let mut item = delivery_key(partition, sequence);
     if ordinal > 0 {
         item.insert("ordinal".into(), n(ordinal));
+    }
+    if set_version > 0 {
+        item.insert(SET_VERSION.into(), n(set_version));
     }
     item.insert("attempts".into(), n(0));
     item.insert("next_attempt_at".into(), n(due));

@@ -233,21 +233,18 @@ impl Inner {
             if !scope.covers(&topic) {
                 continue;
             }
-            let through = match &scope.kept {
-                None => u64::MAX,
-                // Everything the topic has published so far: the update has settled, so no
-                // later publish fans out to the subscription, unless the topic was added back
-                // since; then only what was published before the update settled.
+            // Everything the topic has published so far: the update has settled, so no later
+            // publish fans out to the subscription, unless the topic was added back since;
+            // then what was planned before the update (see `Scope::planned_before`).
+            let (through, added_back) = match &scope.kept {
+                None => (u64::MAX, false),
                 Some(_) => {
                     let last = match self.get_item(schema::topic_key(&topic)).await? {
                         Some(item) => schema::get_n(&item, "last_seq")?,
                         None => 0,
                     };
-                    if current.as_ref().is_some_and(|now| now.matches(&topic)) {
-                        last.min(scope.through)
-                    } else {
-                        last
-                    }
+                    let added_back = current.as_ref().is_some_and(|now| now.matches(&topic));
+                    (last, added_back)
                 }
             };
             let partition = PartitionKey::new(topic.as_str(), id);
@@ -258,24 +255,27 @@ impl Inner {
                 ),
                 (schema::dead_pk(&partition), schema::dead_key),
             ] {
-                loop {
+                // Items kept are paged past; removed ones are gone from the next page.
+                let mut after: Option<String> = None;
+                'pages: loop {
                     if removed >= budget {
                         return Ok(false);
                     }
                     let page = self
-                        .query_after(&pk, None, PAGE.min(budget - removed))
+                        .query_after(&pk, after.as_deref(), PAGE.min(budget - removed))
                         .await?;
-                    let page: Vec<Item> = page
-                        .into_iter()
-                        .take_while(|item| {
-                            schema::get_sequence(item).is_ok_and(|sequence| sequence <= through)
-                        })
-                        .collect();
                     if page.is_empty() {
                         break;
                     }
                     for item in page {
                         let sequence = schema::get_sequence(&item)?;
+                        if sequence > through {
+                            break 'pages;
+                        }
+                        if added_back && !scope.planned_before(&item, sequence)? {
+                            after = Some(get_s(&item, "sk")?.to_string());
+                            continue;
+                        }
                         removed += 1;
                         if self
                             .remove_delivery(
@@ -312,6 +312,9 @@ struct Scope {
     subscription: Subscription,
     /// With a topic update: the patterns kept.
     kept: Option<Vec<String>>,
+    /// See [`Removal::version`].
+    version: u64,
+    /// See [`Removal::through`].
     through: u64,
 }
 
@@ -320,8 +323,17 @@ impl Scope {
         Scope {
             subscription,
             kept: None,
+            version: 0,
             through: u64::MAX,
         }
+    }
+
+    /// Whether a delivery item of a topic added back since the update was planned before it.
+    fn planned_before(&self, item: &Item, sequence: u64) -> Result<bool, StoreError> {
+        Ok(match item.get(schema::SET_VERSION) {
+            Some(_) if self.version > 0 => get_n(item, schema::SET_VERSION)? < self.version,
+            _ => sequence <= self.through,
+        })
     }
 
     fn covers(&self, topic: &str) -> bool {
@@ -343,9 +355,15 @@ pub(super) struct Removal {
     pub(super) subscription: Subscription,
     /// The patterns after it.
     pub(super) kept: Vec<String>,
-    /// If the topic was added back meanwhile, deliveries up to this sequence are removed:
-    /// published before every instance saw the update (a microsecond clock reading plus the
-    /// settle time). Otherwise all of them, up to the topic's last sequence when removed.
+    /// The subscription-set version the update made. If the topic was added back since, the
+    /// deliveries planned with an older set are removed and those planned with this one or a
+    /// later one (after the topic came back) stay, wherever their sequences (which come from
+    /// the publishers' clocks) fall. Otherwise all of them, up to the topic's last sequence.
+    /// 0 in a record written before versions were kept.
+    pub(super) version: u64,
+    /// For deliveries that do not say which set version planned them (written by an earlier
+    /// Herald), and records without `version`: the removal takes those up to this sequence
+    /// (a clock reading on the updating instance plus the settle time).
     pub(super) through: u64,
 }
 
@@ -365,6 +383,7 @@ impl Removal {
             s(serde_json::to_string(&self.kept).expect("JSON")),
         );
         item.insert("through".into(), n(self.through));
+        item.insert(schema::SET_VERSION.into(), n(self.version));
         item
     }
 
@@ -377,6 +396,10 @@ impl Removal {
             subscription: decode(item)?,
             kept: serde_json::from_str(get_s(item, "kept")?)
                 .map_err(|_| StoreError::Corrupt("kept patterns of a topic removal".into()))?,
+            version: match item.get(schema::SET_VERSION) {
+                Some(_) => get_n(item, schema::SET_VERSION)?,
+                None => 0,
+            },
             through: get_n(item, "through")?,
         }))
     }
@@ -385,6 +408,7 @@ impl Removal {
         Scope {
             subscription: self.subscription.clone(),
             kept: Some(self.kept.clone()),
+            version: self.version,
             through: self.through,
         }
     }
