@@ -1260,3 +1260,63 @@ async fn a_topic_added_back_keeps_events_from_a_lagging_publisher() {
         before.sequence
     );
 }
+
+/// Tracked subscriptions (a filter, or changed topics) keep their chains on the topic item, so
+/// a table keeps a bounded number of them: beyond it Subscribe with a filter and an update of
+/// topics are refused with a clear error, nothing is written, and the topic stays publishable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tracked_subscriptions_are_bounded_so_a_topic_stays_publishable() {
+    let endpoint = dynamo::endpoint();
+    let table = dynamo::fresh_table(&endpoint).await;
+    let store = DynamoStore::new(dynamo::client(&endpoint), &table).with_tracked_limit(3);
+    let limits = herald::store::SubscriptionLimits::NONE;
+    for index in 0..3 {
+        let mut subscription = plain_subscription(&format!("sub_f{index}"), "t");
+        subscription.filter = Some("attributes.region == \"eu\"".into());
+        store
+            .create_subscription(&subscription, &limits)
+            .await
+            .unwrap();
+    }
+    let mut fourth = plain_subscription("sub_f3", "t");
+    fourth.filter = Some("attributes.region == \"eu\"".into());
+    let refused = store.create_subscription(&fourth, &limits).await;
+    assert!(
+        matches!(&refused, Err(StoreError::LimitReached(message)) if message.contains("filter")),
+        "{refused:?}"
+    );
+    store
+        .create_subscription(&plain_subscription("sub_plain", "t"), &limits)
+        .await
+        .expect("an untracked subscription is still accepted");
+    let retarget: herald::store::SubscriptionUpdate =
+        Arc::new(|subscription: &mut herald::model::Subscription| {
+            subscription.topics = vec!["t".into(), "u".into()];
+            Ok(())
+        });
+    let refused = store.update_subscription("sub_plain", retarget).await;
+    assert!(
+        matches!(&refused, Err(StoreError::LimitReached(_))),
+        "{refused:?}"
+    );
+    assert_eq!(
+        store.get_subscription("sub_plain").await.unwrap().topics,
+        ["t"]
+    );
+    let published = store
+        .publish(
+            &small_event("evt_t".into(), "t"),
+            Duration::from_secs(86400),
+        )
+        .await
+        .unwrap();
+    assert!(
+        published
+            .partitions
+            .contains(&PartitionKey::new("t", "sub_plain"))
+    );
+    assert!(
+        store.get_subscription("sub_f3").await.is_err(),
+        "nothing written"
+    );
+}

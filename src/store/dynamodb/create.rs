@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use super::errors::{cancellation_reasons, conflict_pause, refused, sdk_error};
 use super::schema::{self, n, s};
-use super::subscriptions::{Tracking, settle_time};
+use super::subscriptions::{Tracking, check_tracked, settle_time};
 use super::{Inner, MAX_CONFLICT_RETRIES, TRANSACTION_LIMIT};
 use crate::model::Subscription;
 use crate::store::records;
@@ -160,6 +160,7 @@ impl Inner {
         let set = self.subscription_set().await?;
         let mut index = set.index.clone();
         let mut total = set.subscriptions.len();
+        let mut tracked = set.tracked.len();
         let mut ids = HashSet::new();
         let mut accepted = Vec::new();
         for pending in batch.drain(..) {
@@ -173,11 +174,16 @@ impl Inner {
                 pending
                     .limits
                     .check(subscription, total, |pattern| index.with_pattern(pattern))
+                    .and_then(|()| match subscription.filter {
+                        Some(_) => check_tracked(tracked, self.tracked_limit),
+                        None => Ok(()),
+                    })
             };
             match verdict {
                 Ok(()) => {
                     index.add(subscription);
                     total += 1;
+                    tracked += usize::from(subscription.filter.is_some());
                     accepted.push(pending);
                 }
                 Err(error) => {

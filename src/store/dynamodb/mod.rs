@@ -71,7 +71,7 @@ use publish::TopicState;
 pub use requests::RequestCounts;
 use rescan::TopicMark;
 use subscriptions::CachedSet;
-pub use subscriptions::DEFAULT_CACHE_VALIDITY;
+pub use subscriptions::{DEFAULT_CACHE_VALIDITY, MAX_TRACKED_SUBSCRIPTIONS};
 
 /// Items a transaction may hold.
 const TRANSACTION_LIMIT: usize = 100;
@@ -137,6 +137,8 @@ pub struct Inner {
     /// Publishes waiting for their topic's committer (see `publish`).
     queues: Mutex<HashMap<String, publish::Queue>>,
     repair_after: Duration,
+    /// See [`MAX_TRACKED_SUBSCRIPTIONS`] (lower in tests).
+    tracked_limit: usize,
     /// (topic's last sequence, whether a fan-out was open) at the previous `pending_partitions`
     /// call, for every topic.
     rescanned: Mutex<Option<HashMap<String, TopicMark>>>,
@@ -181,6 +183,7 @@ impl DynamoStore {
             horizon_reads: Mutex::new(HashMap::new()),
             queues: Mutex::new(HashMap::new()),
             repair_after: Duration::from_secs(10),
+            tracked_limit: subscriptions::MAX_TRACKED_SUBSCRIPTIONS,
             rescanned: Mutex::new(None),
             retention: Duration::ZERO,
             stats_written: Mutex::new(HashMap::new()),
@@ -198,6 +201,15 @@ impl DynamoStore {
         Arc::get_mut(&mut self.inner)
             .expect("configured before use")
             .repair_after = repair_after;
+        self
+    }
+
+    /// Keeps at most `limit` tracked subscriptions instead of
+    /// [`MAX_TRACKED_SUBSCRIPTIONS`] (tests reach a small limit quickly).
+    pub fn with_tracked_limit(mut self, limit: usize) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("configured before use")
+            .tracked_limit = limit;
         self
     }
 

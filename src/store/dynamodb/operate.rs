@@ -20,7 +20,7 @@ use super::errors::{
     cancellation_reasons, conflict_pause, is_condition_failure, refused, sdk_error,
 };
 use super::schema::{self, Item, get_n, get_s, n, s};
-use super::subscriptions::Tracking;
+use super::subscriptions::{Tracking, check_tracked};
 use super::unsubscribe::Removal;
 use super::{Inner, MAX_CONFLICT_RETRIES};
 use crate::model::{
@@ -137,6 +137,8 @@ impl Inner {
             let mut tracking = Tracking::of_item(&item, &current, created)?;
             let retargeted = updated.topics != current.topics || updated.filter != current.filter;
             if retargeted && tracking.is_none() {
+                let tracked = self.subscription_set().await?.tracked.len();
+                check_tracked(tracked, self.tracked_limit)?;
                 tracking = Some(Tracking {
                     since: meta.version + 1,
                     topics_before: current.topics.clone(),

@@ -22,6 +22,26 @@ use crate::store::{StoreError, SubscriptionLimits, SubscriptionStore, Subscripti
 /// created; every instance of a table must use the same value, so it lives there).
 pub const DEFAULT_CACHE_VALIDITY: Duration = Duration::from_secs(1);
 
+/// Tracked subscriptions (with a filter, or whose topics changed) a table keeps at most. Each
+/// keeps its chain on the topic items of the topics it receives, about 80 bytes at most per
+/// topic item (a `chains` entry: its id, a sequence and an ordinal), so at most about 240 KB
+/// of a topic item's 400 KB: no number of subscriptions can make a topic item too large to
+/// write, which would make every publish on the topic fail. Subscribe with a filter, and an
+/// update that gives a subscription a filter or new topics, are refused beyond it.
+pub const MAX_TRACKED_SUBSCRIPTIONS: usize = 3_000;
+
+/// Refuses to track one more subscription when `tracked` already are, of at most `limit`.
+pub(super) fn check_tracked(tracked: usize, limit: usize) -> Result<(), StoreError> {
+    if tracked >= limit {
+        return Err(StoreError::LimitReached(format!(
+            "{tracked} subscriptions have a filter or changed topics, the most one DynamoDB \
+             table keeps (each keeps its own chain position on the items of its topics); \
+             unsubscribe one of them or subscribe without a filter"
+        )));
+    }
+    Ok(())
+}
+
 /// What Subscribe and Unsubscribe wait after their change commits, before returning: every
 /// subscription set read before the change has expired by then. The margin covers clock-rate
 /// differences between machines (parts per million) and timer slack, generously.
@@ -400,5 +420,30 @@ impl SubscriptionStore for DynamoStore {
 
     async fn delete_subscription(&self, id: &str) -> Result<u64, StoreError> {
         self.unsubscribe(id).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The most tracked subscriptions, each with the largest chain entry a topic item can hold
+    /// for it, leave the topic item far below DynamoDB's 400 KB.
+    #[test]
+    fn the_largest_chains_fit_a_topic_item() {
+        let chains: super::super::publish::Chains = (0..MAX_TRACKED_SUBSCRIPTIONS)
+            .map(|_| (crate::ids::new_id("sub"), (u64::MAX, u64::MAX)))
+            .collect();
+        let bytes = serde_json::to_string(&chains).expect("JSON").len();
+        assert!(bytes <= 300_000, "{bytes} bytes");
+    }
+
+    #[test]
+    fn tracking_is_refused_at_the_limit() {
+        assert!(check_tracked(2, 3).is_ok());
+        assert!(matches!(
+            check_tracked(3, 3),
+            Err(StoreError::LimitReached(message)) if message.contains("filter")
+        ));
     }
 }
