@@ -68,6 +68,16 @@ struct Paced {
     _in_flight: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
+/// What [`PartitionWorker::may_send`] found.
+enum Go {
+    /// Send the delivery in hand.
+    Send,
+    /// Paused, disabled, or the subscription cannot be read: wait.
+    Hold,
+    /// The subscription's topics or filter changed: read the head again.
+    Reread,
+}
+
 /// What to write after attempts.
 enum Outcome {
     /// These deliveries succeeded (in order).
@@ -168,9 +178,13 @@ impl<'a> PartitionWorker<'a> {
                 // current limits, then a delivery slot: a paced partition does not hold a slot
                 // while it waits. A wake-up while waiting (an operator's change, a skip)
                 // reads the head again.
-                if !self.may_send().await? {
-                    self.wait_while_paused().await?;
-                    continue 'batch;
+                match self.may_send().await? {
+                    Go::Send => {}
+                    Go::Hold => {
+                        self.wait_while_paused().await?;
+                        continue 'batch;
+                    }
+                    Go::Reread => continue 'batch,
                 }
                 let Some(paced) = self.pace().await? else {
                     continue 'batch;
@@ -183,11 +197,15 @@ impl<'a> PartitionWorker<'a> {
                 let permit = self.slot().await?;
                 // Waiting for a slot may have taken a while: check the lease again.
                 self.hold_lease().await?;
-                if !self.may_send().await? {
-                    drop(permit);
-                    drop(paced);
-                    self.wait_while_paused().await?;
-                    continue 'batch;
+                match self.may_send().await? {
+                    Go::Send => {}
+                    Go::Hold => {
+                        drop(permit);
+                        drop(paced);
+                        self.wait_while_paused().await?;
+                        continue 'batch;
+                    }
+                    Go::Reread => continue 'batch,
                 }
                 // Every wait above may have ended at the moment shutdown began: no attempt
                 // starts after it.
@@ -379,10 +397,13 @@ impl<'a> PartitionWorker<'a> {
     }
 
     /// Whether the partition may send now: neither it nor its subscription is paused or
-    /// disabled; stops the worker if the subscription is gone or no longer receives the topic. The subscription is read again first if it was changed through this
-    /// instance, and on a shared store always (from the store's short-lived copy), so a
-    /// pause through another instance holds before the next attempt.
-    async fn may_send(&mut self) -> Result<bool, Stop> {
+    /// disabled; stops the worker if the subscription is gone or no longer receives the topic.
+    /// The subscription is read again first if it was changed through this instance, and on a
+    /// shared store always (from the store's short-lived copy), so a pause through another
+    /// instance holds before the next attempt. A change of its topics or filter has the head
+    /// read again: the deliveries in hand may be ones the change removed (the topic dropped,
+    /// then added back before they were sent).
+    async fn may_send(&mut self) -> Result<Go, Stop> {
         let changes = self.inner.changes.load(std::sync::atomic::Ordering::SeqCst);
         if self.inner.leases.is_some() || changes != self.changes_seen {
             match self
@@ -401,16 +422,21 @@ impl<'a> PartitionWorker<'a> {
                             }
                         }
                     }
+                    let retargeted = subscription.topics != self.subscription.topics
+                        || subscription.filter != self.subscription.filter;
                     self.subscription = subscription;
                     // Seen only once read: a failed read is tried again.
                     self.changes_seen = changes;
+                    if retargeted && self.subscription.matches(&self.partition.topic) {
+                        return Ok(Go::Reread);
+                    }
                 }
                 Err(StoreError::NotFound(_)) => return Err(Stop::SubscriptionGone),
                 Err(error) => {
                     // The copy in hand may predate a pause: send nothing until it can be read
                     // (the caller waits and asks again).
                     tracing::warn!(partition = %self.partition, %error, "cannot read the subscription again; holding");
-                    return Ok(false);
+                    return Ok(Go::Hold);
                 }
             }
         }
@@ -418,7 +444,11 @@ impl<'a> PartitionWorker<'a> {
             tracing::info!(partition = %self.partition, "stopping: the subscription no longer receives the topic");
             return Err(Stop::TopicRemoved);
         }
-        Ok(self.subscription.control.sends(&self.partition.topic))
+        Ok(if self.subscription.control.sends(&self.partition.topic) {
+            Go::Send
+        } else {
+            Go::Hold
+        })
     }
 
     /// Waits until the partition may send again (resumed), keeping the lease.
@@ -433,7 +463,7 @@ impl<'a> PartitionWorker<'a> {
                 _ = shutdown.fired() => return Err(Stop::Shutdown),
             }
             self.hold_lease().await?;
-            if self.may_send().await? {
+            if !matches!(self.may_send().await?, Go::Hold) {
                 return Ok(());
             }
         }

@@ -327,6 +327,25 @@ impl Inner {
         }
     }
 
+    /// Drops a task that stopped because its subscription no longer sends to the partition,
+    /// unless it was woken meanwhile (the topic added back, or the subscription recreated,
+    /// and a publish): then a new task takes the partition, since nothing else would look at
+    /// it before the next publish on it. Under the map's lock, so a wake-up either reaches
+    /// the new task or starts its own.
+    fn forget_or_restart(self: &Arc<Self>, partition: &PartitionKey, signal: &Signal) {
+        let mut running = self.partitions.lock().expect("partition map lock");
+        if signal.new_work.swap(false, Ordering::SeqCst) && !self.shutdown.is_fired() {
+            let new_work = Arc::new(Signal::default());
+            running.insert(partition.clone(), new_work.clone());
+            self.tasks
+                .spawn(run_partition(self.clone(), partition.clone(), new_work));
+            return;
+        }
+        if running.remove(partition).is_some() {
+            self.config.metrics.partitions_active.dec();
+        }
+    }
+
     /// Waits `delay` unless shutdown fires first; returns false on shutdown.
     async fn pause(&self, delay: Duration) -> bool {
         let mut shutdown = self.shutdown.clone();
@@ -422,8 +441,10 @@ async fn run_partition(inner: Arc<Inner>, partition: PartitionKey, signal: Arc<S
         None if inner.shutdown.is_fired() => (Stop::Shutdown, lease),
         None => (Stop::SubscriptionGone, lease),
     };
-    if stop != Stop::Idle {
-        inner.forget(&partition);
+    match stop {
+        Stop::Idle => {}
+        Stop::SubscriptionGone | Stop::TopicRemoved => inner.forget_or_restart(&partition, &signal),
+        _ => inner.forget(&partition),
     }
     if let (Some(lease), Some(leases)) = (lease, leases)
         && stop != Stop::Lease(crate::delivery::lease::LeaseEnded::Lost)

@@ -98,9 +98,10 @@ pub trait DeliveryLog: Send + Sync {
     /// Records that attempt number `attempt` (1 for the first) at the delivery of `sequence`
     /// failed: sets its attempt count to `attempt`, stores `error`, and either schedules the
     /// next attempt or dead-letters it (which moves the partition's head past it). A no-op if
-    /// the delivery is not pending or has `attempt` attempts recorded already, so a call
-    /// repeated after an ambiguous error counts the attempt once. `LeaseLost` if `fence` is
-    /// given and is no longer the partition's lease.
+    /// the delivery is not pending or its count is not `attempt - 1`: a call repeated after an
+    /// ambiguous error counts the attempt once, and an attempt that began before a redrive or
+    /// replay reset the count does not override it. `LeaseLost` if `fence` is given and is no
+    /// longer the partition's lease.
     async fn record_failure(
         &self,
         partition: &PartitionKey,

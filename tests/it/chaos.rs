@@ -158,9 +158,10 @@ fn received_lines(
             let arrived = request.at.saturating_duration_since(origin);
             let (answered, status) = match request.reply {
                 Reply::Slow(delay) => (arrived + Duration::from_millis(delay), 200),
-                Reply::Status(status) | Reply::RetryAfter(status, _) | Reply::Endless(status) => {
-                    (arrived, status)
-                }
+                Reply::Status(status)
+                | Reply::RetryAfter(status, _)
+                | Reply::Endless(status)
+                | Reply::Body(status, _) => (arrived, status),
                 Reply::RedirectToMetadata => (arrived, 307),
                 Reply::Hang => (Duration::from_secs(86400), 0),
             };

@@ -467,6 +467,8 @@ async fn the_table_is_created_by_the_command_or_at_start() {
         data_dir: tempfile::tempdir().unwrap(),
         endpoint: Some(endpoint.clone()),
         table: Some(name("serve")),
+
+        partition_lease: crate::support::TEST_LEASE,
     };
     let server = HeraldProcess::start_with(&deployment, &["--create-table"]).await;
     let receiver = Receiver::start().await;

@@ -10,6 +10,7 @@ use herald::proto;
 use tonic::Code;
 
 use crate::support::faulty::FaultyStore;
+use crate::support::metrics::{sample, scrape};
 use crate::support::receiver::Received;
 use crate::support::{
     Backend, Deployment, HeraldProcess, Receiver, Reply, all_pending, connect, eventually,
@@ -17,7 +18,7 @@ use crate::support::{
 };
 
 /// The test deployment's `--partition-lease` and `--rescan-interval` (see `support`).
-const LEASE: Duration = Duration::from_secs(2);
+const LEASE: Duration = crate::support::TEST_LEASE;
 const RESCAN: Duration = Duration::from_millis(500);
 
 /// How the first instance goes away in [`handover`].
@@ -29,9 +30,18 @@ enum Departure {
 
 /// Two instances on one table; the first holds a partition whose events wait in backoff
 /// (receiver down) and goes away; the receiver comes back and nothing else is published. The
-/// second must deliver everything, in order, within lease + rescan + 5 s of the departure.
+/// second must deliver everything, in order, within lease + rescan + 5 s of a kill -9. After a
+/// SIGTERM the lease is 30 s and the bound rescan + 5 s: only a real handover (the lease left
+/// expired at the stop) meets it, not the lease running out.
 async fn handover(departure: Departure) {
-    let deployment = Deployment::new(Backend::Dynamodb).await;
+    let mut deployment = Deployment::new(Backend::Dynamodb).await;
+    let bound = match departure {
+        Departure::Sigterm => {
+            deployment.partition_lease = Duration::from_secs(30);
+            RESCAN + Duration::from_secs(5)
+        }
+        Departure::Kill9 => LEASE + RESCAN + Duration::from_secs(5),
+    };
     let first = HeraldProcess::start(&deployment).await;
     let second = HeraldProcess::start(&deployment).await;
     // `Retry-After: 1` spaces the attempts exactly 1 s apart.
@@ -66,7 +76,6 @@ async fn handover(departure: Departure) {
     }
     let departed = Instant::now();
     receiver.set_script(|_| Reply::Status(200));
-    let bound = LEASE + RESCAN + Duration::from_secs(5);
     eventually(
         bound + Duration::from_secs(1),
         "the other instance delivers everything",
@@ -200,6 +209,32 @@ async fn client_deadlines_during_a_fan_out_strand_nothing(backend: Backend) {
     }
 }
 
+/// Which of `instances` holds the (only) partition's lease, by their
+/// `herald_partition_leases_held` gauges: waits until exactly one does.
+async fn lease_holder(instances: &[&HeraldProcess]) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut holders = Vec::new();
+        for (index, instance) in instances.iter().enumerate() {
+            let url = instance
+                .metrics_url
+                .clone()
+                .expect("started with --metrics-listen");
+            if sample(&scrape(&url).await, "herald_partition_leases_held") == Some(1.0) {
+                holders.push(index);
+            }
+        }
+        if let [holder] = holders[..] {
+            return holder;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no single lease holder: {holders:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A slow receiver (400 ms per request) and the delivering instance paused past its lease,
 /// three times (each instance in turn). At the receiver: no request of the partition starts
 /// before the previous one was answered, and successes never go back in sequence.
@@ -208,8 +243,9 @@ async fn a_paused_instance_neither_overlaps_nor_goes_backwards() {
     const ANSWER: Duration = Duration::from_millis(400);
     const EVENTS: usize = 24;
     let deployment = Deployment::new(Backend::Dynamodb).await;
-    let first = HeraldProcess::start(&deployment).await;
-    let second = HeraldProcess::start(&deployment).await;
+    let metrics = ["--metrics-listen", "127.0.0.1:0"];
+    let first = HeraldProcess::start_with(&deployment, &metrics).await;
+    let second = HeraldProcess::start_with(&deployment, &metrics).await;
     let receiver = Receiver::scripted(|_| Reply::Slow(ANSWER.as_millis() as u64)).await;
     let mut client = connect(first.address).await;
     client
@@ -222,14 +258,19 @@ async fn a_paused_instance_neither_overlaps_nor_goes_backwards() {
             .await
             .unwrap();
     }
-    // The first instance delivers (it was woken by its own publishes); pause it past its lease,
-    // then the second (which took over), then the first again.
-    for paused in [&first, &second, &first] {
+    // Three times: pause the instance that holds the partition's lease (by its own metrics,
+    // the other holding none) past its lease, while it delivers.
+    let instances = [&first, &second];
+    let mut paused_order = Vec::new();
+    for _ in 0..3 {
         let before = receiver.received().len();
         eventually(Duration::from_secs(10), "a delivery in flight", || async {
             receiver.received().len() > before
         })
         .await;
+        let holder = lease_holder(&instances).await;
+        paused_order.push(holder);
+        let paused = instances[holder];
         paused.signal("STOP");
         let stopped_at = receiver.received().len();
         eventually(
@@ -273,8 +314,12 @@ async fn a_paused_instance_neither_overlaps_nor_goes_backwards() {
         );
     }
     println!(
-        "{} requests for {EVENTS} events across three pauses",
+        "{} requests for {EVENTS} events across three pauses of instances {paused_order:?}",
         received.len()
+    );
+    assert!(
+        paused_order.windows(2).all(|pair| pair[0] != pair[1]),
+        "each pause moved the partition to the other instance: {paused_order:?}"
     );
     first.kill_9().await;
     second.kill_9().await;

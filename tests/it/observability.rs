@@ -3,33 +3,12 @@
 
 use std::time::Duration;
 
+use crate::support::metrics::{sample, scrape};
 use crate::support::receiver::{Receiver, Reply};
 use crate::support::{
     Backend, Deployment, HeraldProcess, all_pending, connect, eventually, publish_request,
     subscribe_request,
 };
-
-/// The value of the sample named exactly `series` (name and labels) in a scrape.
-fn sample(scrape: &str, series: &str) -> Option<f64> {
-    scrape.lines().find_map(|line| {
-        line.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
-async fn scrape(url: &str) -> String {
-    reqwest::get(url)
-        .await
-        .expect("scrape")
-        .error_for_status()
-        .expect("200")
-        .text()
-        .await
-        .expect("body")
-}
 
 /// `promtool check metrics` (Prometheus's linter), installed by scripts/test.sh.
 fn promtool_check(scrape: &str) {

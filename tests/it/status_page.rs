@@ -184,3 +184,97 @@ async fn the_admin_listener_takes_the_api_keys() {
     assert!(metrics.text().await.unwrap().contains("herald_"));
     server.terminate(Duration::from_secs(10)).await;
 }
+
+/// `message` with `key` as its bearer token.
+fn authorized<T>(message: T, key: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    request
+}
+
+/// Text that receivers and operators choose (a receiver's response excerpt, a pause reason)
+/// is shown escaped, never as markup; a key limited to some topics sees only the
+/// subscriptions within them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chosen_text_is_escaped_and_a_limited_key_sees_only_its_subscriptions() {
+    let deployment = Deployment::new(Backend::Embedded).await;
+    let (reader, reader_hash) = herald::auth::generate_key();
+    let (fin_reader, fin_hash) = herald::auth::generate_key();
+    let (admin, admin_hash) = herald::auth::generate_key();
+    let keys = serde_json::json!({"keys": [
+        {"name": "ops", "roles": ["read"], "sha256": reader_hash},
+        {"name": "fin", "roles": ["read"], "topics": ["fin:*"], "sha256": fin_hash},
+        {"name": "admin", "roles": ["subscribe", "publish", "operate", "read"], "sha256": admin_hash},
+    ]});
+    let file = deployment.data_dir.path().join("keys.json");
+    std::fs::write(&file, keys.to_string()).unwrap();
+    let server = HeraldProcess::start_with(
+        &deployment,
+        &[
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--api-keys-file",
+            file.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let with_key = |message| authorized(message, &admin);
+    let hostile = Receiver::scripted(|_| Reply::Body(500, "<script>alert('hi')</script>")).await;
+    let mut client = connect(server.address).await;
+    let fin = client
+        .subscribe(with_key(subscribe_request(&hostile.url(), &["fin:x"])))
+        .await
+        .unwrap()
+        .into_inner();
+    let ops = client
+        .subscribe(with_key(subscribe_request(&hostile.url(), &["ops:y"])))
+        .await
+        .unwrap()
+        .into_inner();
+    client
+        .pause_subscription(authorized(
+            proto::PauseSubscriptionRequest {
+                subscription_id: ops.id.clone(),
+                topic: String::new(),
+                reason: "<img src=x onerror=alert(1)>".into(),
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    client
+        .publish(authorized(publish_request("fin:x", "x"), &admin))
+        .await
+        .unwrap();
+    let url = server.admin_url.clone().expect("admin url");
+    let http = reqwest::Client::new();
+    let page = |key: String| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let response = http.get(&url).bearer_auth(key).send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.text().await.unwrap()
+        }
+    };
+    eventually(
+        Duration::from_secs(20),
+        "the receiver's answer is on the page",
+        || async {
+            let html = page(reader.clone()).await;
+            // Escaped or not: the assertions below tell.
+            html.contains("script&gt;") || html.contains("<script>")
+        },
+    )
+    .await;
+    let html = page(reader.clone()).await;
+    assert!(html.contains("&lt;script&gt;"), "{html}");
+    assert!(!html.contains("<script>alert"), "{html}");
+    assert!(html.contains("&lt;img src=x"), "{html}");
+    assert!(!html.contains("<img src=x"), "{html}");
+    let limited = page(fin_reader.clone()).await;
+    assert!(limited.contains(&fin.id), "{limited}");
+    assert!(!limited.contains(&ops.id), "{limited}");
+    server.terminate(Duration::from_secs(10)).await;
+}

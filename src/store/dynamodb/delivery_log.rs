@@ -272,10 +272,12 @@ impl DeliveryLog for DynamoStore {
                     .update_expression(
                         "SET attempts = :attempt, next_attempt_at = :at, last_error = :error",
                     )
-                    // Not yet recorded: a call repeated after an ambiguous error (its first
-                    // try committed) counts the attempt once.
-                    .condition_expression("attribute_exists(pk) AND attempts < :attempt")
+                    // The count the attempt began with: a call repeated after an ambiguous
+                    // error (its first try committed) counts the attempt once, and a count
+                    // reset since (a redrive) stays reset.
+                    .condition_expression("attribute_exists(pk) AND attempts = :before")
                     .expression_attribute_values(":attempt", n(attempt))
+                    .expression_attribute_values(":before", n(attempt.saturating_sub(1)))
                     .expression_attribute_values(":at", n(at))
                     .expression_attribute_values(":error", s(error))
                     .build()
@@ -292,7 +294,7 @@ impl DeliveryLog for DynamoStore {
                 else {
                     return Ok(());
                 };
-                if get_n(&item, "attempts")? >= u64::from(attempt) {
+                if get_n(&item, "attempts")? != u64::from(attempt.saturating_sub(1)) {
                     return Ok(());
                 }
                 let mut dead = item.clone();

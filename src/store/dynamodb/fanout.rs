@@ -120,6 +120,52 @@ impl Inner {
         )))
     }
 
+    /// The sequences of `topic`'s fan-outs still open.
+    async fn open_fanouts(&self, topic: &str) -> Result<Vec<u64>, StoreError> {
+        let Some(item) = self.get_item(schema::topic_key(topic)).await? else {
+            return Ok(Vec::new());
+        };
+        Ok(match item.get("open_fanouts") {
+            Some(AttributeValue::Ns(open)) => open
+                .iter()
+                .filter_map(|sequence| sequence.parse::<u64>().ok())
+                .collect(),
+            _ => Vec::new(),
+        })
+    }
+
+    /// Finishes the fan-out of `sequence` if it is open and older than the repair delay (a
+    /// younger one is probably still being written by its publisher).
+    pub(super) async fn finish_stale_fanout(
+        &self,
+        topic: &str,
+        sequence: u64,
+    ) -> Result<(), StoreError> {
+        let stale =
+            Duration::from_micros(now_micros().saturating_sub(sequence)) >= self.repair_after;
+        if stale && self.open_fanouts(topic).await?.contains(&sequence) {
+            self.finish_fanout(topic, sequence).await?;
+        }
+        Ok(())
+    }
+
+    /// Finishes every open fan-out of `topic` up to `through` now, whatever its age: once a
+    /// fan-out is closed neither its publisher nor a repair writes to it again (every such
+    /// write checks that it is open), so a removal that sweeps the topic's partitions after
+    /// this cannot see a delivery it removed written back.
+    pub(super) async fn finish_open_fanouts(
+        &self,
+        topic: &str,
+        through: u64,
+    ) -> Result<(), StoreError> {
+        for sequence in self.open_fanouts(topic).await? {
+            if sequence <= through {
+                self.finish_fanout(topic, sequence).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Rewrites every delivery of an unfinished fan-out, recomputed from its event item's
     /// fan-out record (an event written by an earlier version lists them instead), then
     /// closes it.

@@ -121,8 +121,9 @@ pub struct Inner {
     /// The subscription set, and when it was last known current (see `subscriptions`).
     subscriptions: Mutex<Option<CachedSet>>,
     /// Held while this instance reloads the subscription set: one reload at a time, and the
-    /// callers that waited for it take its result instead of reloading again.
-    refreshing: tokio::sync::Mutex<()>,
+    /// callers that waited for it take its result instead of reloading again. Holds the last
+    /// failed reload's start and error, which those callers share too.
+    refreshing: tokio::sync::Mutex<Option<(std::time::Instant, StoreError)>>,
     topics: Mutex<HashMap<String, TopicState>>,
     /// The leases this instance holds, by token (see `leases`).
     lease_terms: Mutex<HashMap<String, leases::LeaseTerm>>,
@@ -174,7 +175,7 @@ impl DynamoStore {
             counts,
             reachability,
             subscriptions: Mutex::new(None),
-            refreshing: tokio::sync::Mutex::new(()),
+            refreshing: tokio::sync::Mutex::new(None),
             topics: Mutex::new(HashMap::new()),
             lease_terms: Mutex::new(HashMap::new()),
             changes: tokio::sync::Mutex::new(()),

@@ -743,9 +743,9 @@ impl Inner {
         partition: &PartitionKey,
         sequence: u64,
     ) -> Result<(), StoreError> {
-        // An open fan-out old enough to be repaired is finished first, so that a skip retried
-        // after one that was refused below goes through.
-        self.delivery_horizon(&partition.topic).await?;
+        // This event's fan-out, if open and old enough to be repaired, is finished first, so
+        // that a skip retried after one that was refused below goes through.
+        self.finish_stale_fanout(&partition.topic, sequence).await?;
         let head = self.head_item(partition).await?;
         let head_sequence = head.as_ref().map(schema::get_sequence).transpose()?;
         let Some(item) = head.filter(|_| head_sequence == Some(sequence)) else {

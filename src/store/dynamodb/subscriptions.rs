@@ -183,12 +183,7 @@ impl Inner {
         if let Some(set) = self.young_set() {
             return Ok(set);
         }
-        let _one_at_a_time = self.refreshing.lock().await;
-        // Reloaded by the caller this one waited for.
-        if let Some(set) = self.young_set() {
-            return Ok(set);
-        }
-        self.reload_subscriptions().await
+        self.reload_once(true).await
     }
 
     /// The cached copy, while it may still be used.
@@ -215,14 +210,32 @@ impl Inner {
     /// none), every subscription; a reload by another caller that began after this call
     /// serves it too.
     pub(super) async fn refresh_subscriptions(&self) -> Result<Arc<SubscriptionSet>, StoreError> {
+        self.reload_once(false).await
+    }
+
+    /// One reload at a time. A caller that waited for another's takes its result if that
+    /// reload began after this call (its set is current as of then, whatever it took; its
+    /// error is this call's too), or, with `young_enough`, if the copy may be used anyway.
+    async fn reload_once(&self, young_enough: bool) -> Result<Arc<SubscriptionSet>, StoreError> {
         let called = Instant::now();
-        let _one_at_a_time = self.refreshing.lock().await;
+        let mut last_failure = self.refreshing.lock().await;
+        if young_enough && let Some(set) = self.young_set() {
+            return Ok(set);
+        }
         if let Some(cached) = self.subscriptions.lock().expect("cache lock").as_ref()
             && cached.confirmed >= called
         {
             return Ok(cached.set.clone());
         }
-        self.reload_subscriptions().await
+        if let Some((started, error)) = last_failure.as_ref()
+            && *started >= called
+        {
+            return Err(error.clone());
+        }
+        let started = Instant::now();
+        let result = self.reload_subscriptions().await;
+        *last_failure = result.as_ref().err().map(|error| (started, error.clone()));
+        result
     }
 
     /// [`Inner::refresh_subscriptions`] for a caller holding `refreshing`.

@@ -247,6 +247,9 @@ impl Inner {
                     (last, added_back)
                 }
             };
+            // A fan-out still open would write the deliveries removed below back (its
+            // publisher's remaining writes, or a repair): close them first.
+            self.finish_open_fanouts(&topic, through).await?;
             let partition = PartitionKey::new(topic.as_str(), id);
             for (pk, key_of) in [
                 (

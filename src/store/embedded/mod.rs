@@ -49,9 +49,9 @@ pub struct EmbeddedStore {
     /// How long events are kept after their last delivery, in milliseconds (see
     /// [`EmbeddedStore::set_retention`]).
     retention_ms: Arc<std::sync::atomic::AtomicU64>,
-    /// Test-only: milliseconds the writer sleeps before its next batch.
+    /// Test-only: the writer's hooks (a stall before its next batch, batches applied).
     #[cfg(feature = "fault-injection")]
-    stall: Arc<std::sync::atomic::AtomicU64>,
+    faults: writer::WriterFaults,
 }
 
 impl Drop for EmbeddedStore {
@@ -107,7 +107,7 @@ impl EmbeddedStore {
         let (health_sender, health) = watch::channel(true);
         let retention_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         #[cfg(feature = "fault-injection")]
-        let stall = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let faults = writer::WriterFaults::default();
         let writer = Writer::new(
             slot.clone(),
             path,
@@ -116,7 +116,7 @@ impl EmbeddedStore {
             health_sender,
             retention_ms.clone(),
             #[cfg(feature = "fault-injection")]
-            stall.clone(),
+            faults.clone(),
         );
         let readers = readers::ReaderPool::start(readers.max(1))?;
         let writer = std::thread::Builder::new()
@@ -131,7 +131,7 @@ impl EmbeddedStore {
             readers,
             retention_ms,
             #[cfg(feature = "fault-injection")]
-            stall,
+            faults,
         })
     }
 
@@ -149,10 +149,19 @@ impl EmbeddedStore {
     /// Test-only (feature `fault-injection`).
     #[cfg(feature = "fault-injection")]
     pub fn inject_writer_stall(&self, duration: Duration) {
-        self.stall.store(
+        self.faults.stall.store(
             duration.as_millis() as u64,
             std::sync::atomic::Ordering::SeqCst,
         );
+    }
+
+    /// Writer batches applied so far (an empty one syncs lazily committed records). Test-only
+    /// (feature `fault-injection`).
+    #[cfg(feature = "fault-injection")]
+    pub fn batches_applied(&self) -> u64 {
+        self.faults
+            .batches
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Overwrites the stored record of a pending delivery with bytes no version of Herald

@@ -560,8 +560,9 @@ impl Tables<'_> {
         let Some(mut delivery) = self.delivery(&partition_key, sequence)? else {
             return Ok(());
         };
-        if delivery.attempts >= attempt {
-            // Recorded already, by a call whose answer was lost.
+        if delivery.attempts != attempt.saturating_sub(1) {
+            // Recorded already (by a call whose answer was lost), or reset since the attempt
+            // began (a redrive).
             return Ok(());
         }
         let was_dead = delivery.dead_lettered;

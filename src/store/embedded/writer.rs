@@ -155,6 +155,16 @@ struct BatchFailure {
     damaged: Option<(usize, Damaged)>,
 }
 
+/// The writer's test hooks (feature `fault-injection`), shared with the store's handle.
+#[cfg(feature = "fault-injection")]
+#[derive(Clone, Default)]
+pub(super) struct WriterFaults {
+    /// Milliseconds to sleep before the next batch.
+    pub stall: Arc<std::sync::atomic::AtomicU64>,
+    /// Batches applied so far (each counted once, however often it was applied again).
+    pub batches: Arc<std::sync::atomic::AtomicU64>,
+}
+
 /// The single writer: owns the topic index and applies command batches.
 pub(super) struct Writer {
     database: DatabaseSlot,
@@ -171,7 +181,7 @@ pub(super) struct Writer {
     /// How long events are kept after their last delivery, in milliseconds.
     retention_ms: Arc<std::sync::atomic::AtomicU64>,
     #[cfg(feature = "fault-injection")]
-    stall: Arc<std::sync::atomic::AtomicU64>,
+    faults: WriterFaults,
 }
 
 impl Writer {
@@ -182,7 +192,7 @@ impl Writer {
         index: TopicIndex,
         health: watch::Sender<bool>,
         retention_ms: Arc<std::sync::atomic::AtomicU64>,
-        #[cfg(feature = "fault-injection")] stall: Arc<std::sync::atomic::AtomicU64>,
+        #[cfg(feature = "fault-injection")] faults: WriterFaults,
     ) -> Self {
         Writer {
             database,
@@ -196,7 +206,7 @@ impl Writer {
             last_probe: Instant::now(),
             retention_ms,
             #[cfg(feature = "fault-injection")]
-            stall,
+            faults,
         }
     }
 
@@ -206,7 +216,10 @@ impl Writer {
                 Ok(command) => {
                     #[cfg(feature = "fault-injection")]
                     {
-                        let stall = self.stall.swap(0, std::sync::atomic::Ordering::SeqCst);
+                        let stall = self
+                            .faults
+                            .stall
+                            .swap(0, std::sync::atomic::Ordering::SeqCst);
                         std::thread::sleep(Duration::from_millis(stall));
                     }
                     command
@@ -240,6 +253,10 @@ impl Writer {
     }
 
     fn apply_batch(&mut self, mut batch: Vec<Command>) {
+        #[cfg(feature = "fault-injection")]
+        self.faults
+            .batches
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let sync = batch.is_empty()
             || batch.iter().any(Command::needs_sync)
             || self.last_sync.elapsed() >= MAX_LAZY_INTERVAL;

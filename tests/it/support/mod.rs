@@ -7,6 +7,7 @@ pub mod authority;
 pub mod browser;
 pub mod dynamo;
 pub mod faulty;
+pub mod metrics;
 pub mod receiver;
 
 use std::future::Future;
@@ -77,11 +78,16 @@ pub enum Backend {
 }
 
 /// Where a server keeps its state: a data directory or a table, reusable across restarts.
+/// The partition lease of test deployments on DynamoDB.
+pub const TEST_LEASE: Duration = Duration::from_secs(2);
+
 pub struct Deployment {
     pub backend: Backend,
     pub data_dir: tempfile::TempDir,
     pub endpoint: Option<String>,
     pub table: Option<String>,
+    /// `--partition-lease` on DynamoDB (2 s unless a test needs another).
+    pub partition_lease: Duration,
 }
 
 impl Deployment {
@@ -94,6 +100,7 @@ impl Deployment {
                 data_dir,
                 endpoint: None,
                 table: None,
+                partition_lease: TEST_LEASE,
             },
             Backend::Dynamodb => {
                 let endpoint = dynamo::endpoint();
@@ -103,6 +110,7 @@ impl Deployment {
                     data_dir,
                     endpoint: Some(endpoint),
                     table: Some(table),
+                    partition_lease: TEST_LEASE,
                 }
             }
         }
@@ -117,7 +125,7 @@ impl Deployment {
             config.dynamodb.table = self.table.clone().expect("table");
             config.dynamodb.endpoint = self.endpoint.clone();
             config.dynamodb.region = Some("us-east-1".into());
-            config.partition_lease = Duration::from_secs(2);
+            config.partition_lease = self.partition_lease;
             config.rescan_interval = Duration::from_millis(500);
             config.fanout_repair_after = Duration::from_secs(1);
         }
@@ -131,6 +139,7 @@ impl Deployment {
             self.data_dir.path().display().to_string(),
         ];
         if self.backend == Backend::Dynamodb {
+            let lease = format!("{}ms", self.partition_lease.as_millis());
             args.extend(
                 [
                     "--store",
@@ -140,7 +149,7 @@ impl Deployment {
                     "--endpoint",
                     self.endpoint.as_deref().unwrap(),
                     "--partition-lease",
-                    "2s",
+                    lease.as_str(),
                     "--rescan-interval",
                     "500ms",
                     "--fanout-repair-after",

@@ -30,6 +30,8 @@ pub enum Reply {
     RedirectToMetadata,
     /// This status with a body that never ends (64 KiB chunks of `x`, as fast as read).
     Endless(u16),
+    /// This status with this body.
+    Body(u16, &'static str),
 }
 
 /// A response body that never ends.
@@ -82,7 +84,9 @@ impl Received {
     /// True if the receiver answered 2xx.
     pub fn succeeded(&self) -> bool {
         match self.reply {
-            Reply::Status(status) | Reply::Endless(status) => (200..300).contains(&status),
+            Reply::Status(status) | Reply::Endless(status) | Reply::Body(status, _) => {
+                (200..300).contains(&status)
+            }
             Reply::Slow(_) => true,
             Reply::RetryAfter(..) | Reply::Hang | Reply::RedirectToMetadata => false,
         }
@@ -283,6 +287,12 @@ async fn handle(
         *response.status_mut() = hyper::StatusCode::from_u16(status).expect("valid status");
         return Ok(response);
     }
+    if let Reply::Body(status, body) = reply {
+        let mut response =
+            Response::new(Body::Left(Full::new(Bytes::from_static(body.as_bytes()))));
+        *response.status_mut() = hyper::StatusCode::from_u16(status).expect("valid status");
+        return Ok(response);
+    }
     if reply == Reply::RedirectToMetadata {
         let mut response = Response::new(Body::Left(Full::new(Bytes::new())));
         *response.status_mut() = hyper::StatusCode::TEMPORARY_REDIRECT;
@@ -294,7 +304,9 @@ async fn handle(
     }
     let (status, retry_after) = match reply {
         Reply::Status(status) => (status, None),
-        Reply::RedirectToMetadata | Reply::Endless(_) => unreachable!("answered above"),
+        Reply::RedirectToMetadata | Reply::Endless(_) | Reply::Body(..) => {
+            unreachable!("answered above")
+        }
         Reply::RetryAfter(status, seconds) => (status, Some(seconds)),
         Reply::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
