@@ -10,8 +10,8 @@ use std::time::Duration;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use herald::delivery::webhook;
 use herald::model::{
-    DeliveryState, Event, NewEvent, OnExhausted, PartitionKey, PendingDelivery, RetryPolicy,
-    Subscription,
+    DeliveryState, Event, FailureOutcome, NewEvent, OnExhausted, PartitionKey, PendingDelivery,
+    RetryPolicy, Subscription,
 };
 use herald::signing;
 use herald::store::records;
@@ -227,6 +227,37 @@ fn store(criterion: &mut Criterion) {
             criterion::BatchSize::PerIteration,
         )
     });
+    // Recording a failed attempt: one that schedules a retry is committed lazily, one that
+    // dead-letters is synced before it returns (the partition's next event is sent after it).
+    let publish_1 = || {
+        runtime
+            .block_on(store.publish(&event, day))
+            .unwrap()
+            .sequence
+    };
+    for (name, outcome) in [
+        (
+            "fail: retry later (lazy)",
+            FailureOutcome::RetryAt(u64::MAX / 2),
+        ),
+        ("fail: dead-letter (synced)", FailureOutcome::DeadLetter),
+    ] {
+        group.throughput(Throughput::Elements(1));
+        group.bench_function(name, |bencher| {
+            bencher.iter_batched(
+                publish_1,
+                |sequence| {
+                    runtime
+                        .block_on(
+                            store
+                                .record_failure(&partition, sequence, 1, "HTTP 500", outcome, None),
+                        )
+                        .unwrap()
+                },
+                criterion::BatchSize::PerIteration,
+            )
+        });
+    }
     group.finish();
 }
 
