@@ -400,9 +400,9 @@ impl<'a> PartitionWorker<'a> {
     /// disabled; stops the worker if the subscription is gone or no longer receives the topic.
     /// The subscription is read again first if it was changed through this instance, and on a
     /// shared store always (from the store's short-lived copy), so a pause through another
-    /// instance holds before the next attempt. A change of its topics or filter has the head
-    /// read again: the deliveries in hand may be ones the change removed (the topic dropped,
-    /// then added back before they were sent).
+    /// instance holds before the next attempt. A change through this instance, or of its
+    /// topics or filter, has the head read again: the deliveries in hand may be ones the change
+    /// removed (the topic dropped, then added back before they were sent).
     async fn may_send(&mut self) -> Result<Go, Stop> {
         let changes = self.inner.changes.load(std::sync::atomic::Ordering::SeqCst);
         if self.inner.leases.is_some() || changes != self.changes_seen {
@@ -422,12 +422,16 @@ impl<'a> PartitionWorker<'a> {
                             }
                         }
                     }
-                    let retargeted = subscription.topics != self.subscription.topics
+                    // A change through this instance, or one of topics or filter seen in the
+                    // copy: a topic dropped and added back between two reads leaves the topics
+                    // as they were, but the deliveries in hand may be gone.
+                    let changed = changes != self.changes_seen
+                        || subscription.topics != self.subscription.topics
                         || subscription.filter != self.subscription.filter;
                     self.subscription = subscription;
                     // Seen only once read: a failed read is tried again.
                     self.changes_seen = changes;
-                    if retargeted && self.subscription.matches(&self.partition.topic) {
+                    if changed && self.subscription.matches(&self.partition.topic) {
                         return Ok(Go::Reread);
                     }
                 }
