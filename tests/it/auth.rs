@@ -342,7 +342,8 @@ async fn each_key_has_its_own_publish_and_subscribe_rate() {
     .await;
     let mut client = app.client.clone();
     // A burst of the rate goes through at once; calls beyond it are refused with when to
-    // return. Twenty at once: at most the burst (and what refills meanwhile) succeed.
+    // return. Twenty at once: the burst of 5, and at most what refills meanwhile, succeed.
+    let started = std::time::Instant::now();
     let calls: Vec<_> = (0..20)
         .map(|_| {
             let mut client = client.clone();
@@ -351,11 +352,18 @@ async fn each_key_has_its_own_publish_and_subscribe_rate() {
         })
         .collect();
     let mut refused = None;
+    let mut accepted = 0;
     for call in calls {
-        if let Err(status) = call.await.unwrap() {
-            refused = Some(status);
+        match call.await.unwrap() {
+            Ok(_) => accepted += 1,
+            Err(status) => refused = Some(status),
         }
     }
+    let refilled = (started.elapsed().as_secs_f64() * 5.0).ceil() as usize;
+    assert!(
+        (5..=5 + refilled).contains(&accepted),
+        "{accepted} of 20 accepted, burst 5, {refilled} refilled meanwhile"
+    );
     let refused = refused.expect("the rate is enforced");
     assert_eq!(refused.code(), Code::ResourceExhausted);
     assert!(
@@ -395,6 +403,9 @@ async fn each_key_has_its_own_publish_and_subscribe_rate() {
         let mut client = client.clone();
         async move { client.subscribe(request).await }
     };
+    // A burst of 1: the first call goes through, and of the next two (one after the other,
+    // well within the second it takes to refill) at most one more.
+    let started = std::time::Instant::now();
     let mut outcomes = Vec::new();
     for _ in 0..3 {
         outcomes.push(
@@ -404,6 +415,16 @@ async fn each_key_has_its_own_publish_and_subscribe_rate() {
                 .map_err(|status| status.code()),
         );
     }
+    let refilled = started.elapsed().as_secs_f64().ceil() as usize;
+    assert_eq!(outcomes[0], Ok(()), "{outcomes:?}");
+    let accepted = outcomes.iter().filter(|outcome| outcome.is_ok()).count();
+    assert!(accepted <= 1 + refilled, "{outcomes:?}");
+    assert!(
+        outcomes
+            .iter()
+            .all(|outcome| matches!(outcome, Ok(()) | Err(Code::ResourceExhausted))),
+        "{outcomes:?}"
+    );
     assert!(
         outcomes.contains(&Err(Code::ResourceExhausted)),
         "{outcomes:?}"
