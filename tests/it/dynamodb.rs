@@ -1324,3 +1324,62 @@ async fn tracked_subscriptions_are_bounded_so_a_topic_stays_publishable() {
         "nothing written"
     );
 }
+
+/// A publish planned with the subscription set from before a topic removal, whose commit lands
+/// after the removal has returned (and swept the partition), takes back the delivery it wrote
+/// for the subscription that no longer receives the topic: nothing is left for it, and the
+/// event goes with its last delivery.
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_publish_committed_after_a_topic_removal_takes_its_delivery_back() {
+    let endpoint = dynamo::endpoint();
+    let table = dynamo::fresh_table(&endpoint).await;
+    let publisher = Arc::new(DynamoStore::new(dynamo::client(&endpoint), &table));
+    let updater = DynamoStore::new(dynamo::client(&endpoint), &table);
+    let limits = herald::store::SubscriptionLimits::NONE;
+    updater
+        .create_subscription(&plain_subscription("sub_moving", "t"), &limits)
+        .await
+        .unwrap();
+    // The publisher's copy of the set has the subscription on `t`.
+    publisher.get_subscription("sub_moving").await.unwrap();
+    publisher.inject_commit_delay(Duration::from_secs(3));
+    let publish = {
+        let publisher = publisher.clone();
+        tokio::spawn(async move {
+            publisher
+                .publish(
+                    &small_event("evt_stale".into(), "t"),
+                    Duration::from_secs(86400),
+                )
+                .await
+        })
+    };
+    let to_u: herald::store::SubscriptionUpdate =
+        Arc::new(|subscription: &mut herald::model::Subscription| {
+            subscription.topics = vec!["u".into()];
+            Ok(())
+        });
+    // Planned before this update commits (the copy is young), committed after it returns.
+    updater
+        .update_subscription("sub_moving", to_u)
+        .await
+        .unwrap();
+    let published = publish.await.unwrap().unwrap();
+    assert!(
+        published
+            .partitions
+            .contains(&PartitionKey::new("t", "sub_moving")),
+        "the publish was planned with the old set: {published:?}"
+    );
+    let partition = PartitionKey::new("t", "sub_moving");
+    assert!(
+        updater
+            .next_deliveries(&partition, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "the stale delivery is taken back"
+    );
+    assert_eq!(count_items(&endpoint, &table, "EVENT#t").await, 0);
+}

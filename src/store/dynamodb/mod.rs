@@ -93,6 +93,8 @@ struct Faults {
     removal: AtomicBool,
     /// Microseconds added to this instance's clock where it numbers events.
     clock_skew: std::sync::atomic::AtomicI64,
+    /// Milliseconds the next publish commit waits between its plan and its transaction.
+    commit_delay: std::sync::atomic::AtomicU64,
 }
 
 /// The DynamoDB store: a handle on state shared with the tasks it starts (one publish
@@ -254,6 +256,16 @@ impl DynamoStore {
         self.faults.clock_skew.store(skew_micros, Ordering::SeqCst);
     }
 
+    /// Makes the next publish commit wait `delay` between planning (with the subscription set
+    /// of that moment) and its transaction, as a slow network would. Test-only (feature
+    /// `fault-injection`).
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_commit_delay(&self, delay: Duration) {
+        self.faults
+            .commit_delay
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
     /// Unfinished fan-outs this instance has completed.
     pub fn fanouts_repaired(&self) -> u64 {
         self.fanouts_repaired.load(Ordering::SeqCst)
@@ -298,6 +310,17 @@ impl Inner {
         #[cfg(not(feature = "fault-injection"))]
         {
             false
+        }
+    }
+
+    /// Waits out an injected commit delay, once.
+    async fn injected_commit_delay(&self) {
+        #[cfg(feature = "fault-injection")]
+        {
+            let delay = self.faults.commit_delay.swap(0, Ordering::SeqCst);
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
         }
     }
 

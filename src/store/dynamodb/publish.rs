@@ -243,6 +243,7 @@ impl Inner {
                 }
             };
             let items = std::mem::take(&mut plan.items);
+            self.injected_commit_delay().await;
             match self.transact(items).await {
                 Ok(()) => {
                     let later = batch.split_off(plan.count);
@@ -345,15 +346,19 @@ impl Inner {
     }
 
     /// The commit returned after the subscription set it used could have gone stale, so an
-    /// Unsubscribe may have returned in between: removes the deliveries just written for
-    /// subscriptions that no longer exist (best effort; workers do not deliver to deleted
-    /// subscriptions either way).
+    /// Unsubscribe or a topic removal may have returned (and swept the partition) in between:
+    /// removes the deliveries just written for subscriptions that no longer exist or no longer
+    /// receive the topic (best effort; workers do not deliver to either).
     async fn undo_deleted(&self, topic: &str, subscribers: &[String], first: u64, count: usize) {
         let Ok(set) = self.refresh_subscriptions().await else {
             return;
         };
         for id in subscribers {
-            if set.subscriptions.contains_key(id) {
+            if set
+                .subscriptions
+                .get(id)
+                .is_some_and(|subscription| subscription.matches(topic))
+            {
                 continue;
             }
             let partition = PartitionKey::new(topic, id.as_str());
