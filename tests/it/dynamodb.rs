@@ -1229,7 +1229,9 @@ async fn a_topic_added_back_keeps_events_from_a_lagging_publisher() {
             Ok(())
         })
     };
-    updater.inject_removal_failure();
+    // The update's own removal fails, and so does the one the next update works off first:
+    // the removal record outlives the topic's return.
+    updater.inject_removal_failures(2);
     let partial = updater
         .update_subscription("sub_back", topics(&["u"]))
         .await;
@@ -1382,4 +1384,60 @@ async fn a_publish_committed_after_a_topic_removal_takes_its_delivery_back() {
         "the stale delivery is taken back"
     );
     assert_eq!(count_items(&endpoint, &table, "EVENT#t").await, 0);
+}
+
+/// A topic dropped by an update whose removal failed halfway, then added back: the update that
+/// adds it back works off the pending removal first, so the old backlog is not sent once the
+/// topic is back.
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_topic_added_back_does_not_bring_back_its_dropped_backlog() {
+    let endpoint = dynamo::endpoint();
+    let table = dynamo::fresh_table(&endpoint).await;
+    // No sweep would run for an hour: only the update can have removed the backlog.
+    let store = DynamoStore::new(dynamo::client(&endpoint), &table)
+        .with_repair_after(Duration::from_secs(3600));
+    store
+        .create_subscription(
+            &plain_subscription("sub_back", "t"),
+            &herald::store::SubscriptionLimits::NONE,
+        )
+        .await
+        .unwrap();
+    store
+        .publish(
+            &small_event("evt_old".into(), "t"),
+            Duration::from_secs(86400),
+        )
+        .await
+        .unwrap();
+    let topics = |topics: &'static [&'static str]| -> herald::store::SubscriptionUpdate {
+        Arc::new(move |subscription: &mut herald::model::Subscription| {
+            subscription.topics = topics.iter().map(|topic| topic.to_string()).collect();
+            Ok(())
+        })
+    };
+    store.inject_removal_failures(1);
+    let partial = store.update_subscription("sub_back", topics(&["u"])).await;
+    assert!(
+        matches!(partial, Err(StoreError::Partial(_))),
+        "{partial:?}"
+    );
+    let partition = PartitionKey::new("t", "sub_back");
+    assert_eq!(
+        store.next_deliveries(&partition, 10).await.unwrap().len(),
+        1
+    );
+    store
+        .update_subscription("sub_back", topics(&["t", "u"]))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .next_deliveries(&partition, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "the dropped backlog stays dropped"
+    );
 }

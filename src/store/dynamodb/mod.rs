@@ -90,7 +90,8 @@ const MAX_CONFLICT_RETRIES: u32 = 64;
 struct Faults {
     fanout: AtomicBool,
     unsubscribe: AtomicBool,
-    removal: AtomicBool,
+    /// Removals (a topic update's own, or the sweep of one left before an update) to fail.
+    removals: std::sync::atomic::AtomicU32,
     /// Microseconds added to this instance's clock where it numbers events.
     clock_skew: std::sync::atomic::AtomicI64,
     /// Milliseconds the next publish commit waits between its plan and its transaction.
@@ -241,12 +242,13 @@ impl DynamoStore {
         self.faults.unsubscribe.store(true, Ordering::SeqCst);
     }
 
-    /// Fails the next topic update right after its change has settled, before the deliveries
-    /// of the topics it removed are, leaving its removal record for a sweep. Test-only
-    /// (feature `fault-injection`).
+    /// Fails the next `count` removals of deliveries of topics an update removed: a topic
+    /// update's own (right after its change has settled), or the one an update works off
+    /// first from an earlier update that left its removal record. The record stays for a
+    /// sweep. Test-only (feature `fault-injection`).
     #[cfg(feature = "fault-injection")]
-    pub fn inject_removal_failure(&self) {
-        self.faults.removal.store(true, Ordering::SeqCst);
+    pub fn inject_removal_failures(&self, count: u32) {
+        self.faults.removals.store(count, Ordering::SeqCst);
     }
 
     /// Shifts the clock this instance numbers events by (a lagging or hurrying machine).
@@ -301,11 +303,16 @@ impl Inner {
         }
     }
 
-    /// True (once) if a removal failure was injected.
+    /// True if a removal failure was injected (and takes it).
     fn injected_removal_failure(&self) -> bool {
         #[cfg(feature = "fault-injection")]
         {
-            self.faults.removal.swap(false, Ordering::SeqCst)
+            self.faults
+                .removals
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                    left.checked_sub(1)
+                })
+                .is_ok()
         }
         #[cfg(not(feature = "fault-injection"))]
         {

@@ -795,6 +795,9 @@ pub(super) async fn update_and_settle(
     id: String,
     update: SubscriptionUpdate,
 ) -> Result<Updated, StoreError> {
+    // A topic dropped by an earlier update whose removal was left to a sweep (it failed
+    // halfway) is worked off first: added back now, its old backlog would otherwise be sent.
+    inner.finish_removals_of(&id).await;
     let (subscription, validity, removal) = inner.update_subscription(&id, &update).await?;
     if let Some(validity) = validity {
         tokio::time::sleep(super::subscriptions::settle_time(validity)).await;

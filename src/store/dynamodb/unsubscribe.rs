@@ -47,6 +47,40 @@ impl Inner {
         self.drop_backlog(&subscription).await
     }
 
+    /// Works off the removal records earlier topic updates of subscription `id` left (see
+    /// [`Removal`]), whatever their age; best effort, since the sweep finishes what is left
+    /// and drops only the deliveries planned before each removal.
+    pub(super) async fn finish_removals_of(&self, id: &str) {
+        let prefix = format!("{id}#topics#");
+        let records = match self
+            .query_after(schema::UNSUBSCRIBING_PK, None, usize::MAX)
+            .await
+        {
+            Ok(records) => records,
+            Err(error) => {
+                tracing::warn!(subscription = id, %error, "cannot read pending topic removals");
+                return;
+            }
+        };
+        for item in records {
+            let removal = match get_s(&item, "sk") {
+                Ok(sk) if sk.starts_with(&prefix) => Removal::from_item(&item),
+                _ => continue,
+            };
+            let result = match removal {
+                Ok(Some(_)) if self.injected_removal_failure() => {
+                    Err(StoreError::Unavailable("injected fault".into()))
+                }
+                Ok(Some(removal)) => self.finish_removal(&removal).await.map(drop),
+                Ok(None) => Ok(()),
+                Err(error) => Err(error),
+            };
+            if let Err(error) = result {
+                tracing::warn!(subscription = id, %error, "cannot finish a pending topic removal; the sweep will");
+            }
+        }
+    }
+
     /// Finishes Unsubscribes left unfinished (by any instance) whose tombstone is older than
     /// the repair delay (a younger one is probably still being worked on), removing at most
     /// `budget` deliveries; the rest is left for the next call.
