@@ -276,15 +276,17 @@ fn fail(retry_after: Option<Duration>) -> Attempt {
     }
 }
 
-/// Runs the engine until `done` sequences are completed or dead-lettered, at most an hour of
-/// virtual time; returns the attempts (sequence, virtual time since the start).
-async fn run(log: &Arc<MemoryLog>, script: &Arc<Script>, done: usize) -> Vec<(u64, Duration)> {
-    let start = Instant::now();
-    let (trigger, shutdown) = crate::shutdown::channel();
-    let engine = Engine::with_transport(
+/// An engine over `log` sending through `script`, with `concurrency` delivery slots.
+fn engine(
+    log: &Arc<MemoryLog>,
+    script: &Arc<Script>,
+    concurrency: usize,
+    shutdown: crate::shutdown::Shutdown,
+) -> Engine {
+    Engine::with_transport(
         log.clone(),
         EngineConfig {
-            concurrency: 4,
+            concurrency,
             lease: Duration::from_secs(10),
             rescan: None,
             endpoint_rules: Default::default(),
@@ -293,7 +295,15 @@ async fn run(log: &Arc<MemoryLog>, script: &Arc<Script>, done: usize) -> Vec<(u6
         },
         shutdown,
         script.clone(),
-    );
+    )
+}
+
+/// Runs the engine until `done` sequences are completed or dead-lettered, at most an hour of
+/// virtual time; returns the attempts (sequence, virtual time since the start).
+async fn run(log: &Arc<MemoryLog>, script: &Arc<Script>, done: usize) -> Vec<(u64, Duration)> {
+    let start = Instant::now();
+    let (trigger, shutdown) = crate::shutdown::channel();
+    let engine = engine(log, script, 4, shutdown);
     engine.notify(&[partition()]);
     let finished = || {
         let dead = log
@@ -421,19 +431,7 @@ async fn no_attempt_starts_after_shutdown_when_a_slot_frees_at_the_same_moment()
         let log = MemoryLog::new(policy(6), OnExhausted::DeadLetter, &[1]);
         let script = Script::new(Vec::new());
         let (trigger, shutdown) = crate::shutdown::channel();
-        let engine = Engine::with_transport(
-            log.clone(),
-            EngineConfig {
-                concurrency: 1,
-                lease: Duration::from_secs(10),
-                rescan: None,
-                endpoint_rules: Default::default(),
-                metrics: Default::default(),
-                auto_disable_after: None,
-            },
-            shutdown,
-            script.clone(),
-        );
+        let engine = engine(&log, &script, 1, shutdown);
         let held = engine
             .shared()
             .permits

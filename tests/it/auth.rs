@@ -5,30 +5,17 @@ use std::time::Duration;
 
 use herald::proto;
 use herald::proto::broker_service_client::BrokerServiceClient;
-use tonic::{Code, Request};
+use tonic::Code;
 
 use crate::support::{
     Backend, Deployment, HeraldProcess, connect, eventually, publish_request, spawn_app,
     subscribe_request,
 };
 
-/// A new key and its key-set entry.
-fn key(name: &str, roles: &[&str], topics: &[&str]) -> (String, serde_json::Value) {
-    let (key, hash) = herald::auth::generate_key();
-    let entry = serde_json::json!({"name": name, "roles": roles, "topics": topics, "sha256": hash});
-    (key, entry)
-}
+use crate::support::{api_key as key, with_key};
 
 fn key_set(entries: &[&serde_json::Value]) -> String {
     serde_json::json!({ "keys": entries }).to_string()
-}
-
-fn with_key<T>(message: T, key: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    request
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use herald::proto;
 use herald::proto::broker_service_client::BrokerServiceClient;
+use tonic::Code;
 use tonic::transport::Channel;
-use tonic::{Code, Request};
 
 use crate::support::faulty::FaultyStore;
 use crate::support::receiver::Reply;
@@ -17,20 +17,7 @@ use crate::support::{
     spawn_app, spawn_app_with_store, subscribe_request,
 };
 
-/// A new key and its key-set entry.
-fn key(name: &str, roles: &[&str], topics: &[&str]) -> (String, serde_json::Value) {
-    let (key, hash) = herald::auth::generate_key();
-    let entry = serde_json::json!({"name": name, "roles": roles, "topics": topics, "sha256": hash});
-    (key, entry)
-}
-
-fn with_key<T>(message: T, key: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    request
-}
+use crate::support::{api_key as key, with_key};
 
 /// A key limited to `fin:*` must not rotate the secret of, or delete, another team's
 /// subscription while that subscription cannot be read: the check fails closed.

@@ -6,6 +6,7 @@ use std::time::Duration;
 use herald::proto;
 
 use crate::support::browser::Browser;
+use crate::support::with_key;
 use crate::support::{
     Backend, Deployment, HeraldProcess, Receiver, Reply, connect, eventually, publish_request,
     subscribe_request,
@@ -185,15 +186,6 @@ async fn the_admin_listener_takes_the_api_keys() {
     server.terminate(Duration::from_secs(10)).await;
 }
 
-/// `message` with `key` as its bearer token.
-fn authorized<T>(message: T, key: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    request
-}
-
 /// Text that receivers and operators choose (a receiver's response excerpt, a pause reason)
 /// is shown escaped, never as markup; a key limited to some topics sees only the
 /// subscriptions within them.
@@ -220,21 +212,26 @@ async fn chosen_text_is_escaped_and_a_limited_key_sees_only_its_subscriptions() 
         ],
     )
     .await;
-    let with_key = |message| authorized(message, &admin);
     let hostile = Receiver::scripted(|_| Reply::Body(500, "<script>alert('hi')</script>")).await;
     let mut client = connect(server.address).await;
     let fin = client
-        .subscribe(with_key(subscribe_request(&hostile.url(), &["fin:x"])))
+        .subscribe(with_key(
+            subscribe_request(&hostile.url(), &["fin:x"]),
+            &admin,
+        ))
         .await
         .unwrap()
         .into_inner();
     let ops = client
-        .subscribe(with_key(subscribe_request(&hostile.url(), &["ops:y"])))
+        .subscribe(with_key(
+            subscribe_request(&hostile.url(), &["ops:y"]),
+            &admin,
+        ))
         .await
         .unwrap()
         .into_inner();
     client
-        .pause_subscription(authorized(
+        .pause_subscription(with_key(
             proto::PauseSubscriptionRequest {
                 subscription_id: ops.id.clone(),
                 topic: String::new(),
@@ -245,7 +242,7 @@ async fn chosen_text_is_escaped_and_a_limited_key_sees_only_its_subscriptions() 
         .await
         .unwrap();
     client
-        .publish(authorized(publish_request("fin:x", "x"), &admin))
+        .publish(with_key(publish_request("fin:x", "x"), &admin))
         .await
         .unwrap();
     let url = server.admin_url.clone().expect("admin url");

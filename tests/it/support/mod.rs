@@ -460,3 +460,19 @@ pub async fn all_pending(
         page_token = page.next_page_token;
     }
 }
+
+/// A new API key and its key-set entry.
+pub fn api_key(name: &str, roles: &[&str], topics: &[&str]) -> (String, serde_json::Value) {
+    let (key, hash) = herald::auth::generate_key();
+    let entry = serde_json::json!({"name": name, "roles": roles, "topics": topics, "sha256": hash});
+    (key, entry)
+}
+
+/// `message` with `key` as its bearer token.
+pub fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    request
+}
